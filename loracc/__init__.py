@@ -1,0 +1,28 @@
+"""loracc: a compiler for PEFT LoRA adapters.
+
+Read an adapter into the IR (:func:`load_adapter`), run passes, and lower it to a merged
+Hugging Face checkpoint (:func:`merge`) or an ONNX model.
+"""
+
+from __future__ import annotations
+
+from loracc.api import MergeReport, compile_adapter, inspect, load_adapter, merge
+from loracc.errors import LoraccError
+from loracc.ir import Adapter, Replacement, Site, SiteKind, TokenRows
+
+__all__ = [
+    # IR
+    "Adapter",
+    # errors
+    "LoraccError",
+    "MergeReport",
+    "Replacement",
+    "Site",
+    "SiteKind",
+    "TokenRows",
+    "compile_adapter",
+    "inspect",
+    # API
+    "load_adapter",
+    "merge",
+]

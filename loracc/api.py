@@ -1,0 +1,190 @@
+"""The Python API the CLI calls: load, inspect, merge."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loracc.errors import ConfigError
+from loracc.io.checkpoint import Checkpoint
+from loracc.io.output import atomic_dir
+from loracc.io.peft import load_adapter as _load_adapter
+from loracc.ir import Adapter
+from loracc.lower.merge import MergeOptions, check_mergeable, merge_into, parse_size
+from loracc.passes import Pass, PassContext
+from loracc.pipeline import PipelineResult, merge_pipeline, run_pipeline
+
+__all__ = ["DTYPES", "MergeReport", "compile_adapter", "inspect", "load_adapter", "merge"]
+
+PathLike = str | os.PathLike[str]
+
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+}
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise ConfigError(f"--dtype: '{name}' is not one of float32, float16, bfloat16") from None
+
+
+def load_adapter(
+    adapter_dir: PathLike, base_dir: PathLike | None = None, *, initial: PathLike | None = None
+) -> Adapter:
+    """Read a PEFT adapter folder into the IR (with the base, kinds and shapes are checked)."""
+    base = Checkpoint(base_dir) if base_dir is not None else None
+    return _load_adapter(Path(adapter_dir), base, initial=initial)
+
+
+def compile_adapter(
+    adapter: Adapter,
+    base: Checkpoint | None,
+    passes: list[Pass] | None = None,
+    *,
+    device: str = "cpu",
+    check: bool = False,
+) -> PipelineResult:
+    """Run the merge pipeline (or ``passes``) over ``adapter``."""
+    ctx = PassContext(base=base, device=device)
+    check = check or os.environ.get("LORACC_VERIFY") == "1"
+    return run_pipeline(adapter, merge_pipeline() if passes is None else passes, ctx, check=check)
+
+
+@dataclass
+class MergeReport:
+    """What ``merge`` did, as printed by ``loracc merge --json``."""
+
+    output: str
+    shards: list[str]
+    tensors: int
+    changed: list[str]
+    copied: int
+    bytes_written: int
+    seconds: float
+    sites: int
+    config_updates: dict[str, Any]
+    passes: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _steps(result: PipelineResult) -> list[dict[str, Any]]:
+    return [
+        {
+            "pass": name,
+            "changed": list(step.changed),
+            "skipped": [{"site": s.site, "reason": s.reason} for s in step.skipped],
+            "details": list(step.details),
+        }
+        for name, step in result.steps
+    ]
+
+
+def merge(
+    base_dir: PathLike,
+    adapter_dir: PathLike,
+    out_dir: PathLike,
+    *,
+    dtype: str | torch.dtype | None = None,
+    max_shard_size: str | int = "5GB",
+    force: bool = False,
+    device: str = "cpu",
+    initial_adapter: PathLike | None = None,
+    passes: list[Pass] | None = None,
+    allow_nonfinite: bool = False,
+    progress: Any = None,
+) -> MergeReport:
+    """Merge a PEFT adapter into a Hugging Face checkpoint, streaming one tensor at a time.
+
+    The output folder is written under a temporary name and renamed at the end; an existing
+    ``out_dir`` is refused unless ``force``.
+    """
+    out = Path(out_dir)
+    options = MergeOptions(
+        dtype=parse_dtype(dtype),
+        max_shard_size=parse_size(max_shard_size),
+        device=_device(device),
+        allow_nonfinite=allow_nonfinite,
+        progress=progress,
+    )
+    base = Checkpoint(base_dir)
+    adapter = _load_adapter(Path(adapter_dir), base, initial=initial_adapter)
+    if adapter.refusals:  # decided by the config alone: refuse before any pass reads the base
+        check_mergeable(adapter)
+    result = compile_adapter(adapter, base, passes, device=options.device)
+    inputs = [Path(base_dir), Path(adapter_dir)] + (
+        [Path(initial_adapter)] if initial_adapter else []
+    )
+    with atomic_dir(out, inputs, force=force) as tmp:
+        stats = merge_into(result.adapter, base, tmp, options)
+    return MergeReport(
+        output=str(out),
+        shards=stats.shards,
+        tensors=stats.tensors,
+        changed=stats.changed,
+        copied=stats.copied,
+        bytes_written=stats.bytes_written,
+        seconds=round(stats.seconds, 3),
+        sites=len(result.adapter.sites),
+        config_updates=stats.config_updates,
+        passes=_steps(result),
+        notes=list(result.adapter.notes),
+    )
+
+
+def _device(name: str) -> str:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        return "cpu"
+    return name
+
+
+def inspect(adapter_dir: PathLike, base_dir: PathLike | None = None) -> dict[str, Any]:
+    """The resolved sites of an adapter and what would be refused, as plain data."""
+    adapter = load_adapter(adapter_dir, base_dir)
+    sites = [
+        {
+            "module": s.module,
+            "target": s.target,
+            "kind": s.kind.value,
+            "shape": [int(d) for d in (s.lora_B.shape[0], s.lora_A.shape[1])],
+            "rank": s.rank,
+            "alpha": s.alpha,
+            "scale": s.scale,
+            "rslora": s.use_rslora,
+            "variant": s.variant,
+            "lora_bias": s.lora_bias is not None,
+            "experts": s.experts,
+            "params": s.num_params,
+        }
+        for s in sorted(adapter.sites, key=lambda s: s.module)
+    ]
+    return {
+        "adapter": str(adapter_dir),
+        "sites": sites,
+        "replacements": [
+            {"target": r.target, "origin": r.origin, "shape": list(r.tensor.shape)}
+            for r in adapter.replacements
+        ],
+        "token_rows": [
+            {"target": t.target, "indices": list(t.indices)} for t in adapter.token_rows
+        ],
+        "layer_replication": [list(p) for p in adapter.layer_replication],
+        "refusals": list(adapter.refusals),
+        "notes": list(adapter.notes),
+        "params": sum(s.num_params for s in adapter.sites),
+    }

@@ -1,0 +1,177 @@
+"""The ``loracc`` command line: parse, call :mod:`loracc.api`, map errors to exit codes.
+
+Exit codes: 0 success, 1 regression or internal error, 2 bad input, refusal or usage.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+import click
+
+from loracc import api
+from loracc.errors import LoraccError
+from loracc.lower.merge import terminal_progress
+from loracc.passes import parse_pipeline
+
+__all__ = ["main"]
+
+
+def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn LoraccError into a one-line message and its exit code; --debug shows tracebacks."""
+
+    @wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        debug = click.get_current_context().find_root().params.get("debug", False)
+        try:
+            return fn(*args, **kwargs)
+        except LoraccError as e:
+            if debug:
+                traceback.print_exc()
+            click.echo(f"loracc: error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("loracc: interrupted", err=True)
+            sys.exit(130)
+        except Exception as e:  # a bug: say so in one line unless asked for the traceback
+            if debug:
+                raise
+            click.echo(
+                f"loracc: internal error: {e!r} (rerun with --debug for the traceback)", err=True
+            )
+            sys.exit(1)
+
+    return run
+
+
+def _emit(data: dict[str, Any], as_json: bool, text: Callable[[dict[str, Any]], str]) -> None:
+    click.echo(json.dumps(data, indent=2, default=str) if as_json else text(data))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.version_option(package_name="loracc")
+def main(debug: bool) -> None:
+    """loracc: compile PEFT LoRA adapters into merged checkpoints and ONNX models."""
+
+
+@main.command()
+@click.option("--base", "base_dir", required=True, type=click.Path(), help="Base HF folder.")
+@click.option(
+    "--adapter", "adapter_dir", required=True, type=click.Path(), help="PEFT adapter folder."
+)
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Output folder.")
+@click.option("--dtype", default=None, help="Cast floating tensors: float32, float16, bfloat16.")
+@click.option(
+    "--max-shard-size", default="5GB", show_default=True, help="Shard size (5GB, 500MiB)."
+)
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    help="Where deltas are computed (cuda falls back to cpu when unavailable).",
+)
+@click.option(
+    "--initial-adapter",
+    type=click.Path(),
+    default=None,
+    help="The adapter saved before training (pissa_niter, corda, lora_ga, ...).",
+)
+@click.option(
+    "--passes",
+    "passes_spec",
+    default=None,
+    help="Replace the default pass pipeline, e.g. 'untie-embeddings,truncate-rank{rank=8}'.",
+)
+@click.option("--allow-nonfinite", is_flag=True, help="Write merged tensors holding NaN or Inf.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_guard
+def merge(
+    base_dir: str,
+    adapter_dir: str,
+    out_dir: str,
+    dtype: str | None,
+    max_shard_size: str,
+    force: bool,
+    device: str,
+    initial_adapter: str | None,
+    passes_spec: str | None,
+    allow_nonfinite: bool,
+    as_json: bool,
+) -> None:
+    """Merge a PEFT LoRA adapter into a Hugging Face checkpoint (streamed, bounded memory)."""
+    report = api.merge(
+        base_dir,
+        adapter_dir,
+        out_dir,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        force=force,
+        device=device,
+        initial_adapter=initial_adapter,
+        passes=parse_pipeline(passes_spec) if passes_spec is not None else None,
+        allow_nonfinite=allow_nonfinite,
+        progress=None if as_json else terminal_progress(),
+    )
+    _emit(report.to_dict(), as_json, _merge_text)
+
+
+def _merge_text(r: dict[str, Any]) -> str:
+    lines = [
+        f"merged {r['sites']} sites into {len(r['changed'])} of {r['tensors']} tensors "
+        f"({r['copied']} copied unchanged) in {r['seconds']:.2f}s",
+        f"wrote {r['output']}: {', '.join(r['shards'])} ({r['bytes_written'] / 1e6:.1f} MB)",
+    ]
+    for step in r["passes"]:
+        for d in step["details"]:
+            lines.append(f"  {step['pass']}: {d}")
+    for k, v in r["config_updates"].items():
+        lines.append(f"  config.json: {k} = {json.dumps(v)}")
+    lines += [f"  note: {n}" for n in r["notes"]]
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("adapter_dir", type=click.Path())
+@click.option("--base", "base_dir", type=click.Path(), default=None, help="Base HF folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_guard
+def inspect(adapter_dir: str, base_dir: str | None, as_json: bool) -> None:
+    """Show the resolved sites of an adapter and what would be refused."""
+    _emit(api.inspect(adapter_dir, base_dir), as_json, _inspect_text)
+
+
+def _inspect_text(r: dict[str, Any]) -> str:
+    head = (
+        f"{'module':<48} {'kind':<9} {'shape':>12} {'r':>4} {'alpha':>7} {'scale':>8} "
+        f"{'variant':<10} {'params':>9}"
+    )
+    lines = [head, "-" * len(head)]
+    for s in r["sites"]:
+        shape = "x".join(map(str, s["shape"]))
+        lines.append(
+            f"{s['module']:<48} {s['kind']:<9} {shape:>12} {s['rank']:>4} {s['alpha']:>7g} "
+            f"{s['scale']:>8.4g} {s['variant']:<10} {s['params']:>9}"
+        )
+    lines.append(f"{len(r['sites'])} sites, {r['params']} parameters")
+    for rep in r["replacements"]:
+        lines.append(
+            f"replaces {rep['target']} ({rep['origin']}, {'x'.join(map(str, rep['shape']))})"
+        )
+    for t in r["token_rows"]:
+        lines.append(f"token rows {t['target']}: {len(t['indices'])} rows")
+    if r["layer_replication"]:
+        lines.append(f"layer_replication {r['layer_replication']}")
+    lines += [f"REFUSED: {x}" for x in r["refusals"]]
+    lines += [f"note: {n}" for n in r["notes"]]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""A Hugging Face checkpoint folder read lazily, one tensor at a time.
+
+The folder holds ``config.json`` and either ``model.safetensors`` or shards listed by
+``model.safetensors.index.json``. Only headers are read when the folder is opened; every shard
+name in the index must stay inside the folder (no ``..``, absolute paths or links out). Pickle
+checkpoints (``pytorch_model.bin``) are refused: loracc never unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loracc.errors import ConfigError, FormatError, InputError
+from loracc.io.safetensors import SafetensorsFile, TensorInfo, read_tensor
+
+__all__ = ["INDEX_NAME", "SINGLE_NAME", "WEIGHT_SUFFIXES", "Checkpoint", "inside", "read_json"]
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+# Input-embedding keys of common architectures, tried when lm_head is tied and absent.
+_EMBEDDING_KEYS = (
+    "model.embed_tokens.weight",
+    "transformer.wte.weight",
+    "model.decoder.embed_tokens.weight",
+    "model.language_model.embed_tokens.weight",
+    "transformer.word_embeddings.weight",
+    "gpt_neox.embed_in.weight",
+    "embed_tokens.weight",
+    "wte.weight",
+)
+_OUTPUT_EMBEDDING_KEYS = ("lm_head.weight",)
+
+
+def read_json(path: Path) -> Any:
+    """Parse a JSON file, with a one-line error naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise InputError(f"{path}: file not found") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read ({e})") from e
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
+
+
+def inside(folder: Path, name: str, what: str) -> Path:
+    """``folder/name`` when it stays inside ``folder`` after resolving links, else an error."""
+    if not name or os.path.isabs(name) or ".." in Path(name).parts:
+        raise FormatError(f"{what}: '{name}' points outside {folder}")
+    path = folder / name
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise FormatError(f"{what}: '{name}' resolves outside {folder} (a link?)")
+    return path
+
+
+class Checkpoint:
+    """The tensors of a Hugging Face folder: names, dtypes, shapes, and reads on demand."""
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise InputError(f"{self.folder}: base checkpoint folder not found")
+        config_path = self.folder / "config.json"
+        self.config: dict[str, Any] = read_json(config_path) if config_path.exists() else {}
+        if not isinstance(self.config, dict):
+            raise ConfigError(f"{config_path}: not a JSON object")
+        self.files: list[SafetensorsFile] = []
+        self._info: dict[str, TensorInfo] = {}
+        index = self.folder / INDEX_NAME
+        if index.exists():
+            self._open_index(index)
+        elif (self.folder / SINGLE_NAME).exists():
+            self._add_file(inside(self.folder, SINGLE_NAME, str(self.folder)))
+        elif any((self.folder / n).exists() for n in PICKLE_NAMES):
+            raise InputError(
+                f"{self.folder}: only a pickle checkpoint (pytorch_model.bin) is present; loracc "
+                "never unpickles. Convert it on a trusted machine: load it with transformers and "
+                "save_pretrained(..., safe_serialization=True)"
+            )
+        else:
+            raise InputError(f"{self.folder}: no {SINGLE_NAME} or {INDEX_NAME}")
+
+    def _open_index(self, index: Path) -> None:
+        data = read_json(index)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) for v in weight_map.values()
+        ):
+            raise ConfigError(f"{index}: 'weight_map' must map tensor names to shard file names")
+        for shard in dict.fromkeys(weight_map.values()):
+            self._add_file(inside(self.folder, shard, str(index)))
+        listed = set(weight_map)
+        missing = listed - set(self._info)
+        if missing:
+            raise FormatError(f"{index}: tensor '{sorted(missing)[0]}' is not in its shard")
+        for name, info in self._info.items():
+            if weight_map.get(name) != info.path.name:
+                raise FormatError(f"{index}: tensor '{name}' is in {info.path.name}, not listed")
+
+    def _add_file(self, path: Path) -> None:
+        if not path.is_file():
+            raise InputError(f"{path}: shard not found")
+        f = SafetensorsFile(path)
+        for name in f.keys():  # noqa: SIM118  (file order)
+            if name in self._info:
+                raise FormatError(f"{path}: tensor '{name}' also in {self._info[name].path.name}")
+            self._info[name] = f.tensors[name]
+        self.files.append(f)
+
+    def keys(self) -> list[str]:
+        """Tensor names in storage order (shard by shard, offset order)."""
+        return list(self._info)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._info
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._info)
+
+    def info(self, key: str) -> TensorInfo:
+        """Dtype, shape and location of a stored tensor."""
+        try:
+            return self._info[key]
+        except KeyError:
+            raise InputError(f"{self.folder}: base has no tensor '{key}'") from None
+
+    def read(self, key: str) -> torch.Tensor:
+        """Read one stored tensor (a fresh CPU tensor)."""
+        return read_tensor(self.info(key))
+
+    @property
+    def infos(self) -> Mapping[str, TensorInfo]:
+        return self._info
+
+    @property
+    def tied_embeddings(self) -> tuple[str, str] | None:
+        """(output key, input-embedding key) when the output embedding is tied and not stored."""
+        text = self.config.get("text_config")
+        tie = self.config.get("tie_word_embeddings")
+        if tie is None and isinstance(text, dict):
+            tie = text.get("tie_word_embeddings")
+        if tie is False:
+            return None
+        out = next((k for k in _OUTPUT_EMBEDDING_KEYS if k not in self._info), None)
+        if out is None:
+            return None
+        emb = next((k for k in _EMBEDDING_KEYS if k in self._info), None)
+        if emb is None:
+            emb = next(
+                (k for k in self._info if k.endswith(("embed_tokens.weight", "wte.weight"))),
+                None,
+            )
+        return (out, emb) if emb is not None else None
+
+    def shape(self, key: str) -> tuple[int, ...] | None:
+        """The shape of ``key``, following a tied output embedding to its source."""
+        if key in self._info:
+            return self._info[key].shape
+        tied = self.tied_embeddings
+        if tied and key == tied[0]:
+            return self._info[tied[1]].shape
+        return None

@@ -1,0 +1,474 @@
+"""Read a PEFT LoRA adapter folder into the adapter IR.
+
+The saved keys are the ground truth for what was adapted; the config supplies alpha, rsLoRA and
+flags. Ranks come from tensor shapes (rank_pattern precedence is unreliable after a peft
+save/load round trip). With a base checkpoint the reader also decides each site's layer kind from
+the base tensor's shape and architecture (never from ``fan_in_fan_out``, which peft saves
+unreliably), checks every shape, and resolves tied output embeddings.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+
+import torch
+
+from loracc.errors import FormatError, InputError, UnsupportedError
+from loracc.io.checkpoint import Checkpoint
+from loracc.io.peft_config import LoraConfig, is_targeted, read_config, resolve_pattern
+from loracc.io.safetensors import SafetensorsFile
+from loracc.ir import Adapter, Replacement, Site, SiteKind, TokenRows
+
+__all__ = ["CONV1D_MODEL_TYPES", "adapter_files", "load_adapter"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+
+# Architectures whose c_attn/c_proj/c_fc/q_attn layers are transformers' Conv1D (stored in, out).
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"})
+_CONV1D_LEAVES = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
+
+_KEY = re.compile(
+    r"^(?P<module>.+?)\.(?:"
+    r"lora_(?P<ab>[AB])\.weight"
+    r"|lora_B\.(?P<bias>bias)"
+    r"|lora_embedding_(?P<emb>[AB])"
+    r"|(?P<mag>lora_magnitude_vector)(?:\.weight)?"
+    r"|token_adapter\.(?P<tok>trainable_tokens_delta)"
+    r"|(?P<extra>lora_velora_embed|lora_monteclora_sampler\..+)"
+    r")$"
+)
+
+
+def adapter_files(folder: Path) -> tuple[Path, Path]:
+    """(config, weights) paths of an adapter folder, refusing pickles with a way out."""
+    if not folder.is_dir():
+        raise InputError(f"{folder}: adapter folder not found")
+    config, weights = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    if not config.exists():
+        raise InputError(f"{folder}: no {CONFIG_NAME}")
+    if not weights.exists():
+        if (folder / "adapter_model.bin").exists():
+            raise InputError(
+                f"{folder}: only adapter_model.bin (a pickle) is present; loracc never "
+                "unpickles. Convert it on a trusted machine: "
+                "safetensors.torch.save_file(torch.load('adapter_model.bin'), "
+                "'adapter_model.safetensors', metadata={'format': 'pt'})"
+            )
+        raise InputError(f"{folder}: no {WEIGHTS_NAME}")
+    return config, weights
+
+
+@dataclass
+class _Group:
+    """The saved tensors of one adapted module, as found in the file."""
+
+    A: torch.Tensor | None = None
+    B: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    magnitude: torch.Tensor | None = None
+    embedding: bool = False
+    keys: list[str] = field(default_factory=list)
+
+
+def load_adapter(
+    folder: str | Path,
+    base: Checkpoint | None = None,
+    *,
+    initial: str | Path | None = None,
+) -> Adapter:
+    """Read a PEFT LoRA adapter folder into an :class:`Adapter`.
+
+    Args:
+        folder: the adapter folder (adapter_config.json + adapter_model.safetensors).
+        base: the base checkpoint; without it, layer kinds and targets are taken from names.
+        initial: the adapter saved before training, for inits that cannot be recomputed.
+    """
+    folder = Path(folder)
+    config_path, weights_path = adapter_files(folder)
+    cfg = read_config(config_path)
+    tensors = SafetensorsFile(weights_path).read_all()
+    reader = _Reader(folder, weights_path, cfg, base)
+    adapter = reader.build(tensors)
+    if initial is not None:
+        adapter = _attach_initial(adapter, load_adapter(initial, base))
+    return adapter
+
+
+def _attach_initial(adapter: Adapter, init: Adapter) -> Adapter:
+    from dataclasses import replace
+
+    by_module = {s.module: s for s in init.sites}
+    sites = []
+    for site in adapter.sites:
+        start = by_module.get(site.module)
+        if start is None:
+            raise InputError(f"initial adapter {init.name}: no factors for module '{site.module}'")
+        if start.lora_A.shape != site.lora_A.shape or start.lora_B.shape != site.lora_B.shape:
+            raise FormatError(
+                f"initial adapter {init.name}: module '{site.module}' has factors "
+                f"{tuple(start.lora_A.shape)}/{tuple(start.lora_B.shape)}, the trained adapter "
+                f"{tuple(site.lora_A.shape)}/{tuple(site.lora_B.shape)}"
+            )
+        sites.append(replace(site, initial=(start.lora_A, start.lora_B)))
+    return replace(adapter, sites=tuple(sites))
+
+
+class _Reader:
+    def __init__(self, folder: Path, weights: Path, cfg: LoraConfig, base: Checkpoint | None):
+        self.folder, self.weights, self.cfg, self.base = folder, weights, cfg, base
+        self.notes: list[str] = []
+        self.refusals: list[str] = list(cfg.refusals)
+        model_type = base.config.get("model_type") if base else None
+        self.conv1d_arch = model_type in CONV1D_MODEL_TYPES
+
+    def where(self, key: str) -> str:
+        return f"{self.weights}: '{key}'"
+
+    def build(self, tensors: dict[str, torch.Tensor]) -> Adapter:
+        groups: dict[str, _Group] = defaultdict(_Group)
+        replacements: list[Replacement] = []
+        token_rows: list[TokenRows] = []
+        for raw_key, tensor in tensors.items():
+            key = raw_key.removeprefix(_PREFIX)
+            m = _KEY.match(key)
+            if m is None:
+                if ".lora_" in key:
+                    raise UnsupportedError(
+                        f"{self.where(raw_key)}: unknown LoRA tensor; loracc refuses rather than "
+                        "drop it"
+                    )
+                replacements.append(self.replacement(raw_key, key, tensor))
+                continue
+            module = m["module"]
+            if m["extra"]:
+                self.notes.append(f"{raw_key}: training-only tensor ignored")
+            elif m["tok"]:
+                token_rows.append(self.tokens(raw_key, module, tensor))
+            else:
+                g = groups[module]
+                g.keys.append(raw_key)
+                if m["ab"] or m["emb"]:
+                    setattr(g, m["ab"] or m["emb"], tensor)
+                    g.embedding = g.embedding or bool(m["emb"])
+                elif m["bias"]:
+                    g.bias = tensor
+                else:
+                    g.magnitude = tensor
+        sites = self.sites(groups)
+        self.cross_check(sites)
+        layer_replication = tuple(tuple(p) for p in self.cfg["layer_replication"] or [])
+        return Adapter(
+            name=str(self.folder),
+            sites=sites,
+            replacements=tuple(replacements),
+            token_rows=tuple(token_rows),
+            layer_replication=layer_replication,  # type: ignore[arg-type]
+            refusals=tuple(self.refusals),
+            notes=tuple(self.notes),
+            config=MappingProxyType(dict(self.cfg.fields)),
+        )
+
+    # -- whole-tensor replacements and trainable tokens -------------------------------------
+
+    def replacement(self, raw_key: str, key: str, tensor: torch.Tensor) -> Replacement:
+        target = key.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
+        target = target.replace(".original_module.", ".")
+        origin = "modules_to_save"
+        if target.endswith(".bias") and self.cfg["bias"] != "none":
+            origin = "bias"
+        if self.base is not None:
+            shape = self.base.shape(target)
+            if shape is None:
+                raise FormatError(
+                    f"{self.where(raw_key)}: replaces '{target}', which the base does not have"
+                )
+            if tuple(tensor.shape) != shape:
+                if tensor.dim() == 2 and len(shape) == 2 and tensor.shape[1] == shape[1]:
+                    origin = "embedding"  # vocabulary resized during training
+                else:
+                    raise FormatError(
+                        f"{self.where(raw_key)}: shape {tuple(tensor.shape)}, base '{target}' "
+                        f"is {shape}"
+                    )
+        return Replacement(target, tensor, origin)
+
+    def tokens(self, raw_key: str, module: str, rows: torch.Tensor) -> TokenRows:
+        module = module.replace(".base_layer", "")
+        spec = self.cfg["trainable_token_indices"]
+        if isinstance(spec, dict):
+            matches = [v for k, v in spec.items() if module.endswith(k)]
+            indices = matches[0] if matches else None
+        else:
+            indices = spec
+        if not indices:
+            raise FormatError(
+                f"{self.where(raw_key)}: trainable_token_indices names no indices for '{module}'"
+            )
+        if len(set(indices)) != len(indices):
+            raise FormatError(f"{self.cfg.path}: trainable_token_indices repeats an index")
+        if rows.dim() != 2 or rows.shape[0] != len(indices):
+            raise FormatError(
+                f"{self.where(raw_key)}: shape {tuple(rows.shape)}, expected "
+                f"({len(indices)}, dim) for {len(indices)} indices"
+            )
+        target = f"{module}.weight"
+        if self.base is not None:
+            shape = self.base.shape(target)
+            if shape is None or shape[1] != rows.shape[1] or max(indices) >= shape[0]:
+                raise FormatError(
+                    f"{self.where(raw_key)}: rows {tuple(rows.shape)} at indices up to "
+                    f"{max(indices)} do not fit base '{target}' {shape}"
+                )
+        return TokenRows(target, tuple(indices), rows)
+
+    # -- low-rank sites -----------------------------------------------------------------------
+
+    def sites(self, groups: dict[str, _Group]) -> tuple[Site, ...]:
+        by_owner: dict[str, list[tuple[str, _Group]]] = defaultdict(list)
+        for raw, g in groups.items():
+            if g.A is None or g.B is None:
+                present = ", ".join(g.keys)
+                raise FormatError(
+                    f"{self.weights}: module '{raw}' has {present} but not both factors"
+                )
+            by_owner[raw.replace(".base_layer", "")].append((raw, g))
+        sites: list[Site] = []
+        for owner, members in by_owner.items():
+            params = self.target_parameters(owner)
+            if params:
+                sites.extend(self.parameter_sites(owner, members, params))
+            elif len(members) > 1:
+                raise FormatError(f"{self.weights}: module '{owner}' is adapted twice")
+            else:
+                sites.append(self.module_site(owner, members[0][1]))
+        return tuple(sites)
+
+    def scale_for(self, name: str, rank: int) -> tuple[float, float]:
+        alpha = float(resolve_pattern(self.cfg["alpha_pattern"], name, self.cfg["lora_alpha"]))
+        scale = alpha / math.sqrt(rank) if self.cfg["use_rslora"] else alpha / rank
+        return alpha, scale
+
+    def module_site(self, module: str, g: _Group) -> Site:
+        assert g.A is not None and g.B is not None
+        A, B = g.A, g.B
+        key = g.keys[0]
+        if g.embedding:
+            kind = SiteKind.EMBEDDING
+        elif A.dim() > 2:
+            kind = SiteKind.CONV
+        else:
+            kind = SiteKind.LINEAR
+        rank = A.shape[0]
+        if A.dim() < 2 or B.dim() != A.dim() or B.shape[1] != rank:
+            if self.cfg["use_bdlora"]:
+                raise UnsupportedError(
+                    f"{self.where(key)}: block-diagonal (BD-LoRA) factors are not supported yet"
+                )
+            raise FormatError(
+                f"{self.where(key)}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not "
+                "compose (B must be (out, r) for A (r, in))"
+            )
+        target = f"{module}.weight"
+        expected = _logical_shape(kind, A, B)
+        if self.base is not None:
+            shape = self.base.shape(target)
+            if shape is None:
+                if f"{module}.in_proj_weight" in self.base:
+                    raise UnsupportedError(
+                        f"{self.where(key)}: LoRA on nn.MultiheadAttention '{module}' is not "
+                        "supported (peft applies its out_proj delta twice)"
+                    )
+                raise FormatError(f"{self.where(key)}: the base has no tensor '{target}'")
+            kind = self._decide_kind(module, kind, shape, expected, key)
+            if kind is SiteKind.CONV1D:
+                expected = expected[::-1]
+            if kind is SiteKind.CONV and tuple(shape[2:]) != tuple(A.shape[2:]):
+                raise FormatError(f"{self.where(key)}: kernel {tuple(A.shape[2:])}, base {shape}")
+            if kind is SiteKind.CONV and shape[1] != A.shape[1]:
+                raise UnsupportedError(
+                    f"{self.where(key)}: base conv '{target}' has groups > 1; its LoRA delta has "
+                    "no merged form with the base's groups (peft refuses this merge too)"
+                )
+            if tuple(shape[:2]) != expected[:2]:
+                raise FormatError(
+                    f"{self.where(key)}: factors give {expected[:2]}, base '{target}' is {shape}"
+                )
+        elif kind is SiteKind.LINEAR and self.cfg["fan_in_fan_out"]:
+            kind = SiteKind.CONV1D
+        if self.cfg["use_qalora"] and kind is SiteKind.LINEAR:
+            self.notes.append(f"{module}: use_qalora ignored on a dense layer, as peft does")
+        alpha, scale = self.scale_for(module, rank)
+        bias_target = None
+        if g.bias is not None:
+            bias_target = f"{module}.bias"
+            if self.base is not None and bias_target not in self.base:
+                raise UnsupportedError(
+                    f"{self.where(key)}: lora_bias on '{module}', whose base layer has no bias "
+                    "(peft raises at merge too)"
+                )
+        magnitude = g.magnitude
+        if magnitude is not None:
+            want = expected[1] if kind is SiteKind.EMBEDDING else expected[0]
+            if magnitude.numel() != want:
+                raise FormatError(
+                    f"{self.where(key)}: DoRA magnitude has {magnitude.numel()} values, "
+                    f"expected {want}"
+                )
+        return Site(
+            module=module,
+            target=target,
+            kind=kind,
+            lora_A=A,
+            lora_B=B,
+            alpha=alpha,
+            scale=scale,
+            use_rslora=bool(self.cfg["use_rslora"]),
+            lora_bias=g.bias,
+            bias_target=bias_target,
+            magnitude=magnitude,
+            init=self.cfg.init,
+        )
+
+    def _decide_kind(
+        self,
+        module: str,
+        kind: SiteKind,
+        shape: tuple[int, ...],
+        expected: tuple[int, ...],
+        key: str,
+    ) -> SiteKind:
+        if kind is not SiteKind.LINEAR or len(shape) != 2:
+            return kind
+        conv1d = self.conv1d_arch and module.rsplit(".", 1)[-1] in _CONV1D_LEAVES
+        if shape == expected and (not conv1d or shape[0] != shape[1]):
+            return SiteKind.LINEAR
+        if shape == expected[::-1]:
+            return SiteKind.CONV1D
+        return kind
+
+    def target_parameters(self, owner: str) -> list[str]:
+        """Base keys of ``owner``'s parameters named by target_parameters, in config order."""
+        names = self.cfg["target_parameters"] or []
+        if not names:
+            return []
+        found = []
+        for t in names:
+            if self.base is None:
+                if t.rsplit(".", 1)[0] == owner or t.rsplit(".", 1)[0].endswith("." + owner):
+                    found.append(f"{owner}.{t.rsplit('.', 1)[1]}")
+                continue
+            found.extend(
+                k
+                for k in self.base
+                if k.rsplit(".", 1)[0] == owner and (k == t or k.endswith("." + t))
+            )
+        return list(dict.fromkeys(found))
+
+    def parameter_sites(
+        self, owner: str, members: list[tuple[str, _Group]], params: list[str]
+    ) -> list[Site]:
+        # peft nests one wrapper per parameter; the first registered is innermost (most
+        # .base_layer infixes). Shapes decide first; registration order breaks ties.
+        by_depth = sorted(members, key=lambda m: m[0].count(".base_layer"))
+        order = list(reversed(params))
+        sites = []
+        for depth, (raw, g) in enumerate(by_depth):
+            assert g.A is not None and g.B is not None
+            fitting = [p for p in params if self._param_fits(p, g.A, g.B)]
+            if len(fitting) == 1:
+                param = fitting[0]
+            elif depth < len(order) and order[depth] in fitting:
+                param = order[depth]
+            else:
+                raise FormatError(
+                    f"{self.weights}: factors of '{raw}' ({tuple(g.A.shape)}, "
+                    f"{tuple(g.B.shape)}) fit none of {params}"
+                )
+            sites.append(self._parameter_site(owner, param, g))
+        return sites
+
+    def _param_shape(self, param: str) -> tuple[int, ...] | None:
+        return self.base.shape(param) if self.base is not None else None
+
+    def _param_fits(self, param: str, A: torch.Tensor, B: torch.Tensor) -> bool:
+        shape = self._param_shape(param)
+        if shape is None:
+            return True
+        return _param_layout(shape, A, B, self._is_transposed(param)) is not None
+
+    def _is_transposed(self, param: str) -> bool:
+        # transformers MoE experts store gate_up_proj (E, hidden, 2*ff) when is_transposed.
+        return False
+
+    def _parameter_site(self, owner: str, param: str, g: _Group) -> Site:
+        assert g.A is not None and g.B is not None
+        shape = self._param_shape(param)
+        experts, transposed = 0, False
+        if shape is not None:
+            layout = _param_layout(shape, g.A, g.B, self._is_transposed(param))
+            assert layout is not None
+            experts, transposed = layout
+        name = f"{owner}.{param.rsplit('.', 1)[1]}"
+        rank = g.A.shape[0] // experts if experts else g.A.shape[0]
+        alpha, scale = self.scale_for(name, rank)
+        if g.magnitude is not None or g.bias is not None:
+            raise UnsupportedError(
+                f"{self.weights}: '{name}': DoRA or lora_bias on target_parameters (peft has none)"
+            )
+        return Site(
+            module=name,
+            target=param,
+            kind=SiteKind.PARAMETER,
+            lora_A=g.A,
+            lora_B=g.B,
+            alpha=alpha,
+            scale=scale,
+            use_rslora=bool(self.cfg["use_rslora"]),
+            init=self.cfg.init,
+            experts=experts,
+            transposed=transposed,
+        )
+
+    def cross_check(self, sites: tuple[Site, ...]) -> None:
+        """Note where the saved keys and the config's targeting disagree (keys win)."""
+        targets = self.cfg["target_modules"]
+        if targets is None or targets == "all-linear" or self.cfg["layer_replication"]:
+            return
+        for site in sites:
+            if site.kind is not SiteKind.PARAMETER and not is_targeted(site.module, self.cfg):
+                self.notes.append(
+                    f"{site.module}: saved in the file but not matched by target_modules "
+                    "(the file wins)"
+                )
+
+
+def _logical_shape(kind: SiteKind, A: torch.Tensor, B: torch.Tensor) -> tuple[int, ...]:
+    """The base tensor shape the factors imply, for non-Conv1D layouts."""
+    if kind is SiteKind.EMBEDDING:
+        return (A.shape[1], B.shape[0])
+    return (B.shape[0], A.shape[1], *A.shape[2:])
+
+
+def _param_layout(
+    shape: tuple[int, ...], A: torch.Tensor, B: torch.Tensor, transposed: bool
+) -> tuple[int, bool] | None:
+    """(experts, transposed) when factors A (r·E, in), B (out, r·E) fit parameter ``shape``."""
+    if len(shape) == 2:
+        return (0, False) if (B.shape[0], A.shape[1]) == shape else None
+    if len(shape) != 3:
+        return None
+    experts, d1, d2 = shape
+    if A.shape[0] % experts:
+        return None
+    for t in (transposed, not transposed):
+        (fan_in, fan_out) = (d1, d2) if t else (d2, d1)
+        if (A.shape[1], B.shape[0]) == (fan_in, fan_out):
+            return experts, t
+    return None

@@ -1,0 +1,166 @@
+"""The adapter IR: what an adapter does to a base checkpoint, as plain frozen data.
+
+An :class:`Adapter` is a table of :class:`Site` records, one per base tensor a LoRA delta changes,
+plus whole-tensor :class:`Replacement` records (modules_to_save, saved biases, resized embeddings)
+and :class:`TokenRows` (trainable tokens). Nothing here reads or writes files: ``loracc.io`` builds
+the IR, ``loracc.passes`` rewrites it, ``loracc.lower`` turns it into weights or graphs.
+
+Orientation conventions (the same as PEFT's files, so a site can be written back unchanged):
+
+- ``LINEAR``: base ``W`` is (out, in); ``lora_A`` (r, in); ``lora_B`` (out, r); ΔW = s·B@A.
+- ``CONV1D`` (transformers' GPT-2 ``Conv1D``): base stored (in, out); factors as LINEAR;
+  Δstored = (s·B@A)ᵀ.
+- ``EMBEDDING``: base (num, dim); ``lora_A`` (r, num); ``lora_B`` (dim, r); ΔW = (s·B@A)ᵀ.
+- ``CONV``: base (out, in, *k); ``lora_A`` (r, in, *k); ``lora_B`` (out, r, 1, ...).
+- ``PARAMETER`` (``target_parameters``): 2-D P (out, in) as LINEAR; 3-D P (E, d1, d2) with
+  ``lora_A`` (r·E, in) and ``lora_B`` (out, r·E), experts split as PEFT's ParamWrapper does.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import torch
+
+__all__ = ["EMPTY_MAPPING", "Adapter", "Replacement", "Site", "SiteKind", "TokenRows"]
+
+EMPTY_MAPPING: Mapping[str, Any] = MappingProxyType({})
+
+
+class SiteKind(str, enum.Enum):
+    """The layer type of the base tensor a site changes; it fixes the delta's orientation."""
+
+    LINEAR = "linear"
+    CONV1D = "conv1d"
+    EMBEDDING = "embedding"
+    CONV = "conv"
+    PARAMETER = "parameter"
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Site:
+    """One base tensor changed by a low-rank delta ``scale · lora_B @ lora_A``.
+
+    Attributes:
+        module: the PEFT module path (for target_parameters, ``<module>.<param>``).
+        target: the base checkpoint key the delta changes.
+        kind: the layer type, which fixes orientations (module docstring).
+        lora_A: the down factor, PEFT layout.
+        lora_B: the up factor, PEFT layout.
+        alpha: lora_alpha resolved for this module (alpha_pattern applied).
+        scale: the multiplier of ``B @ A``: alpha/r, alpha/sqrt(r) with rsLoRA, 1 once folded.
+        use_rslora: whether ``scale`` came from alpha/sqrt(r).
+        lora_bias: ``lora_B.bias`` (out,), multiplied by ``scale`` like B.
+        bias_target: the base bias key ``lora_bias`` adds to.
+        magnitude: DoRA's stored ``lora_magnitude_vector``; needs the base weight to apply.
+        channel_scale: DoRA folded: ``W' = channel_scale ⊙ (W + ΔW)`` per output channel
+            (per embedding dim for EMBEDDING), computed by the fold-dora pass.
+        init: ``init_lora_weights`` as a string ("true", "pissa", "olora", "pissa_niter_4", ...).
+        initial: (A0, B0) from the adapter saved before training, when the init is not
+            reproducible from the base.
+        experts: E for a 3-D PARAMETER target, else 0.
+        transposed: a 3-D PARAMETER target whose owner has ``is_transposed=True``.
+    """
+
+    module: str
+    target: str
+    kind: SiteKind
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    alpha: float
+    scale: float
+    use_rslora: bool = False
+    lora_bias: torch.Tensor | None = None
+    bias_target: str | None = None
+    magnitude: torch.Tensor | None = None
+    channel_scale: torch.Tensor | None = None
+    init: str = "true"
+    initial: tuple[torch.Tensor, torch.Tensor] | None = None
+    experts: int = 0
+    transposed: bool = False
+
+    @property
+    def rank(self) -> int:
+        """The LoRA rank r (per expert for 3-D parameters)."""
+        rows = self.lora_A.shape[0]
+        return rows // self.experts if self.experts else rows
+
+    @property
+    def variant(self) -> str:
+        """A short name of what the site needs beyond plain LoRA."""
+        if self.magnitude is not None:
+            return "dora"
+        if self.channel_scale is not None:
+            return "dora-folded"
+        if self.init not in ("true", "false", "gaussian", "orthogonal", "mica", "eva"):
+            return self.init
+        return "lora"
+
+    @property
+    def num_params(self) -> int:
+        """Parameters the adapter stores for this site."""
+        extra = [t for t in (self.lora_bias, self.magnitude, self.channel_scale) if t is not None]
+        return self.lora_A.numel() + self.lora_B.numel() + sum(t.numel() for t in extra)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Replacement:
+    """A base tensor replaced whole: a modules_to_save copy, a trained bias, a resized embedding."""
+
+    target: str
+    tensor: torch.Tensor
+    origin: str
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class TokenRows:
+    """Trainable tokens: rows ``indices`` of ``target`` become ``rows`` (new values, not deltas)."""
+
+    target: str
+    indices: tuple[int, ...]
+    rows: torch.Tensor
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Adapter:
+    """A whole adapter: the sites and replacements, plus what the base's structure must become.
+
+    Attributes:
+        name: where the adapter came from (a folder), for messages.
+        sites: the low-rank deltas.
+        replacements: whole-tensor replacements.
+        token_rows: trainable-token row replacements.
+        layer_replication: PEFT's ``layer_replication`` ranges, until expanded.
+        tensor_sources: output key -> base key it is copied from (set by layer-replication
+            expansion and untying); keys not listed come from the base key of the same name.
+        removed_keys: base keys that are not part of the output (layers dropped by
+            layer_replication).
+        config_updates: changes to the base's config.json (num_hidden_layers, ...).
+        refusals: reasons this adapter's merge would not be equivalent to the adapted model.
+        notes: what the reader ignored or decided, for ``inspect``.
+        config: the adapter_config.json fields as read.
+    """
+
+    name: str
+    sites: tuple[Site, ...]
+    replacements: tuple[Replacement, ...] = ()
+    token_rows: tuple[TokenRows, ...] = ()
+    layer_replication: tuple[tuple[int, int], ...] = ()
+    tensor_sources: Mapping[str, str] = field(default_factory=lambda: EMPTY_MAPPING)
+    removed_keys: frozenset[str] = frozenset()
+    config_updates: Mapping[str, Any] = field(default_factory=lambda: EMPTY_MAPPING)
+    refusals: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    config: Mapping[str, Any] = field(default_factory=lambda: EMPTY_MAPPING)
+
+    def targets(self) -> set[str]:
+        """Every base key this adapter changes."""
+        keys = {s.target for s in self.sites}
+        keys |= {s.bias_target for s in self.sites if s.bias_target}
+        keys |= {r.target for r in self.replacements}
+        keys |= {t.target for t in self.token_rows}
+        return keys

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Build a tiny base checkpoint and a PEFT adapter, inspect the adapter, merge it, check the result.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+. .venv/bin/activate
+out=${1:-demo-out}
+python scripts/make_demo.py "$out"
+echo "== loracc inspect"
+loracc inspect "$out/adapter" --base "$out/base"
+echo "== loracc merge"
+loracc merge --base "$out/base" --adapter "$out/adapter" -o "$out/merged" --force
+python scripts/make_demo.py "$out" --check

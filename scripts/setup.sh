@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Create .venv with loracc and its test dependencies (CPU torch from this machine's disk).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+python -m pip show torch >/dev/null 2>&1 || python -m pip install -q torch==2.13.0
+python -m pip install -q -e ".[dev]"
