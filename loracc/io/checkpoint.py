@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from collections import defaultdict
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,28 @@ _EMBEDDING_KEYS = (
     "wte.weight",
 )
 _OUTPUT_EMBEDDING_KEYS = ("lm_head.weight",)
+
+# transformers >= 5 models hold MoE experts as fused 3-D parameters but save_pretrained writes the
+# original per-expert tensors (conversion_mapping.py): gate_up_proj[e] = cat(gate[e], up[e]) on
+# rows, down_proj[e] = down[e]. Module paths can also differ from stored names (Mixtral's
+# block_sparse_moe is the model's mlp).
+_EXPERT_KEY = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<e>\d+)\.(?P<proj>[^.]+)\.weight$")
+_FUSED_EXPERTS = {
+    "gate_up_proj": (("gate_proj", "up_proj"), ("w1", "w3")),
+    "down_proj": (("down_proj",), ("w2",)),
+}
+_MODULE_RENAMES = ((".mlp.", ".block_sparse_moe."),)
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertSplit:
+    """A fused expert parameter (E, out, in) stored as per-expert 2-D tensors.
+
+    ``keys[e]`` lists the stored tensors whose rows, stacked in order, make expert ``e``.
+    """
+
+    keys: tuple[tuple[str, ...], ...]
+    shape: tuple[int, int, int]
 
 
 def read_json(path: Path) -> Any:
@@ -88,6 +113,41 @@ class Checkpoint:
             )
         else:
             raise InputError(f"{self.folder}: no {SINGLE_NAME} or {INDEX_NAME}")
+        self.expert_splits = self._scan_experts()
+
+    def _scan_experts(self) -> dict[str, ExpertSplit]:
+        found: dict[str, dict[str, dict[int, str]]] = defaultdict(lambda: defaultdict(dict))
+        for key in self._info:
+            m = _EXPERT_KEY.match(key)
+            if m:
+                found[m["prefix"]][m["proj"]][int(m["e"])] = key
+        splits = {}
+        for prefix, projs in found.items():
+            logical = prefix
+            for module_name, stored_name in _MODULE_RENAMES:
+                logical = logical.replace(stored_name, module_name)
+            for fused, options in _FUSED_EXPERTS.items():
+                names = next((o for o in options if all(n in projs for n in o)), None)
+                if names is None:
+                    continue
+                count = len(projs[names[0]])
+                if any(sorted(projs[n]) != list(range(count)) for n in names):
+                    continue
+                keys = tuple(tuple(projs[n][e] for n in names) for e in range(count))
+                parts = [self._info[k].shape for k in keys[0]]
+                rows = sum(p[0] for p in parts)
+                splits[f"{logical}.{fused}"] = ExpertSplit(keys, (count, rows, parts[0][1]))
+        return splits
+
+    def resolve(self, key: str) -> str | None:
+        """The stored name of a module-path key (renamed modules), or None."""
+        if key in self._info:
+            return key
+        for module_name, stored_name in _MODULE_RENAMES:
+            renamed = key.replace(module_name, stored_name)
+            if renamed in self._info:
+                return renamed
+        return None
 
     def _open_index(self, index: Path) -> None:
         data = read_json(index)
@@ -162,9 +222,12 @@ class Checkpoint:
         return (out, emb) if emb is not None else None
 
     def shape(self, key: str) -> tuple[int, ...] | None:
-        """The shape of ``key``, following a tied output embedding to its source."""
-        if key in self._info:
-            return self._info[key].shape
+        """The shape of ``key``: stored, renamed, a fused expert parameter, or a tied head."""
+        stored = self.resolve(key)
+        if stored is not None:
+            return self._info[stored].shape
+        if key in self.expert_splits:
+            return self.expert_splits[key].shape
         tied = self.tied_embeddings
         if tied and key == tied[0]:
             return self._info[tied[1]].shape

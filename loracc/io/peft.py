@@ -12,14 +12,14 @@ from __future__ import annotations
 import math
 import re
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 
 import torch
 
 from loracc.errors import FormatError, InputError, UnsupportedError
-from loracc.io.checkpoint import Checkpoint
+from loracc.io.checkpoint import Checkpoint, ExpertSplit
 from loracc.io.peft_config import LoraConfig, is_targeted, read_config, resolve_pattern
 from loracc.io.safetensors import SafetensorsFile
 from loracc.ir import Adapter, Replacement, Site, SiteKind, TokenRows
@@ -102,8 +102,6 @@ def load_adapter(
 
 
 def _attach_initial(adapter: Adapter, init: Adapter) -> Adapter:
-    from dataclasses import replace
-
     by_module = {s.module: s for s in init.sites}
     sites = []
     for site in adapter.sites:
@@ -189,6 +187,7 @@ class _Reader:
                 raise FormatError(
                     f"{self.where(raw_key)}: replaces '{target}', which the base does not have"
                 )
+            target = self.base.resolve(target) or target
             if tuple(tensor.shape) != shape:
                 if tensor.dim() == 2 and len(shape) == 2 and tensor.shape[1] == shape[1]:
                     origin = "embedding"  # vocabulary resized during training
@@ -226,6 +225,7 @@ class _Reader:
                     f"{self.where(raw_key)}: rows {tuple(rows.shape)} at indices up to "
                     f"{max(indices)} do not fit base '{target}' {shape}"
                 )
+            target = self.base.resolve(target) or target
         return TokenRows(target, tuple(indices), rows)
 
     # -- low-rank sites -----------------------------------------------------------------------
@@ -300,6 +300,7 @@ class _Reader:
                 raise FormatError(
                     f"{self.where(key)}: factors give {expected[:2]}, base '{target}' is {shape}"
                 )
+            target = self.base.resolve(target) or target
         elif kind is SiteKind.LINEAR and self.cfg["fan_in_fan_out"]:
             kind = SiteKind.CONV1D
         if self.cfg["use_qalora"] and kind is SiteKind.LINEAR:
@@ -308,11 +309,14 @@ class _Reader:
         bias_target = None
         if g.bias is not None:
             bias_target = f"{module}.bias"
-            if self.base is not None and bias_target not in self.base:
-                raise UnsupportedError(
-                    f"{self.where(key)}: lora_bias on '{module}', whose base layer has no bias "
-                    "(peft raises at merge too)"
-                )
+            if self.base is not None:
+                stored = self.base.resolve(bias_target)
+                if stored is None:
+                    raise UnsupportedError(
+                        f"{self.where(key)}: lora_bias on '{module}', whose base layer has no "
+                        "bias (peft raises at merge too)"
+                    )
+                bias_target = stored
         magnitude = g.magnitude
         if magnitude is not None:
             want = expected[1] if kind is SiteKind.EMBEDDING else expected[0]
@@ -359,14 +363,18 @@ class _Reader:
         if not names:
             return []
         found = []
+        candidates = (
+            [*self.base.keys(), *self.base.expert_splits] if self.base is not None else None
+        )
         for t in names:
-            if self.base is None:
-                if t.rsplit(".", 1)[0] == owner or t.rsplit(".", 1)[0].endswith("." + owner):
-                    found.append(f"{owner}.{t.rsplit('.', 1)[1]}")
+            if candidates is None:
+                t_owner, param = t.rsplit(".", 1)
+                if owner == t_owner or owner.endswith("." + t_owner):
+                    found.append(f"{owner}.{param}")
                 continue
             found.extend(
                 k
-                for k in self.base
+                for k in candidates
                 if k.rsplit(".", 1)[0] == owner and (k == t or k.endswith("." + t))
             )
         return list(dict.fromkeys(found))
@@ -391,7 +399,7 @@ class _Reader:
                     f"{self.weights}: factors of '{raw}' ({tuple(g.A.shape)}, "
                     f"{tuple(g.B.shape)}) fit none of {params}"
                 )
-            sites.append(self._parameter_site(owner, param, g))
+            sites.extend(self._parameter_site(owner, param, g))
         return sites
 
     def _param_shape(self, param: str) -> tuple[int, ...] | None:
@@ -399,20 +407,14 @@ class _Reader:
 
     def _param_fits(self, param: str, A: torch.Tensor, B: torch.Tensor) -> bool:
         shape = self._param_shape(param)
-        if shape is None:
-            return True
-        return _param_layout(shape, A, B, self._is_transposed(param)) is not None
+        return shape is None or _param_layout(shape, A, B) is not None
 
-    def _is_transposed(self, param: str) -> bool:
-        # transformers MoE experts store gate_up_proj (E, hidden, 2*ff) when is_transposed.
-        return False
-
-    def _parameter_site(self, owner: str, param: str, g: _Group) -> Site:
+    def _parameter_site(self, owner: str, param: str, g: _Group) -> list[Site]:
         assert g.A is not None and g.B is not None
         shape = self._param_shape(param)
         experts, transposed = 0, False
         if shape is not None:
-            layout = _param_layout(shape, g.A, g.B, self._is_transposed(param))
+            layout = _param_layout(shape, g.A, g.B)
             assert layout is not None
             experts, transposed = layout
         name = f"{owner}.{param.rsplit('.', 1)[1]}"
@@ -422,7 +424,7 @@ class _Reader:
             raise UnsupportedError(
                 f"{self.weights}: '{name}': DoRA or lora_bias on target_parameters (peft has none)"
             )
-        return Site(
+        site = Site(
             module=name,
             target=param,
             kind=SiteKind.PARAMETER,
@@ -435,6 +437,8 @@ class _Reader:
             experts=experts,
             transposed=transposed,
         )
+        split = self.base.expert_splits.get(param) if self.base is not None else None
+        return [site] if split is None else _split_experts(site, split, self.base)
 
     def cross_check(self, sites: tuple[Site, ...]) -> None:
         """Note where the saved keys and the config's targeting disagree (keys win)."""
@@ -449,6 +453,40 @@ class _Reader:
                 )
 
 
+def _split_experts(site: Site, split: ExpertSplit, base: Checkpoint | None) -> list[Site]:
+    """One LINEAR site per stored per-expert tensor of a fused expert parameter.
+
+    Expert e's delta is ``s·B3[e] @ A3[e]`` (peft's ParamWrapper split: A expert-major, B with
+    the expert index fastest); its rows are cut at the stored tensors' boundaries.
+    """
+    assert base is not None
+    if site.transposed:
+        raise UnsupportedError(
+            f"{site.module}: a transposed fused expert parameter stored per expert is not supported"
+        )
+    E, r = site.experts, site.rank
+    A3 = site.lora_A.reshape(E, r, site.lora_A.shape[1])
+    B3 = site.lora_B.reshape(site.lora_B.shape[0], r, E).permute(2, 0, 1)
+    out = []
+    for e, keys in enumerate(split.keys):
+        row = 0
+        for key in keys:
+            rows = base.info(key).shape[0]
+            out.append(
+                replace(
+                    site,
+                    module=key.removesuffix(".weight"),
+                    target=key,
+                    kind=SiteKind.LINEAR,
+                    lora_A=A3[e].contiguous(),
+                    lora_B=B3[e, row : row + rows].contiguous(),
+                    experts=0,
+                )
+            )
+            row += rows
+    return out
+
+
 def _logical_shape(kind: SiteKind, A: torch.Tensor, B: torch.Tensor) -> tuple[int, ...]:
     """The base tensor shape the factors imply, for non-Conv1D layouts."""
     if kind is SiteKind.EMBEDDING:
@@ -457,9 +495,13 @@ def _logical_shape(kind: SiteKind, A: torch.Tensor, B: torch.Tensor) -> tuple[in
 
 
 def _param_layout(
-    shape: tuple[int, ...], A: torch.Tensor, B: torch.Tensor, transposed: bool
+    shape: tuple[int, ...], A: torch.Tensor, B: torch.Tensor
 ) -> tuple[int, bool] | None:
-    """(experts, transposed) when factors A (r·E, in), B (out, r·E) fit parameter ``shape``."""
+    """(experts, transposed) when factors A (r·E, in), B (out, r·E) fit parameter ``shape``.
+
+    A 3-D parameter (E, d1, d2) is (E, out, in) unless its module sets ``is_transposed``, which
+    the checkpoint does not record: the factor shapes decide, non-transposed first when square.
+    """
     if len(shape) == 2:
         return (0, False) if (B.shape[0], A.shape[1]) == shape else None
     if len(shape) != 3:
@@ -467,7 +509,7 @@ def _param_layout(
     experts, d1, d2 = shape
     if A.shape[0] % experts:
         return None
-    for t in (transposed, not transposed):
+    for t in (False, True):
         (fan_in, fan_out) = (d1, d2) if t else (d2, d1)
         if (A.shape[1], B.shape[0]) == (fan_in, fan_out):
             return experts, t
