@@ -265,12 +265,9 @@ class _Reader:
             kind = SiteKind.CONV
         else:
             kind = SiteKind.LINEAR
+        A, B = self.expand_block_diagonal(module, A, B)
         rank = A.shape[0]
         if A.dim() < 2 or B.dim() != A.dim() or B.shape[1] != rank:
-            if self.cfg["use_bdlora"]:
-                raise UnsupportedError(
-                    f"{self.where(key)}: block-diagonal (BD-LoRA) factors are not supported yet"
-                )
             raise FormatError(
                 f"{self.where(key)}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not "
                 "compose (B must be (out, r) for A (r, in))"
@@ -339,6 +336,24 @@ class _Reader:
             magnitude=magnitude,
             init=self.cfg.init,
         )
+
+    def expand_block_diagonal(
+        self, module: str, A: torch.Tensor, B: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """BD-LoRA stores a block-diagonal factor compactly as (rows, cols/nblocks)."""
+        bd = self.cfg["use_bdlora"]
+        if not bd:
+            return A, B
+        if not isinstance(bd, dict) or not isinstance(bd.get("nblocks", 1), int):
+            raise FormatError(f"{self.cfg.path}: 'use_bdlora' must be an object with nblocks")
+        nb = bd.get("nblocks", 1)
+        on_a = any(p in module for p in bd.get("target_modules_bd_a") or [])
+        on_b = any(p in module for p in bd.get("target_modules_bd_b") or [])
+        if on_a:
+            A = torch.block_diag(*torch.chunk(A, nb, dim=0))
+        elif on_b:
+            B = torch.block_diag(*torch.chunk(B, nb, dim=0))
+        return A, B
 
     def _decide_kind(
         self,

@@ -1,0 +1,49 @@
+"""LoRA variants the reader rewrites into plain factors, checked against PEFT's unmerged forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import loracc
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+
+def _tiny_llama(path):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    model = transformers.LlamaForCausalLM(cfg)
+    model.save_pretrained(path)
+    return model
+
+
+def test_bdlora_block_diagonal_factors_merge_like_the_forward(tmp_path) -> None:
+    from peft.tuners.lora.config import BdLoraConfig
+
+    model = _tiny_llama(tmp_path / "base")
+    bd = BdLoraConfig(target_modules_bd_a=["o_proj"], target_modules_bd_b=["q_proj"], nblocks=2)
+    pm = peft.get_peft_model(
+        model,
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"], use_bdlora=bd),
+    )
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.normal_()
+    pm.save_pretrained(tmp_path / "adapter")
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = pm.eval()(ids).logits
+    loracc.merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "out")
+    with torch.no_grad():
+        got = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
