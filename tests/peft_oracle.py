@@ -134,7 +134,7 @@ def qwen3moe_config() -> Any:
 
 
 class TinyConvNet(nn.Module):
-    """A custom (non-transformers) model with Conv2d layers: 3x3, 1x1, strided 3x3, then a Linear."""
+    """A custom (non-transformers) model: Conv2d 3x3, 1x1 and strided 3x3, then a Linear."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -183,7 +183,9 @@ def _new_model(arch: Arch) -> nn.Module:
     return _auto_cls(arch.auto_class).from_config(arch.make_config(), dtype=torch.float32)
 
 
-def save_base(arch: Arch, base_dir: Path, *, dtype: torch.dtype, max_shard_size: str | None) -> None:
+def save_base(
+    arch: Arch, base_dir: Path, *, dtype: torch.dtype, max_shard_size: str | None
+) -> None:
     """Builds a seeded random base and saves it as a HF folder (safetensors)."""
     model = _new_model(arch)
     with torch.no_grad():
@@ -239,7 +241,9 @@ def make_inputs(arch: Arch) -> torch.Tensor:
     gen = torch.Generator().manual_seed(1234)
     if arch.auto_class == "custom":
         return torch.randn(2, 3, 8, 8, generator=gen)
-    ids = torch.randint(1, VOCAB, (2, 12), generator=gen)  # no pad id 0 (seq-cls uses the last token)
+    ids = torch.randint(
+        1, VOCAB, (2, 12), generator=gen
+    )  # no pad id 0 (seq-cls uses the last token)
     ids[0, : len(TRAINABLE_IDS)] = torch.tensor(TRAINABLE_IDS)
     return ids
 
@@ -256,7 +260,7 @@ def folder_key_files(folder: Path) -> dict[str, str]:
         return dict(json.loads(index.read_text())["weight_map"])
     single = folder / "model.safetensors"
     with safe_open(str(single), "pt") as f:
-        return {k: single.name for k in f.keys()}
+        return {k: single.name for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
 
 
 def load_folder_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -304,7 +308,15 @@ CASE_SPECS: dict[str, CaseSpec] = {
         dict(
             r=8,
             lora_alpha=16,
-            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            target_modules=[
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ],
         ),
     ),
     "llama_bf16": CaseSpec(
@@ -315,7 +327,8 @@ CASE_SPECS: dict[str, CaseSpec] = {
     ),
     # alpha/sqrt(r) = 3 instead of alpha/r = 1.5 (r=4, alpha=6).
     "llama_rslora": CaseSpec(
-        "llama", dict(r=4, lora_alpha=6, use_rslora=True, target_modules=["q_proj", "v_proj", "down_proj"])
+        "llama",
+        dict(r=4, lora_alpha=6, use_rslora=True, target_modules=["q_proj", "v_proj", "down_proj"]),
     ),
     # q_proj -> r 4 (scale 4), layer-1 up_proj -> r 2 (scale 8), down_proj -> alpha 24 (scale 3),
     # others r 8, alpha 16 (scale 2).
@@ -324,27 +337,42 @@ CASE_SPECS: dict[str, CaseSpec] = {
         dict(
             r=8,
             lora_alpha=16,
-            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            target_modules=[
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ],
             rank_pattern={"q_proj": 4, "model.layers.1.mlp.up_proj": 2},
             alpha_pattern={"down_proj": 24},
         ),
     ),
     # GPT-2 Conv1D (stored (in, out)).
-    "gpt2_conv1d": CaseSpec("gpt2", dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"])),
+    "gpt2_conv1d": CaseSpec(
+        "gpt2", dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"])
+    ),
     # The saved fan_in_fan_out is False although c_attn is a transposed Conv1D (untied, so PEFT's
     # merge of lm_head is valid too).
     "gpt2_fifo_misleading": CaseSpec(
         "gpt2_untied", dict(r=4, lora_alpha=8, target_modules=["c_attn", "lm_head"])
     ),
     "gpt2_lora_bias": CaseSpec(
-        "gpt2", dict(r=4, lora_alpha=12, lora_bias=True, target_modules=["c_attn", "c_proj", "c_fc"])
+        "gpt2",
+        dict(r=4, lora_alpha=12, lora_bias=True, target_modules=["c_attn", "c_proj", "c_fc"]),
     ),
-    "gpt2_bias_all": CaseSpec("gpt2", dict(r=4, lora_alpha=8, bias="all", target_modules=["c_attn"])),
+    "gpt2_bias_all": CaseSpec(
+        "gpt2", dict(r=4, lora_alpha=8, bias="all", target_modules=["c_attn"])
+    ),
     "gpt2_bias_lora_only": CaseSpec(
         "gpt2", dict(r=4, lora_alpha=8, bias="lora_only", target_modules=["c_attn", "c_fc"])
     ),
     # Embedding LoRA on an untied model: PEFT's merge is right.
-    "llama_embed": CaseSpec("llama", dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])),
+    "llama_embed": CaseSpec(
+        "llama", dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])
+    ),
     # Embedding LoRA on a tied model: PEFT's merge moves lm_head too (wrong).
     "gpt2_wte_tied": CaseSpec(
         "gpt2", dict(r=4, lora_alpha=8, target_modules=["wte", "c_attn"]), peft_merge_ok=False
@@ -353,16 +381,26 @@ CASE_SPECS: dict[str, CaseSpec] = {
     "gpt2_lmhead_tied": CaseSpec(
         "gpt2", dict(r=4, lora_alpha=8, target_modules=["c_attn", "lm_head"]), peft_merge_ok=False
     ),
-    "conv2d": CaseSpec("conv", dict(r=4, lora_alpha=8, target_modules=["conv1", "conv2", "conv3", "fc"])),
+    "conv2d": CaseSpec(
+        "conv", dict(r=4, lora_alpha=8, target_modules=["conv1", "conv2", "conv3", "fc"])
+    ),
     "llama_mts_lm_head": CaseSpec(
-        "llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
+        "llama",
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]),
     ),
     # task_type SEQ_CLS adds "classifier" and "score" to modules_to_save.
     "llama_seqcls_score": CaseSpec(
-        "llama_seqcls", dict(r=4, lora_alpha=8, task_type="SEQ_CLS", target_modules=["q_proj", "v_proj"])
+        "llama_seqcls",
+        dict(r=4, lora_alpha=8, task_type="SEQ_CLS", target_modules=["q_proj", "v_proj"]),
     ),
     "llama_tt_list": CaseSpec(
-        "llama", dict(r=4, lora_alpha=8, target_modules=["q_proj"], trainable_token_indices=list(TRAINABLE_IDS))
+        "llama",
+        dict(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj"],
+            trainable_token_indices=list(TRAINABLE_IDS),
+        ),
     ),
     "llama_tt_dict": CaseSpec(
         "llama",
@@ -375,15 +413,38 @@ CASE_SPECS: dict[str, CaseSpec] = {
     ),
     # Tied GPT-2: the rows land in the shared wte / lm_head weight (PEFT keeps it tied; correct).
     "gpt2_tt_tied": CaseSpec(
-        "gpt2", dict(r=4, lora_alpha=8, target_modules=["c_attn"], trainable_token_indices=list(TRAINABLE_IDS))
+        "gpt2",
+        dict(
+            r=4,
+            lora_alpha=8,
+            target_modules=["c_attn"],
+            trainable_token_indices=list(TRAINABLE_IDS),
+        ),
     ),
     "llama_target_param_2d": CaseSpec(
-        "llama", dict(r=4, lora_alpha=8, target_modules=[], target_parameters=["model.layers.0.mlp.down_proj.weight"])
+        "llama",
+        dict(
+            r=4,
+            lora_alpha=8,
+            target_modules=[],
+            target_parameters=["model.layers.0.mlp.down_proj.weight"],
+        ),
     ),
     # Fused 3-D expert parameters (E, out, in); on disk transformers 5.24 writes per-expert keys.
     "qwen3moe_target_param_3d": CaseSpec(
         "qwen3moe",
-        dict(r=2, lora_alpha=4, target_modules=[], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]),
+        dict(
+            r=2,
+            lora_alpha=4,
+            target_modules=[],
+            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+        ),
+    ),
+    # One 3-D parameter per module (no nesting): isolates the per-expert on-disk layout.
+    "qwen3moe_target_param_3d_single": CaseSpec(
+        "qwen3moe",
+        dict(r=2, lora_alpha=4, target_modules=[], target_parameters=["mlp.experts.down_proj"]),
+        seed=2,
     ),
     "llama_sharded": CaseSpec(
         "llama",
@@ -394,13 +455,24 @@ CASE_SPECS: dict[str, CaseSpec] = {
     # the shared tensors (wrong).
     "llama_layer_replication": CaseSpec(
         "llama",
-        dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], layer_replication=[[0, 2], [1, 2]]),
+        dict(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj"],
+            layer_replication=[[0, 2], [1, 2]],
+        ),
         peft_merge_ok=False,
     ),
     # aLoRA: PEFT refuses to merge; loracc must refuse.
     "llama_alora": CaseSpec(
         "llama",
-        dict(r=4, lora_alpha=8, task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], alora_invocation_tokens=[5, 6]),
+        dict(
+            r=4,
+            lora_alpha=8,
+            task_type="CAUSAL_LM",
+            target_modules=["q_proj", "v_proj"],
+            alora_invocation_tokens=[5, 6],
+        ),
         merge=False,
     ),
 }
@@ -474,7 +546,7 @@ def _load_base(case_arch: Arch, base_dir: Path, dtype: torch.dtype) -> nn.Module
 
 
 def build_case(name: str, root: Path, spec: CaseSpec | None = None) -> Case:
-    """Writes ``root/base`` and ``root/adapter`` for ``CASE_SPECS[name]`` and computes the oracle."""
+    """Writes ``root/base`` and ``root/adapter`` for ``CASE_SPECS[name]``; computes the oracle."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     spec = spec or CASE_SPECS[name]
@@ -503,12 +575,16 @@ def build_case(name: str, root: Path, spec: CaseSpec | None = None) -> Case:
     base_logits = model_output(base_model, inputs)
     del base_model
 
-    ref_model = PeftModel.from_pretrained(_load_base(arch, base_dir, spec.base_dtype), str(adapter_dir))
+    ref_model = PeftModel.from_pretrained(
+        _load_base(arch, base_dir, spec.base_dtype), str(adapter_dir)
+    )
     ref_model.eval()
     sites = _peft_sites(ref_model)
     peft_logits = model_output(ref_model, inputs)
     # Guard on the oracle itself: PEFT's save / load round trip must reproduce the in-memory model.
-    assert rel_err(peft_logits, trained_logits) <= 1e-6, f"{name}: PEFT save/load round trip drifted"
+    assert rel_err(peft_logits, trained_logits) <= 1e-6, (
+        f"{name}: PEFT save/load round trip drifted"
+    )
     peft_merged_logits = None
     merged_state = None
     if spec.merge:

@@ -26,11 +26,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import peft_oracle as po
 import pytest
 import torch
 from safetensors import safe_open
-
-import peft_oracle as po
 
 LOGITS_RTOL = 1e-5  # relative to max |reference logit|
 WEIGHT_ATOL = 1e-6
@@ -47,13 +46,16 @@ CLI_TIMEOUT_S = 300
 def assert_logits_match_unmerged(case: po.Case, out_dir: Path, *, tol: float = LOGITS_RTOL) -> None:
     """The merged folder, loaded by transformers, reproduces the unmerged PeftModel forward."""
     effect = po.rel_err(case.peft_logits, case.base_logits)
-    assert effect > MIN_ADAPTER_EFFECT, f"{case.name}: adapter barely changes the output ({effect:.3g})"
+    assert effect > MIN_ADAPTER_EFFECT, (
+        f"{case.name}: adapter barely changes the output ({effect:.3g})"
+    )
     got = po.model_output(po.load_model(out_dir, case.arch), case.inputs)
     assert got.shape == case.peft_logits.shape
     assert torch.isfinite(got).all()
     err = po.rel_err(got, case.peft_logits)
     assert err <= tol, (
-        f"{case.name}: merged logits differ from the unmerged PEFT forward: rel err {err:.3g} > {tol:g} "
+        f"{case.name}: merged logits differ from the unmerged PEFT forward: "
+        f"rel err {err:.3g} > {tol:g} "
         f"(base-vs-PEFT {effect:.3g}, PEFT's own merge {case.peft_merge_rel_err})"
     )
 
@@ -61,7 +63,9 @@ def assert_logits_match_unmerged(case: po.Case, out_dir: Path, *, tol: float = L
 def assert_peft_merge_is_wrong(case: po.Case) -> None:
     """Documents that this case cannot use PEFT's merge_and_unload as a reference."""
     err = case.peft_merge_rel_err
-    assert err is not None and err > 1e-2, f"{case.name}: PEFT's merge now agrees ({err}); tighten the test"
+    assert err is not None and err > 1e-2, (
+        f"{case.name}: PEFT's merge now agrees ({err}); tighten the test"
+    )
 
 
 def assert_weights_match_peft_merge(
@@ -71,7 +75,9 @@ def assert_weights_match_peft_merge(
     assert case.merged_state is not None
     bad = []
     for k, got in sorted(out.items()):
-        assert k in case.merged_state, f"{case.name}: output tensor {k} is not in PEFT's merged model"
+        assert k in case.merged_state, (
+            f"{case.name}: output tensor {k} is not in PEFT's merged model"
+        )
         ref = case.merged_state[k]
         assert got.shape == ref.shape, f"{k}: shape {tuple(got.shape)} != PEFT {tuple(ref.shape)}"
         assert got.dtype == ref.dtype, f"{k}: dtype {got.dtype} != PEFT {ref.dtype}"
@@ -80,12 +86,18 @@ def assert_weights_match_peft_merge(
                 n = int((got != ref).sum())
                 bad.append(f"{k}: {n}/{ref.numel()} elements differ in bits")
         elif not torch.allclose(got.float(), ref.float(), atol=atol, rtol=0):
-            bad.append(f"{k}: max abs diff {float((got.float() - ref.float()).abs().max()):.3g} > {atol:g}")
+            bad.append(
+                f"{k}: max abs diff {float((got.float() - ref.float()).abs().max()):.3g} > {atol:g}"
+            )
     assert not bad, f"{case.name}: " + "; ".join(bad)
 
 
 def assert_layout_like_base(
-    case: po.Case, out: dict[str, torch.Tensor], *, extra: set[str] = frozenset(), dtype: torch.dtype | None = None
+    case: po.Case,
+    out: dict[str, torch.Tensor],
+    *,
+    extra: set[str] = frozenset(),
+    dtype: torch.dtype | None = None,
 ) -> None:
     """Same key set as the base (plus ``extra``), same shapes, same dtypes (or ``dtype``)."""
     base = case.base_tensors
@@ -95,7 +107,9 @@ def assert_layout_like_base(
     )
     for k, v in base.items():
         assert out[k].shape == v.shape, f"{k}: shape {tuple(out[k].shape)} != base {tuple(v.shape)}"
-        assert out[k].dtype == (dtype or v.dtype), f"{k}: dtype {out[k].dtype} != {dtype or v.dtype}"
+        assert out[k].dtype == (dtype or v.dtype), (
+            f"{k}: dtype {out[k].dtype} != {dtype or v.dtype}"
+        )
 
 
 def lora_modules(case: po.Case, kind: str | None = None) -> list[str]:
@@ -104,7 +118,9 @@ def lora_modules(case: po.Case, kind: str | None = None) -> list[str]:
 
 def run_cli(repo_root: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(repo_root) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = str(repo_root) + (
+        os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""
+    )
     return subprocess.run(
         [sys.executable, "-m", "loracc", *args],
         cwd=repo_root,
@@ -173,7 +189,7 @@ def test_config_and_side_files_copied(merged):
 
 
 def test_bf16_base_single_rounding(merged):
-    """bf16 base + fp32 adapter: W' = round_bf16(W.float() + (B @ A) * s), computed here in torch."""
+    """bf16 base + fp32 adapter: W' = round_bf16(W.float() + (B @ A) * s), computed in torch."""
     case, out = merged.get("llama_bf16")
     assert all(v.dtype == torch.float32 for v in case.adapter_tensors.values())  # PEFT autocasts
     tensors = po.load_folder_tensors(out)
@@ -241,7 +257,9 @@ def test_lora_bias(merged):
     assert_layout_like_base(case, tensors)
     assert_weights_match_peft_merge(case, tensors)
     base = case.base_tensors
-    assert not torch.equal(tensors["transformer.h.0.attn.c_attn.bias"], base["transformer.h.0.attn.c_attn.bias"])
+    assert not torch.equal(
+        tensors["transformer.h.0.attn.c_attn.bias"], base["transformer.h.0.attn.c_attn.bias"]
+    )
 
 
 @pytest.mark.parametrize("name", ["gpt2_bias_all", "gpt2_bias_lora_only"])
@@ -337,7 +355,9 @@ def test_modules_to_save_lm_head(merged):
     tensors = po.load_folder_tensors(out)
     assert_layout_like_base(case, tensors)
     assert_weights_match_peft_merge(case, tensors)
-    assert torch.equal(tensors["lm_head.weight"], case.adapter_tensors["base_model.model.lm_head.weight"])
+    assert torch.equal(
+        tensors["lm_head.weight"], case.adapter_tensors["base_model.model.lm_head.weight"]
+    )
 
 
 def test_modules_to_save_score_seq_cls(merged):
@@ -367,7 +387,9 @@ def test_trainable_token_indices_tied_gpt2(merged):
     extra = {"lm_head.weight"} if "lm_head.weight" in tensors else set()
     assert_layout_like_base(case, tensors, extra=extra)
     assert_weights_match_peft_merge(case, tensors)
-    delta = case.adapter_tensors["base_model.model.transformer.wte.token_adapter.trainable_tokens_delta"]
+    delta = case.adapter_tensors[
+        "base_model.model.transformer.wte.token_adapter.trainable_tokens_delta"
+    ]
     assert torch.equal(tensors["transformer.wte.weight"][po.TRAINABLE_IDS], delta)
 
 
@@ -407,13 +429,16 @@ def test_target_parameters_2d(merged):
     assert_weights_match_peft_merge(case, tensors)
 
 
-def test_target_parameters_moe_3d(merged):
-    """Fused 3-D experts in the model (E, out, in); transformers 5.24 stores per-expert keys on disk.
+@pytest.mark.parametrize("name", ["qwen3moe_target_param_3d_single", "qwen3moe_target_param_3d"])
+def test_target_parameters_moe_3d(merged, name):
+    """Fused 3-D experts in the model (E, out, in); transformers 5.24 writes per-expert keys.
 
-    The comparison goes through transformers' loader (which fuses the per-expert tensors again),
-    so it does not depend on how the file splits the experts.
+    ``_single`` targets only ``experts.down_proj``; the other case targets ``gate_up_proj`` and
+    ``down_proj`` of the same module (PEFT nests the two ParamWrappers, the first-registered one
+    innermost). The comparison goes through transformers' loader (which fuses the per-expert
+    tensors again), so it does not depend on how the file splits the experts.
     """
-    case, out = merged.get("qwen3moe_target_param_3d")
+    case, out = merged.get(name)
     assert {s["type"] for s in case.sites.values()} == {"ParamWrapper"}
     assert_logits_match_unmerged(case, out)
     tensors = po.load_folder_tensors(out)
@@ -473,7 +498,11 @@ def test_layer_replication(merged):
     base = case.base_tensors
     # Expanded layer j copies original layer src[j]; each copy has its own LoRA.
     src = {0: 0, 1: 1, 2: 1}
-    copies = {k.replace("model.layers.1.", "model.layers.2."): k for k in base if k.startswith("model.layers.1.")}
+    copies = {
+        k.replace("model.layers.1.", "model.layers.2."): k
+        for k in base
+        if k.startswith("model.layers.1.")
+    }
     assert_layout_like_base(case, tensors, extra=set(copies))
     for k, v in tensors.items():
         orig = copies.get(k, k)
@@ -506,15 +535,25 @@ def test_refuse_alora_python(peft_cases, tmp_path):
 def test_refuse_alora_cli(peft_cases, tmp_path, repo_root):
     case = peft_cases.get("llama_alora")
     out = tmp_path / "out"
-    proc = run_cli(repo_root, "merge", "--base", str(case.base_dir), "--adapter", str(case.adapter_dir), "-o", str(out))
+    proc = run_cli(
+        repo_root,
+        "merge",
+        "--base",
+        str(case.base_dir),
+        "--adapter",
+        str(case.adapter_dir),
+        "-o",
+        str(out),
+    )
     assert_one_line_error(proc, r"alora")
     assert not out.exists()
 
 
 def test_refuse_arrow_python(peft_cases, tmp_path):
+    from peft import ArrowConfig
+
     import loracc
     from loracc.errors import UnsupportedError
-    from peft import ArrowConfig
 
     case = peft_cases.get("llama_rslora")
     adapter = tmp_path / "arrow_adapter"
@@ -547,39 +586,40 @@ def test_existing_output_needs_force(peft_cases, tmp_path):
 # CLI
 
 
-def test_cli_merge_json(peft_cases, tmp_path, repo_root):
+def _cli_merge_args(case: po.Case, out: Path, *extra: str) -> list[str]:
+    return [
+        "merge",
+        "--base",
+        str(case.base_dir),
+        "--adapter",
+        str(case.adapter_dir),
+        "-o",
+        str(out),
+        *extra,
+    ]
+
+
+def test_cli_merge_json_force_dtype_shards(peft_cases, tmp_path, repo_root):
+    """--json prints one JSON document; --force overwrites; --dtype and --max-shard-size apply.
+
+    (Two CLI runs only: each one pays the interpreter + torch start-up.)
+    """
     case = peft_cases.get("llama_rslora")
     out = tmp_path / "out"
-    proc = run_cli(
-        repo_root, "merge", "--base", str(case.base_dir), "--adapter", str(case.adapter_dir), "-o", str(out), "--json"
-    )
+    proc = run_cli(repo_root, *_cli_merge_args(case, out, "--json"))
     assert proc.returncode == 0, proc.stderr
     json.loads(proc.stdout)  # stdout is one JSON document
     assert_logits_match_unmerged(case, out)
-    # Existing output: exit 2 without --force, 0 with it.
-    again = run_cli(repo_root, "merge", "--base", str(case.base_dir), "--adapter", str(case.adapter_dir), "-o", str(out))
-    assert_one_line_error(again, r".")
-    forced = run_cli(
-        repo_root, "merge", "--base", str(case.base_dir), "--adapter", str(case.adapter_dir), "-o", str(out), "--force"
-    )
-    assert forced.returncode == 0, forced.stderr
-    assert_logits_match_unmerged(case, out)
+    assert_weights_match_peft_merge(case, po.load_folder_tensors(out))
 
-
-def test_cli_merge_dtype_and_shards(peft_cases, tmp_path, repo_root):
-    case = peft_cases.get("llama_rslora")
-    out = tmp_path / "out"
+    # The output exists now; --force overwrites it, here as fp16 shards.
     proc = run_cli(
         repo_root,
-        "merge",
-        "--base", str(case.base_dir),
-        "--adapter", str(case.adapter_dir),
-        "-o", str(out),
-        "--dtype", "float16",
-        "--max-shard-size", "20KB",
-    )  # fmt: skip
+        *_cli_merge_args(case, out, "--force", "--dtype", "float16", "--max-shard-size", "20KB"),
+    )
     assert proc.returncode == 0, proc.stderr
     assert (out / "model.safetensors.index.json").is_file()
+    assert not (out / "model.safetensors").exists(), "stale single-file checkpoint left behind"
     tensors = po.load_folder_tensors(out)
     assert_layout_like_base(case, tensors, dtype=torch.float16)
     base = case.base_tensors
@@ -587,11 +627,22 @@ def test_cli_merge_dtype_and_shards(peft_cases, tmp_path, repo_root):
         k = m + ".weight"
         expected = (base[k] + po.linear_delta(case, m)).to(torch.float16)
         assert torch.equal(tensors[k], expected), k
+    for k in set(base) - {m + ".weight" for m in case.sites}:
+        assert torch.equal(tensors[k], base[k].to(torch.float16)), k
 
 
 def test_cli_bad_input_exit_2(tmp_path, repo_root):
     missing = tmp_path / "does-not-exist"
-    proc = run_cli(repo_root, "merge", "--base", str(missing), "--adapter", str(missing), "-o", str(tmp_path / "out"))
+    proc = run_cli(
+        repo_root,
+        "merge",
+        "--base",
+        str(missing),
+        "--adapter",
+        str(missing),
+        "-o",
+        str(tmp_path / "out"),
+    )
     assert_one_line_error(proc, r".")
     assert not (tmp_path / "out").exists()
 
@@ -605,7 +656,9 @@ def _inspect_sites(data: Any) -> list[dict[str, Any]]:
 def test_cli_inspect_json(peft_cases, repo_root):
     """inspect lists every LoRA site with PEFT's resolved rank, alpha and scale."""
     case = peft_cases.get("llama_patterns")
-    proc = run_cli(repo_root, "inspect", str(case.adapter_dir), "--base", str(case.base_dir), "--json")
+    proc = run_cli(
+        repo_root, "inspect", str(case.adapter_dir), "--base", str(case.base_dir), "--json"
+    )
     assert proc.returncode == 0, proc.stderr
     sites = _inspect_sites(json.loads(proc.stdout))
     for s in sites:
