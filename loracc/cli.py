@@ -173,5 +173,11 @@ def _inspect_text(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+from loracc.cli_golden import golden, run  # noqa: E402
+
+main.add_command(golden)
+main.add_command(run)
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,394 @@
+"""The project's model-output golden cases: tiny bases + PEFT adapters + PEFT's logits.
+
+Each case under ``golden/models/<case>/`` is a few hundred KB:
+
+* ``base/``: a seeded tiny Hugging Face model (config.json + model.safetensors),
+* ``adapter/``: a PEFT LoRA adapter saved with ``save_pretrained`` (random, non-zero factors),
+* ``inputs.npz``: ``input_ids`` (int64, batch 2 x 12 tokens inside the vocabulary),
+* ``expected.npz``: the oracle, computed by PEFT and transformers, never by loracc:
+  ``peft_logits`` (the *unmerged* ``PeftModel`` forward, eval mode) and ``base_logits``,
+* ``case.json``: what the case is, its tolerance and the library versions that produced it.
+
+``regen(...)`` rebuilds the files; ``check_cases(...)`` compares loracc's artifacts with them:
+
+* ``merge``: ``loracc.merge`` into a temporary folder, loaded back with transformers; its logits
+  must match ``peft_logits`` within the case's tolerance (``max|got - ref| / max|ref|``);
+* ``oracle``: the checked-in base + adapter run through today's PEFT must still give
+  ``peft_logits`` (so an upgrade of PEFT or transformers that changes the oracle is caught
+  instead of silently moving the goalposts);
+* ONNX (``export``, ``keep-lora``) once ``loracc.onnx_api`` exists: see :func:`_check_onnx`.
+
+Used by ``scripts/regen_golden.py`` through :func:`suite`, and by tests/test_golden_models.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+GOLDEN_DIR = ROOT / "golden" / "models"
+VOCAB = 128
+MAX_CASE_BYTES = 600_000  # "a few hundred KB" per case
+ORACLE_RTOL = 1e-6  # today's PEFT vs the checked-in expected logits (same CPU math)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+__all__ = ["CASES", "GOLDEN_DIR", "CaseDef", "check_cases", "regen", "suite"]
+
+
+@dataclass(frozen=True)
+class CaseDef:
+    """One golden case: base architecture and dtype, PEFT LoraConfig kwargs, tolerances."""
+
+    arch: str  # "llama" or "gpt2"
+    lora: Mapping[str, Any]
+    dtype: str = "float32"
+    seed: int = 0
+    # max|loracc - PEFT| / max|PEFT| allowed for the merged model's logits.
+    merge_rtol: float = 1e-5
+    # The same for the ONNX export of the merged model and for the keep-lora model + adapter.
+    onnx_rtol: float = 1e-4
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+_ALL_LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+CASES: dict[str, CaseDef] = {
+    # Plain LoRA on every projection of a 2-layer Llama, fp32.
+    "llama_fp32": CaseDef("llama", dict(r=4, lora_alpha=8, target_modules=_ALL_LLAMA), seed=0),
+    # GPT-2 Conv1D weights (stored (in, out)), tied wte / lm_head.
+    "gpt2_fp32": CaseDef(
+        "gpt2", dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"]), seed=1
+    ),
+    # bf16 base, rsLoRA scale (alpha / sqrt(r)); the merge rounds W + dW to bf16 once.
+    "llama_bf16_rslora": CaseDef(
+        "llama",
+        dict(r=4, lora_alpha=6, use_rslora=True, target_modules=["q_proj", "v_proj", "down_proj"]),
+        dtype="bfloat16",
+        seed=2,
+        merge_rtol=3e-2,
+        onnx_rtol=3e-2,
+        notes=("bf16: logits of the merged model differ from the unmerged forward by rounding",),
+    ),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny models (transformers / peft are imported lazily: loracc itself never imports them)
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def _config(arch: str) -> Any:
+    if arch == "llama":
+        from transformers import LlamaConfig
+
+        return LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+    if arch == "gpt2":
+        from transformers import GPT2Config
+
+        return GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+            tie_word_embeddings=True,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+    raise ValueError(f"unknown arch {arch}")
+
+
+def _seed(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_causal_lm(folder: Path, dtype: str) -> Any:
+    """A HF folder as an eval-mode causal LM; fails on missing or unexpected keys."""
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(
+        str(folder), dtype=_torch_dtype(dtype), output_loading_info=True
+    )
+    problems = {k: v for k, v in info.items() if v and k != "error_msgs"}
+    if problems or info.get("error_msgs"):
+        raise RuntimeError(f"loading {folder}: {info}")
+    return model.eval()
+
+
+def logits(model: Any, input_ids: np.ndarray) -> np.ndarray:
+    """fp32 logits, no KV cache."""
+    import torch
+
+    with torch.no_grad():
+        out = model(input_ids=torch.from_numpy(input_ids), use_cache=False).logits
+    return out.float().numpy().copy()
+
+
+def rel_err(got: np.ndarray, ref: np.ndarray) -> float:
+    """max |got - ref| / max |ref| (inf when shapes differ or got is not finite)."""
+    if got.shape != ref.shape or not np.isfinite(got).all():
+        return float("inf")
+    return float(np.abs(got.astype(np.float64) - ref).max() / np.abs(ref).max())
+
+
+def peft_logits(base_dir: Path, adapter_dir: Path, dtype: str, input_ids: np.ndarray) -> Any:
+    """The oracle: the unmerged PeftModel forward from the folders on disk."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_causal_lm(base_dir, dtype), str(adapter_dir))
+    return logits(model.eval(), input_ids)
+
+
+# --------------------------------------------------------------------------------------------
+# Regenerate
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import torch
+    import transformers
+
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+    }
+
+
+def build_case(name: str, case: CaseDef, out: Path) -> None:
+    """Write ``out/{base,adapter,inputs.npz,expected.npz,case.json}`` for ``case``."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    if out.exists():
+        shutil.rmtree(out)
+    base_dir, adapter_dir = out / "base", out / "adapter"
+    dtype = _torch_dtype(case.dtype)
+
+    _seed(case.seed)
+    model = AutoModelForCausalLM.from_config(_config(case.arch), dtype=torch.float32)
+    with torch.no_grad():  # every parameter moved off its init (biases, norms too)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.to(dtype).save_pretrained(str(base_dir))
+    (base_dir / "generation_config.json").unlink(missing_ok=True)
+
+    _seed(case.seed + 1000)
+    model = load_causal_lm(base_dir, case.dtype)
+    peft_model = get_peft_model(model, LoraConfig(init_lora_weights=False, **dict(case.lora)))
+    with torch.no_grad():
+        for _, p in peft_model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    peft_model.save_pretrained(str(adapter_dir))
+    (adapter_dir / "README.md").unlink(missing_ok=True)
+    _sort_target_modules(adapter_dir / "adapter_config.json")
+
+    gen = torch.Generator().manual_seed(1234 + case.seed)
+    input_ids = torch.randint(3, VOCAB, (2, 12), generator=gen).numpy()
+    np.savez_compressed(out / "inputs.npz", input_ids=input_ids)
+
+    # The oracle, recomputed from disk only.
+    expected = {
+        "peft_logits": peft_logits(base_dir, adapter_dir, case.dtype, input_ids),
+        "base_logits": logits(load_causal_lm(base_dir, case.dtype), input_ids),
+    }
+    np.savez_compressed(out / "expected.npz", **expected)
+    effect = rel_err(expected["peft_logits"], expected["base_logits"])
+    meta = {
+        "case": name,
+        "arch": case.arch,
+        "dtype": case.dtype,
+        "lora": dict(case.lora),
+        "merge_rtol": case.merge_rtol,
+        "onnx_rtol": case.onnx_rtol,
+        "adapter_effect": effect,  # max|PEFT - base| / max|PEFT|: the adapter matters
+        "produced_by": _versions(),
+        "notes": list(case.notes),
+    }
+    (out / "case.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    if case.dtype == "float32" and _has_onnx_export():
+        _export_base_onnx(base_dir, out / "base.onnx", input_ids)
+
+
+def _sort_target_modules(path: Path) -> None:
+    """PEFT writes target_modules from a set (order varies by process): sort it, stable diffs."""
+    config = json.loads(path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def regen(names: list[str] | None = None, root: Path = GOLDEN_DIR) -> list[str]:
+    """Rebuild the named cases (all by default); returns problems (sizes over budget)."""
+    problems: list[str] = []
+    for name in names or list(CASES):
+        out = root / name
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            build_case(name, CASES[name], out)
+        size = _case_bytes(out)
+        if size > MAX_CASE_BYTES:
+            problems.append(f"golden/models/{name}: {size} bytes > {MAX_CASE_BYTES}")
+    return problems
+
+
+def _case_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+# --------------------------------------------------------------------------------------------
+# Check
+
+
+Merger = Callable[[Path, Path, Path], None]
+
+
+def _loracc_merge(base: Path, adapter: Path, out: Path) -> None:
+    import loracc
+
+    loracc.merge(str(base), str(adapter), str(out))
+
+
+def check_cases(
+    names: list[str] | None = None,
+    root: Path = GOLDEN_DIR,
+    *,
+    merge: Merger = _loracc_merge,
+    oracle: bool = True,
+) -> list[str]:
+    """Compare loracc's artifacts with PEFT's expected logits; returns the problems found.
+
+    ``merge`` is injectable so a test can prove that a drifting merge is caught.
+    """
+    problems: list[str] = []
+    for name in names or sorted(p.name for p in root.iterdir() if (p / "case.json").exists()):
+        case_dir = root / name
+        if not (case_dir / "case.json").exists():
+            problems.append(f"golden/models/{name}: missing (run scripts/regen_golden.py)")
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            problems += [f"models/{name}: {p}" for p in _check_case(case_dir, merge, oracle)]
+    return problems
+
+
+def _check_case(case_dir: Path, merge: Merger, oracle: bool) -> list[str]:
+    meta = json.loads((case_dir / "case.json").read_text())
+    with np.load(case_dir / "inputs.npz") as z:
+        input_ids = z["input_ids"]
+    with np.load(case_dir / "expected.npz") as z:
+        expected = {k: z[k] for k in z.files}
+    ref = expected["peft_logits"]
+    problems: list[str] = []
+    base_dir, adapter_dir = case_dir / "base", case_dir / "adapter"
+    size = _case_bytes(case_dir)
+    if size > MAX_CASE_BYTES:
+        problems.append(f"{size} bytes > {MAX_CASE_BYTES}")
+    if oracle:
+        err = rel_err(peft_logits(base_dir, adapter_dir, meta["dtype"], input_ids), ref)
+        if err > ORACLE_RTOL:
+            problems.append(
+                f"oracle: today's PEFT gives logits {err:.3g} away from expected.npz "
+                f"(> {ORACLE_RTOL:g}); PEFT/transformers changed? inspect, then regenerate"
+            )
+    with tempfile.TemporaryDirectory(prefix="loracc-golden-") as tmp:
+        out = Path(tmp) / "merged"
+        try:
+            merge(base_dir, adapter_dir, out)
+            got = logits(load_causal_lm(out, meta["dtype"]), input_ids)
+        except Exception as e:  # report, keep checking the other cases
+            problems.append(f"merge: {type(e).__name__}: {e}")
+        else:
+            err = rel_err(got, ref)
+            if err > meta["merge_rtol"]:
+                problems.append(
+                    f"merge: logits differ from PEFT's by {err:.3g} (> {meta['merge_rtol']:g}, "
+                    f"max|ref| {np.abs(ref).max():.3g})"
+                )
+        problems += _check_onnx(case_dir, meta, input_ids, expected, Path(tmp))
+    return problems
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX (export, keep-lora): active once loracc.onnx_api lands
+
+
+def _has_onnx_export() -> bool:
+    try:
+        import loracc.onnx_api  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _export_base_onnx(base_dir: Path, path: Path, input_ids: np.ndarray) -> None:
+    raise NotImplementedError  # filled in when loracc.onnx_api exists
+
+
+def _check_onnx(
+    case_dir: Path,
+    meta: Mapping[str, Any],
+    input_ids: np.ndarray,
+    expected: Mapping[str, np.ndarray],
+    tmp: Path,
+) -> list[str]:
+    return []
+
+
+# --------------------------------------------------------------------------------------------
+# scripts/regen_golden.py entry point
+
+
+def suite(check: bool) -> list[str]:
+    """Check (``check`` True) or regenerate every model case; returns the problems found."""
+    return check_cases() if check else regen()
+
+
+def main(argv: list[str]) -> int:
+    problems = suite("--check" in argv)
+    for p in problems:
+        print(f"golden: {p}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
