@@ -6,7 +6,16 @@ Hugging Face checkpoint (:func:`merge`) or an ONNX model.
 
 from __future__ import annotations
 
-from loracc.api import MergeReport, compile_adapter, inspect, load_adapter, merge
+from loracc.api import (
+    ConvertReport,
+    MergeReport,
+    compile_adapter,
+    convert,
+    emit_ir,
+    inspect,
+    load_adapter,
+    merge,
+)
 from loracc.errors import LoraccError
 from loracc.ir import Adapter, Replacement, Site, SiteKind, TokenRows
 
@@ -14,6 +23,7 @@ __all__ = [
     # IR
     "Adapter",
     # errors
+    "ConvertReport",
     "LoraccError",
     "MergeReport",
     "Replacement",
@@ -22,6 +32,8 @@ __all__ = [
     "TokenRows",
     "compile_adapter",
     "inspect",
+    "convert",
+    "emit_ir",
     # API
     "load_adapter",
     "merge",

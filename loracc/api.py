@@ -9,16 +9,28 @@ from typing import Any
 
 import torch
 
-from loracc.errors import ConfigError
+from loracc.errors import ConfigError, UnsupportedError
 from loracc.io.checkpoint import Checkpoint
 from loracc.io.output import atomic_dir
 from loracc.io.peft import load_adapter as _load_adapter
+from loracc.io.peft_writer import write_peft_adapter
 from loracc.ir import Adapter
 from loracc.lower.merge import MergeOptions, check_mergeable, merge_into, parse_size
 from loracc.passes import Pass, PassContext
-from loracc.pipeline import PipelineResult, merge_pipeline, run_pipeline
+from loracc.pipeline import PipelineResult, convert_pipeline, merge_pipeline, run_pipeline
+from loracc.printer import print_ir
 
-__all__ = ["DTYPES", "MergeReport", "compile_adapter", "inspect", "load_adapter", "merge"]
+__all__ = [
+    "DTYPES",
+    "ConvertReport",
+    "MergeReport",
+    "compile_adapter",
+    "convert",
+    "emit_ir",
+    "inspect",
+    "load_adapter",
+    "merge",
+]
 
 PathLike = str | os.PathLike[str]
 
@@ -188,3 +200,89 @@ def inspect(adapter_dir: PathLike, base_dir: PathLike | None = None) -> dict[str
         "notes": list(adapter.notes),
         "params": sum(s.num_params for s in adapter.sites),
     }
+
+
+def emit_ir(
+    adapter_dir: PathLike,
+    base_dir: PathLike | None = None,
+    *,
+    initial_adapter: PathLike | None = None,
+    passes: list[Pass] | None = None,
+    after_all: bool = False,
+    device: str = "cpu",
+) -> str:
+    """The printed IR after ``passes`` (default: the merge pipeline with a base, none without).
+
+    With ``after_all`` the input and the IR after every pass are printed, each under a
+    ``// <pass>`` header.
+    """
+    base = Checkpoint(base_dir) if base_dir is not None else None
+    adapter = _load_adapter(Path(adapter_dir), base, initial=initial_adapter)
+    if passes is None:
+        passes = merge_pipeline() if base is not None else []
+    dumps = [("input", print_ir(adapter))] if after_all else []
+    result = run_pipeline(
+        adapter,
+        passes,
+        PassContext(base=base, device=_device(device)),
+        check=True,
+        after=(lambda name, a: dumps.append((name, print_ir(a)))) if after_all else None,
+    )
+    if not after_all:
+        return print_ir(result.adapter)
+    return "".join(f"// {name}\n{text}" for name, text in dumps)
+
+
+@dataclass
+class ConvertReport:
+    """What ``convert`` wrote, as printed by ``loracc convert --json``."""
+
+    output: str
+    tensors: list[str]
+    sites: list[dict[str, Any]]
+    passes: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def convert(
+    adapter_dir: PathLike,
+    out_dir: PathLike,
+    *,
+    base_dir: PathLike | None = None,
+    initial_adapter: PathLike | None = None,
+    rank: int | None = None,
+    energy: float | None = None,
+    force: bool = False,
+    device: str = "cpu",
+) -> ConvertReport:
+    """Write ``adapter_dir`` as a plain PEFT LoRA adapter: scales folded, residual inits
+    reconstructed on the original base, optionally rank-truncated.
+
+    peft loads the output on the original base and computes the same outputs (within the
+    truncation error). DoRA is refused: it is not a low-rank delta on the original base.
+    """
+    if rank is not None and energy is not None:
+        raise ConfigError("convert: give --rank or --energy, not both")
+    base = Checkpoint(base_dir) if base_dir is not None else None
+    adapter = _load_adapter(Path(adapter_dir), base, initial=initial_adapter)
+    if adapter.refusals:
+        raise UnsupportedError(f"{adapter.name}: cannot convert: {adapter.refusals[0]}")
+    passes = convert_pipeline(base=base is not None, rank=rank, energy=energy)
+    result = run_pipeline(adapter, passes, PassContext(base=base, device=_device(device)))
+    inputs = [Path(adapter_dir)] + [Path(p) for p in (base_dir, initial_adapter) if p is not None]
+    with atomic_dir(Path(out_dir), inputs, force=force) as tmp:
+        keys = write_peft_adapter(result.adapter, tmp)
+    before = {s.module: s.rank for s in adapter.sites}
+    return ConvertReport(
+        output=str(out_dir),
+        tensors=keys,
+        sites=[
+            {"module": s.module, "rank_in": before.get(s.module), "rank": s.rank}
+            for s in sorted(result.adapter.sites, key=lambda s: s.module)
+        ],
+        passes=_steps(result),
+        notes=list(result.adapter.notes),
+    )

@@ -138,6 +138,111 @@ def _merge_text(r: dict[str, Any]) -> str:
 
 
 @main.command()
+@click.option(
+    "--adapter", "adapter_dir", required=True, type=click.Path(), help="PEFT adapter folder."
+)
+@click.option(
+    "--base",
+    "base_dir",
+    type=click.Path(),
+    default=None,
+    help="Original base HF folder (needed for pissa/olora and layer_replication).",
+)
+@click.option(
+    "--initial-adapter",
+    type=click.Path(),
+    default=None,
+    help="The adapter saved before training (pissa_niter, corda, lora_ga).",
+)
+@click.option("--rank", type=click.IntRange(min=1), default=None, help="Truncate to rank R.")
+@click.option(
+    "--energy",
+    type=click.FloatRange(min=0, max=1, min_open=True),
+    default=None,
+    help="Truncate to keep this fraction of each delta's Frobenius energy (e.g. 0.99).",
+)
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Output folder.")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_guard
+def convert(
+    adapter_dir: str,
+    base_dir: str | None,
+    initial_adapter: str | None,
+    rank: int | None,
+    energy: float | None,
+    out_dir: str,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Write a plain PEFT LoRA adapter (scales folded, PiSSA/OLoRA converted, truncated)."""
+    report = api.convert(
+        adapter_dir,
+        out_dir,
+        base_dir=base_dir,
+        initial_adapter=initial_adapter,
+        rank=rank,
+        energy=energy,
+        force=force,
+    )
+    _emit(report.to_dict(), as_json, _convert_text)
+
+
+def _convert_text(r: dict[str, Any]) -> str:
+    lines = [f"wrote {r['output']}: {len(r['sites'])} sites, {len(r['tensors'])} tensors"]
+    for step in r["passes"]:
+        lines += [f"  {step['pass']}: {d}" for d in step["details"]]
+    lines += [f"  note: {n}" for n in r["notes"]]
+    return "\n".join(lines)
+
+
+@main.command(name="compile")
+@click.option(
+    "--adapter", "adapter_dir", required=True, type=click.Path(), help="PEFT adapter folder."
+)
+@click.option("--base", "base_dir", type=click.Path(), default=None, help="Base HF folder.")
+@click.option(
+    "--initial-adapter",
+    type=click.Path(),
+    default=None,
+    help="The adapter saved before training (pissa_niter, corda, lora_ga).",
+)
+@click.option(
+    "--passes",
+    "passes_spec",
+    default=None,
+    help="Passes to run, e.g. 'reconstruct-residual,truncate-rank{rank=8}' (default: the merge "
+    "pipeline with --base, none without).",
+)
+@click.option(
+    "--emit",
+    type=click.Choice(["ir"]),
+    default="ir",
+    show_default=True,
+    help="What to print: the IR as deterministic text.",
+)
+@click.option("--print-after-all", is_flag=True, help="Print the IR before and after every pass.")
+@_guard
+def compile_(
+    adapter_dir: str,
+    base_dir: str | None,
+    initial_adapter: str | None,
+    passes_spec: str | None,
+    emit: str,
+    print_after_all: bool,
+) -> None:
+    """Run passes over an adapter and print the resulting IR."""
+    text = api.emit_ir(
+        adapter_dir,
+        base_dir,
+        initial_adapter=initial_adapter,
+        passes=parse_pipeline(passes_spec) if passes_spec is not None else None,
+        after_all=print_after_all,
+    )
+    click.echo(text, nl=False)
+
+
+@main.command()
 @click.argument("adapter_dir", type=click.Path())
 @click.option("--base", "base_dir", type=click.Path(), default=None, help="Base HF folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")

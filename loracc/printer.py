@@ -64,6 +64,8 @@ def print_ir(adapter: Adapter) -> str:
         lines.append(f"layer_replication {[list(p) for p in adapter.layer_replication]}")
     for k in sorted(adapter.tensor_sources):
         lines.append(f"source {k} <- {adapter.tensor_sources[k]}")
+    for k in sorted(adapter.removed_keys):
+        lines.append(f"removed {k}")
     for k in sorted(adapter.config_updates):
         lines.append(f"config {k} = {adapter.config_updates[k]!r}")
     for reason in adapter.refusals:

@@ -161,6 +161,10 @@ class _Reader:
                     g.magnitude = tensor
         sites = self.sites(groups)
         self.cross_check(sites)
+        if base is not None and cfg["layer_replication"]:  # keys use the expanded layer indices
+            from loracc.passes.expand_layer_replication import ReplicatedCheckpoint
+
+            base = ReplicatedCheckpoint(base, cfg["layer_replication"])  # type: ignore[assignment]
         layer_replication = tuple(tuple(p) for p in self.cfg["layer_replication"] or [])
         return Adapter(
             name=str(self.folder),
@@ -316,7 +320,7 @@ class _Reader:
                 bias_target = stored
         magnitude = g.magnitude
         if magnitude is not None:
-            want = expected[1] if kind is SiteKind.EMBEDDING else expected[0]
+            want = expected[1] if kind in (SiteKind.EMBEDDING, SiteKind.CONV1D) else expected[0]
             if magnitude.numel() != want:
                 raise FormatError(
                     f"{self.where(key)}: DoRA magnitude has {magnitude.numel()} values, "

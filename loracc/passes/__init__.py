@@ -8,7 +8,11 @@ from collections.abc import Mapping
 
 from loracc.errors import ConfigError
 from loracc.passes.base import Pass, PassContext, PassResult, Skip
+from loracc.passes.expand_layer_replication import ExpandLayerReplication
+from loracc.passes.fold_dora import FoldDora
 from loracc.passes.fold_scaling import FoldScaling
+from loracc.passes.reconstruct_residual import ReconstructResidual
+from loracc.passes.truncate_rank import TruncateRank
 from loracc.passes.untie_embeddings import UntieEmbeddings
 
 __all__ = ["PASSES", "Pass", "PassContext", "PassResult", "Skip", "parse_pipeline"]
@@ -16,8 +20,12 @@ __all__ = ["PASSES", "Pass", "PassContext", "PassResult", "Skip", "parse_pipelin
 PASSES: Mapping[str, type[Pass]] = {
     cls.name: cls
     for cls in (
-        FoldScaling,
+        ExpandLayerReplication,
+        ReconstructResidual,
         UntieEmbeddings,
+        FoldDora,
+        FoldScaling,
+        TruncateRank,
     )
 }
 

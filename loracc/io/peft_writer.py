@@ -1,0 +1,156 @@
+"""Write the adapter IR back as a plain PEFT LoRA adapter folder (``loracc convert``).
+
+The output is what peft 0.21 writes for a vanilla LoRA: ``adapter_config.json`` and
+``adapter_model.safetensors`` with ``base_model.model.``-prefixed keys. Only plain sites can be
+written: every scale must already be folded (``fold-scaling``: scale 1, alpha = r), residual
+inits reconstructed, and no DoRA magnitude or channel scale may remain, because a plain LoRA on
+the original base cannot express ``m/‖W + ΔW‖``.
+
+Config: ``r`` and ``lora_alpha`` are the largest rank; ``rank_pattern`` and ``alpha_pattern``
+give every other module its own rank as both r and alpha (escaped full module names, which
+peft's ``(.*\\.)?(K)$`` lookup matches exactly), so every scale is 1; ``use_rslora`` false,
+``init_lora_weights`` true, ``use_dora`` false; ``target_modules`` is the exact list of adapted
+modules (peft targets an exact name without the layer filters, so ``layers_to_transform``,
+``layers_pattern`` and ``exclude_modules`` are dropped). Other fields (``modules_to_save``,
+``trainable_token_indices``, ``bias``, ``lora_bias``, ``layer_replication``, ``task_type``,
+``target_parameters``, ...) are carried through.
+
+Keys: ``<module>.lora_A.weight`` / ``lora_B.weight`` (``lora_B.bias``), Embedding
+``<module>.lora_embedding_A`` / ``_B``; a whole-tensor replacement (modules_to_save copy, bias,
+embedding) under its base name, with ``.base_layer`` before the parameter when the module also
+carries a LoRA site (where peft keeps the wrapped layer); trainable tokens as
+``<module>.token_adapter.trainable_tokens_delta``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loracc.errors import UnsupportedError
+from loracc.io.safetensors import SafetensorsWriter
+from loracc.ir import Adapter, Site, SiteKind
+
+__all__ = ["adapter_config", "adapter_tensors", "write_peft_adapter"]
+
+_PREFIX = "base_model.model."
+_DROPPED = (
+    "layers_to_transform",
+    "layers_pattern",
+    "exclude_modules",
+    "loftq_config",
+    "eva_config",
+    "corda_config",
+    "lora_ga_config",
+    "runtime_config",
+)
+
+
+def _check_plain(adapter: Adapter) -> None:
+    for site in adapter.sites:
+        if site.magnitude is not None or site.channel_scale is not None:
+            raise UnsupportedError(
+                f"{site.module}: DoRA cannot be written as a plain LoRA adapter: its "
+                "m/‖W + ΔW‖ scale is not a low-rank delta on the original base"
+            )
+        if site.variant != "lora" or site.initial is not None:
+            raise UnsupportedError(
+                f"{site.module}: init_lora_weights='{site.init}' must be reconstructed first "
+                "(reconstruct-residual)"
+            )
+        if site.scale != 1.0 or site.alpha != site.rank or site.use_rslora:
+            raise UnsupportedError(
+                f"{site.module}: scale {site.scale} not folded (fold-scaling) before writing"
+            )
+        if site.experts:
+            raise UnsupportedError(
+                f"{site.module}: writing 3-D expert parameter sites is not supported"
+            )
+    owners: dict[str, int] = defaultdict(int)
+    for site in adapter.sites:
+        if site.kind is SiteKind.PARAMETER:
+            owners[site.module.rsplit(".", 1)[0]] += 1
+    many = sorted(o for o, n in owners.items() if n > 1)
+    if many:
+        raise UnsupportedError(
+            f"{many[0]}: several target_parameters on one module (peft nests their wrappers); "
+            "writing them is not supported"
+        )
+
+
+def _owner(site: Site) -> str:
+    return site.module.rsplit(".", 1)[0] if site.kind is SiteKind.PARAMETER else site.module
+
+
+def adapter_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
+    """The adapter_model.safetensors content of a plain adapter, keyed as peft saves it."""
+    _check_plain(adapter)
+    out: dict[str, torch.Tensor] = {}
+    wrapped = {_owner(s) for s in adapter.sites}
+    for site in sorted(adapter.sites, key=lambda s: s.module):
+        key = _PREFIX + _owner(site)
+        if site.kind is SiteKind.EMBEDDING:
+            out[f"{key}.lora_embedding_A"] = site.lora_A
+            out[f"{key}.lora_embedding_B"] = site.lora_B
+        else:
+            out[f"{key}.lora_A.weight"] = site.lora_A
+            out[f"{key}.lora_B.weight"] = site.lora_B
+        if site.lora_bias is not None:
+            out[f"{key}.lora_B.bias"] = site.lora_bias
+    for r in adapter.replacements:
+        module, _, param = r.target.rpartition(".")
+        name = f"{module}.base_layer.{param}" if module in wrapped else r.target
+        out[_PREFIX + name] = r.tensor
+    for t in adapter.token_rows:
+        module = t.target.removesuffix(".weight")
+        out[f"{_PREFIX}{module}.token_adapter.trainable_tokens_delta"] = t.rows
+    return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+
+
+def adapter_config(adapter: Adapter) -> dict[str, Any]:
+    """adapter_config.json of the plain adapter: alpha = r for every module, so scale 1."""
+    _check_plain(adapter)
+    config: dict[str, Any] = {k: v for k, v in adapter.config.items() if k not in _DROPPED}
+    ranks = {s.module: s.rank for s in adapter.sites}
+    top = max(ranks.values(), default=int(config.get("r", 8)))
+    pattern = {re.escape(m): r for m, r in sorted(ranks.items()) if r != top}
+    modules = sorted({s.module for s in adapter.sites if s.kind is not SiteKind.PARAMETER})
+    config.update(
+        peft_type="LORA",
+        r=top,
+        lora_alpha=top,
+        rank_pattern=pattern,
+        alpha_pattern=dict(pattern),
+        use_rslora=False,
+        use_dora=False,
+        init_lora_weights=True,
+        target_modules=modules,
+        ensure_weight_tying=False,
+        inference_mode=True,
+    )
+    if not any(s.kind is SiteKind.PARAMETER for s in adapter.sites):
+        config["target_parameters"] = None
+    return config
+
+
+def write_peft_adapter(adapter: Adapter, folder: Path) -> list[str]:
+    """Write ``adapter`` (plain, folded) into ``folder``; return the tensor keys written."""
+    tensors = adapter_tensors(adapter)
+    config = adapter_config(adapter)
+    folder = Path(folder)
+    writer = SafetensorsWriter(
+        folder / "adapter_model.safetensors",
+        [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()],
+        {"format": "pt"},
+    )
+    for key, tensor in tensors.items():
+        writer.write(key, tensor)
+    writer.close()
+    text = json.dumps(config, indent=2, sort_keys=True, default=str)
+    (folder / "adapter_config.json").write_text(text + "\n")
+    return list(tensors)
