@@ -68,3 +68,34 @@ def test_check_catches_a_drifting_merge():
 
     problems = gm.check_cases(["llama_fp32"], merge=drifting_merge, oracle=False)
     assert len(problems) == 1 and "models/llama_fp32: merge: logits differ" in problems[0]
+
+
+def test_onnx_artifacts_are_checked(tmp_path):
+    """The export / keep-lora / pack checks run, and fail when the reference moves by 0.1%."""
+    case = gm.GOLDEN_DIR / "llama_fp32"
+    assert (case / "base.onnx").is_file()
+    meta = json.loads((case / "case.json").read_text())
+    with np.load(case / "inputs.npz") as z:
+        ids = z["input_ids"]
+    with np.load(case / "expected.npz") as z:
+        moved = {k: z[k] * np.float32(1.001) for k in z.files}
+    problems = gm._check_onnx(case, meta, ids, moved, tmp_path)
+    assert [p.split(":")[0] for p in problems] == [
+        "onnx export (merged)",
+        "onnx export --keep-lora, adapter active",
+        "onnx export --keep-lora, no adapter",
+        "onnx pack, adapter active",
+    ], problems
+
+
+def test_registered_in_regen_golden():
+    """``scripts/regen_golden.py --check`` runs this suite (CI runs it through this file)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("regen_golden", SCRIPTS / "regen_golden.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("regen_golden", module)
+    spec.loader.exec_module(module)
+    suites = {s.name: s for s in module.SUITES}
+    assert suites["models"].run is gm.suite and suites["models"].folder == "models"
