@@ -120,6 +120,10 @@ def _attach_initial(adapter: Adapter, init: Adapter) -> Adapter:
 
 class _Reader:
     def __init__(self, folder: Path, weights: Path, cfg: LoraConfig, base: Checkpoint | None):
+        if base is not None and cfg["layer_replication"]:  # keys use the expanded layer indices
+            from loracc.passes.expand_layer_replication import ReplicatedCheckpoint
+
+            base = ReplicatedCheckpoint(base, cfg["layer_replication"])  # type: ignore[assignment]
         self.folder, self.weights, self.cfg, self.base = folder, weights, cfg, base
         self.notes: list[str] = []
         self.refusals: list[str] = list(cfg.refusals)
@@ -161,10 +165,6 @@ class _Reader:
                     g.magnitude = tensor
         sites = self.sites(groups)
         self.cross_check(sites)
-        if base is not None and cfg["layer_replication"]:  # keys use the expanded layer indices
-            from loracc.passes.expand_layer_replication import ReplicatedCheckpoint
-
-            base = ReplicatedCheckpoint(base, cfg["layer_replication"])  # type: ignore[assignment]
         layer_replication = tuple(tuple(p) for p in self.cfg["layer_replication"] or [])
         return Adapter(
             name=str(self.folder),
