@@ -18,6 +18,7 @@ from loracc.api import (
 )
 from loracc.errors import LoraccError
 from loracc.ir import Adapter, Replacement, Site, SiteKind, TokenRows
+from loracc.onnx_api import OnnxReport, PackReport, export_onnx, pack
 
 __all__ = [
     # IR
@@ -38,3 +39,4 @@ __all__ = [
     "load_adapter",
     "merge",
 ]
+__all__ += ["OnnxReport", "PackReport", "export_onnx", "pack"]  # ONNX (needs the onnx extra)

@@ -283,6 +283,10 @@ from loracc.cli_golden import golden, run  # noqa: E402
 main.add_command(golden)
 main.add_command(run)
 
+from loracc.cli_onnx import export, pack  # noqa: E402
+
+main.add_command(export)
+main.add_command(pack)
 
 if __name__ == "__main__":
     main()

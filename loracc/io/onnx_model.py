@@ -1,0 +1,228 @@
+"""ONNX model files: load with external data mapped lazily, save atomically, keep paths inside.
+
+Loading goes through onnx-ir, which memory-maps external data only when a tensor is read, so a
+model of any size opens in the time its graph takes to parse. Every external-data location is
+checked before anything is read: it must be a relative path that stays inside the model's folder
+(no ``..``, no absolute path, no link out) and the byte range must lie inside the file.
+
+Saving writes the graph and, when the model needs it, one external-data file ``<name>.data``
+beside it. Unchanged external tensors are copied from the source file by the kernel
+(``copy_file_range``); changed tensors are :class:`onnx_ir.LazyTensor` objects computed one at a
+time while the file is written, so memory stays at a few tensors whatever the model's size. All
+outputs are written under temporary names and renamed at the end (:func:`atomic_files`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import torch
+
+from loracc.errors import FormatError, InputError, OutputError
+from loracc.io.checkpoint import inside
+from loracc.io.output import atomic_files
+
+__all__ = [
+    "MAX_IR_VERSION",
+    "PROTO_LIMIT",
+    "external_tensors",
+    "load_model",
+    "save_model",
+    "tensor_to_torch",
+    "torch_dtype",
+    "torch_to_tensor",
+    "write_outputs",
+]
+
+# onnxruntime 1.20 reads IR version 10; newer releases read more. loracc writes at most this.
+MAX_IR_VERSION = 10
+# Protobuf cannot serialize a message of 2 GiB; stay well clear of it.
+PROTO_LIMIT = 1_800_000_000
+
+_TORCH = {
+    ir.DataType.FLOAT: torch.float32,
+    ir.DataType.FLOAT16: torch.float16,
+    ir.DataType.BFLOAT16: torch.bfloat16,
+    ir.DataType.DOUBLE: torch.float64,
+}
+
+
+def load_model(path: str | os.PathLike[str]) -> ir.Model:
+    """Read an ONNX model; external data stays on disk until a tensor is read."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: ONNX model not found")
+    try:
+        model = ir.load(path)
+    except Exception as e:  # protobuf and onnx-ir raise many kinds
+        raise FormatError(f"{path}: not a readable ONNX model ({e})") from e
+    for tensor in external_tensors(model):
+        _check_external(tensor, path)
+    return model
+
+
+def external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
+    """Every initializer of every graph (subgraphs included) stored as external data."""
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                yield value.const_value
+
+
+def _check_external(tensor: ir.ExternalTensor, model_path: Path) -> None:
+    folder = model_path.parent
+    what = f"{model_path}: initializer '{tensor.name}' external data"
+    data = inside(folder, os.fspath(tensor.location), what)
+    if not data.is_file():
+        raise FormatError(f"{what}: file '{tensor.location}' not found")
+    size = data.stat().st_size
+    offset = tensor.offset or 0
+    length = tensor.length if tensor.length is not None else tensor.nbytes
+    if offset < 0 or length != tensor.nbytes or offset + length > size:
+        raise FormatError(
+            f"{what}: bytes [{offset}, {offset + length}) of '{tensor.location}' "
+            f"({size} bytes) do not hold a {tensor.dtype.name} {list(tensor.shape)} tensor"
+        )
+    tensor.base_dir = os.fspath(folder)
+
+
+def tensor_to_torch(tensor: ir.TensorProtocol, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A fresh torch tensor holding ``tensor`` (bf16 included), optionally cast."""
+    want = _TORCH.get(tensor.dtype)
+    if want is None:
+        raise FormatError(f"initializer '{tensor.name}': dtype {tensor.dtype.name} is not a float")
+    array = tensor.numpy()
+    if tensor.dtype == ir.DataType.BFLOAT16:
+        out = torch.from_numpy(np.array(array.view(np.uint16), copy=True)).view(torch.bfloat16)
+    else:
+        out = torch.from_numpy(np.array(array, copy=True))
+    out = out.reshape(tuple(int(d) for d in tensor.shape))
+    if isinstance(tensor, ir.ExternalTensor):
+        tensor.release()  # unmap: the caller holds its own copy now
+    return out if dtype is None else out.to(dtype)
+
+
+def torch_to_tensor(value: torch.Tensor, dtype: ir.DataType, name: str | None = None) -> ir.Tensor:
+    """An onnx-ir tensor of ``dtype`` holding ``value`` (rounded once to that dtype)."""
+    torch_dtype = _TORCH[dtype]
+    value = value.detach().to(device="cpu", dtype=torch_dtype).contiguous()
+    if dtype == ir.DataType.BFLOAT16:
+        array = value.view(torch.int16).numpy().view(np.uint16)
+        return ir.Tensor(array, dtype=dtype, name=name)
+    return ir.Tensor(value.numpy(), dtype=dtype, name=name)
+
+
+def torch_dtype(dtype: ir.DataType) -> torch.dtype:
+    """The torch dtype of a float ONNX element type."""
+    try:
+        return _TORCH[dtype]
+    except KeyError:
+        raise FormatError(f"element type {dtype.name} is not a float type") from None
+
+
+def _needs_external(model: ir.Model) -> bool:
+    total = 0
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor):
+                return True
+            if tensor is not None:
+                total += tensor.nbytes
+    return total > PROTO_LIMIT
+
+
+def _ir_version(model: ir.Model) -> None:
+    current = model.ir_version or MAX_IR_VERSION
+    opset = model.opset_imports.get("", 0)
+    if current > MAX_IR_VERSION and opset <= 22:
+        model.ir_version = MAX_IR_VERSION
+    elif current < 4:
+        model.ir_version = 4  # initializers that are not inputs need IR 4
+    else:
+        model.ir_version = current
+
+
+def save_model(model: ir.Model, path: Path, data_path: Path | None) -> None:
+    """Write ``model`` to ``path``; with ``data_path``, its initializers go to that file.
+
+    ``path`` and ``data_path`` may be temporary names; the graph records ``data_path``'s final
+    name given by :func:`write_outputs`, so this is an internal helper.
+    """
+    _ir_version(model)
+    if data_path is None:
+        ir.save(model, path)
+        return
+    # onnx-ir names the data file in the graph by the path it writes to: write to the
+    # temporary name, then point the graph at the final name.
+    ir.save(model, path, external_data=data_path.name)
+
+
+def _point_locations(onnx_path: Path, old: str, new: str) -> None:
+    """Rewrite the external-data location ``old`` to ``new`` in a saved (small) graph file."""
+    proto = onnx.load(os.fspath(onnx_path), load_external_data=False)
+    changed = False
+    for init in _all_initializer_protos(proto):
+        for entry in init.external_data:
+            if entry.key == "location" and entry.value == old:
+                entry.value = new
+                changed = True
+    if changed:
+        onnx.save(proto, os.fspath(onnx_path))
+
+
+def _all_initializer_protos(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    graphs = [proto.graph]
+    while graphs:
+        g = graphs.pop()
+        yield from g.initializer
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    graphs.append(attr.g)
+                graphs.extend(attr.graphs)
+
+
+def write_outputs(
+    model: ir.Model,
+    dest: Path,
+    *,
+    inputs: Sequence[Path],
+    force: bool,
+    external_data: bool | None = None,
+    extra: Sequence[tuple[Path, object]] = (),
+) -> list[Path]:
+    """Write ``model`` to ``dest`` (plus ``dest.data`` when needed) and the ``extra`` files.
+
+    ``extra`` holds (path, writer) pairs; ``writer(tmp_path)`` writes one file. Everything is
+    written under temporary names and renamed only when all succeeded. Returns the paths written.
+
+    Args:
+        external_data: True/False forces external data on or off; None chooses it: on when the
+            base model used external data or the weights would pass protobuf's 2 GB limit.
+    """
+    dest = Path(dest)
+    if dest.suffix != ".onnx":
+        raise OutputError(f"{dest}: an ONNX model path must end in .onnx")
+    if external_data is None:
+        external_data = _needs_external(model)
+    data = dest.with_name(dest.name + ".data") if external_data else None
+    dests = [dest] + ([data] if data is not None else []) + [p for p, _ in extra]
+    if len(set(dests)) != len(dests):
+        raise OutputError(f"{dest}: two outputs would share one path")
+    with atomic_files(dests, inputs, force=force) as tmps:
+        if data is None:
+            save_model(model, tmps[0], None)
+        else:
+            save_model(model, tmps[0], tmps[1])
+            _point_locations(tmps[0], tmps[1].name, data.name)
+            if not tmps[1].exists():  # no tensor was large enough to go external
+                tmps[1].touch()
+        for (_, writer), tmp in zip(extra, tmps[len(dests) - len(extra) :], strict=True):
+            writer(tmp)  # type: ignore[operator]
+    return dests

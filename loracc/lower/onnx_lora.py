@@ -1,0 +1,492 @@
+"""Keep-LoRA lowering: explicit LoRA branches whose weights are onnxruntime adapter slots.
+
+For each bound compute node the graph gains a branch added to the node's output, in the node's
+dtype (``x`` the node's input, ``y`` its output):
+
+============  ===================================================================
+node          branch
+============  ===================================================================
+MatMul/Gemm   ``y + MatMul(MatMul(x, A), B)`` with A (in, r), B (r, out)
+Gather        ``y + MatMul(Gather(A, ids), B)`` with A (num, r), B (r, dim)
+Conv          ``y + Conv(Conv(x, A), B)`` with A (r, in, *k) (the node's strides and pads,
+              dilation 1, as peft's lora_A), B (out, r, 1, ...)
+============  ===================================================================
+
+This is peft's unmerged forward ``base(x) + s·B(A(x))`` with the scale folded into B:
+A = lora_Aᵀ, B = (s·lora_B)ᵀ (conv factors keep their layout). ``lora_bias`` adds a bias slot
+to the branch (``s·b``). DoRA multiplies ``y + branch`` by a per-output-channel scale slot
+``m/‖W+ΔW‖`` before the node's own bias is added (the bias is moved out of Gemm/Conv for that).
+
+**Slots** are graph inputs that also have initializers of the same name, with a symbolic rank
+dimension, named ``<module>.lora_A.weight``, ``<module>.lora_B.weight``, ``<module>.dora_scale``
+and ``<module>.lora_B.bias``. Their initializers hold the export's adapter, or, with empty
+slots, rank 0 (``A (in, 0)``, ``B (0, out)``), ones and zeros, so the plain model is the base.
+An adapter file names every slot: slots its adapter does not use hold rank 0.
+
+**Fused weights**: sites bound to blocks of one fused weight (q/k/v in a ``qkv_proj``) share
+one branch with block-structured factors: A stacks the members' A along the rank axis, B is
+block-diagonal, each member's (s·B)ᵀ at its rows of the rank axis and its columns of the output.
+
+The slot layout is recorded in the model's metadata (``loracc.slots``, JSON) so that
+:func:`pack_params` can check and write adapter files for the model later.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from itertools import count
+from typing import Any
+
+import onnx_ir as ir
+import torch
+
+from loracc.errors import FormatError, LoweringError, UnsupportedError
+from loracc.io.onnx_model import tensor_to_torch, torch_dtype, torch_to_tensor
+from loracc.ir import Adapter, Site, SiteKind
+from loracc.lower.onnx_bind import BindingTable, GraphIndex, OnnxBase, WeightUse
+from loracc.lower.onnx_merge import dora_scale
+
+__all__ = [
+    "MANIFEST_KEY",
+    "Member",
+    "SlotGroup",
+    "insert_slots",
+    "pack_params",
+    "plan_groups",
+    "read_manifest",
+]
+
+MANIFEST_KEY = "loracc.slots"
+MANIFEST_VERSION = 1
+
+
+@dataclass
+class Member:
+    """One adapter module of a slot group and its rows of the group's output axis."""
+
+    module: str
+    kind: str
+    start: int
+    stop: int
+
+
+@dataclass
+class SlotGroup:
+    """The slots of one branch: names, shapes, dtype, and the modules they serve."""
+
+    key: str
+    op: str
+    fan_in: int
+    fan_out: int
+    kernel: list[int]
+    dtype: int
+    A: str
+    B: str
+    rank_dim: str
+    members: list[Member]
+    weight: str
+    weight_transposed: bool
+    scale: str | None = None
+    bias: str | None = None
+    nodes: list[str] = field(default_factory=list)
+
+    @property
+    def channel_shape(self) -> list[int]:
+        """Shape of the DoRA scale slot: broadcast over the node output's channel axis."""
+        if self.op == "Conv":
+            return [self.fan_out] + [1] * len(self.kernel)
+        return [self.fan_out]
+
+    def member(self, module: str) -> Member | None:
+        return next((m for m in self.members if m.module == module), None)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> SlotGroup:
+        members = [Member(**m) for m in data["members"]]
+        return cls(**{**data, "members": members})
+
+
+def _elem(dtype: ir.DataType | None) -> int:
+    return int(dtype) if dtype is not None else int(ir.DataType.FLOAT)
+
+
+def _unique(taken: set[str], name: str) -> str:
+    if name not in taken:
+        taken.add(name)
+        return name
+    for i in count(1):
+        if f"{name}.{i}" not in taken:
+            taken.add(f"{name}.{i}")
+            return f"{name}.{i}"
+    raise AssertionError
+
+
+def _graph_names(graph: ir.Graph) -> set[str]:
+    names = {v.name for v in graph.initializers.values() if v.name}
+    names |= {v.name for v in graph.inputs if v.name}
+    for node in graph:
+        names |= {v.name for v in node.outputs if v.name}
+        if node.name:
+            names.add(node.name)
+    return names
+
+
+def plan_groups(table: BindingTable, adapters: Sequence[Adapter]) -> list[SlotGroup]:
+    """One slot group per bound module (per fused weight), over the union of the adapters."""
+    taken = _graph_names(table.index.graph)
+    groups: dict[str, SlotGroup] = {}
+    for adapter in adapters:
+        for site in adapter.sites:
+            b = table.sites[site.module]
+            key = b.fused or site.module
+            use = b.uses[0]
+            weight = use.init.const_value
+            assert weight is not None
+            w_shape = [int(d) for d in weight.shape]
+            ref = w_shape[::-1] if use.transposed else w_shape
+            group = groups.get(key)
+            if group is None:
+                dtype = _branch_dtype(use)
+                group = SlotGroup(
+                    key=key,
+                    op=use.op,
+                    fan_in=ref[1],
+                    fan_out=ref[0],
+                    kernel=ref[2:],
+                    dtype=dtype,
+                    A=_unique(taken, f"{key}.lora_A.weight"),
+                    B=_unique(taken, f"{key}.lora_B.weight"),
+                    rank_dim=f"{key}.lora_r",
+                    members=[],
+                    weight=use.init.name or "",
+                    weight_transposed=use.transposed,
+                    nodes=[u.node_name for u in b.uses],
+                )
+                if use.op == "Gather":  # reference (num, dim): A looks rows up, B maps r -> dim
+                    group.fan_in, group.fan_out = ref[0], ref[1]
+                groups[key] = group
+            if group.member(site.module) is None:
+                start, stop = b.block or (0, group.fan_out)
+                group.members.append(Member(site.module, site.kind.value, start, stop))
+            if (site.magnitude is not None or site.channel_scale is not None) and not group.scale:
+                group.scale = _unique(taken, f"{key}.dora_scale")
+            if site.lora_bias is not None and not group.bias:
+                group.bias = _unique(taken, f"{key}.lora_B.bias")
+    return list(groups.values())
+
+
+def _branch_dtype(use: WeightUse) -> int:
+    """The dtype the node computes in: its activation input, else its weight after casts."""
+    if use.op != "Gather":
+        x = use.node.inputs[0]
+        if x is not None and x.dtype is not None:
+            return _elem(x.dtype)
+    operand = use.node.inputs[use.operand]
+    if operand is not None and operand.dtype is not None:
+        return _elem(operand.dtype)
+    return _elem(use.init.const_value.dtype if use.init.const_value else None)
+
+
+# -- slot values ------------------------------------------------------------------------------
+
+
+def _base_ref(base: OnnxBase, site: Site) -> torch.Tensor:
+    return base.read_ref(site.target, torch.float32)
+
+
+def group_params(
+    group: SlotGroup, sites: Mapping[str, Site], base: OnnxBase | None
+) -> dict[str, torch.Tensor]:
+    """Slot values (fp32) of ``group`` for the sites of one adapter (rank 0 where none)."""
+    present = [(m, sites[m.module]) for m in group.members if m.module in sites]
+    out: dict[str, torch.Tensor] = {}
+    rank = sum(s.rank for _, s in present)
+    if group.op == "Conv":
+        k = group.kernel
+        A = torch.zeros(rank, group.fan_in, *k)
+        B = torch.zeros(group.fan_out, rank, *[1] * len(k))
+    else:
+        A = torch.zeros(group.fan_in, rank)
+        B = torch.zeros(rank, group.fan_out)
+    r0 = 0
+    for m, site in present:
+        r = site.rank
+        a = site.lora_A.to(torch.float32)
+        sb = site.lora_B.to(torch.float32) * site.scale
+        if group.op == "Conv":
+            A[r0 : r0 + r] = a
+            B[m.start : m.stop, r0 : r0 + r] = sb
+        else:
+            A[:, r0 : r0 + r] = a.T
+            B[r0 : r0 + r, m.start : m.stop] = sb.T
+        r0 += r
+    out[group.A], out[group.B] = A, B
+    if group.scale:
+        scale = torch.ones(group.fan_out)
+        for m, site in present:
+            if site.channel_scale is not None:
+                scale[m.start : m.stop] = site.channel_scale.to(torch.float32).flatten()
+            elif site.magnitude is not None:
+                if base is None:
+                    raise LoweringError(f"{site.module}: DoRA needs the base weight")
+                scale[m.start : m.stop] = dora_scale(site, _base_ref(base, site))
+        out[group.scale] = scale.reshape(group.channel_shape)
+    if group.bias:
+        bias = torch.zeros(group.fan_out)
+        for m, site in present:
+            if site.lora_bias is not None:
+                bias[m.start : m.stop] = site.lora_bias.to(torch.float32) * site.scale
+        out[group.bias] = bias
+    return out
+
+
+def check_fits(group_of: Mapping[str, SlotGroup], adapter: Adapter, where: str) -> None:
+    """Refuse an adapter whose sites have no slot, or do not fit theirs."""
+    missing = sorted(s.module for s in adapter.sites if s.module not in group_of)
+    if missing:
+        more = f" (and {len(missing) - 8} more)" if len(missing) > 8 else ""
+        raise UnsupportedError(
+            f"{adapter.name}: targets {', '.join(repr(m) for m in missing[:8])}{more}, which "
+            f"{'has' if len(missing) == 1 else 'have'} no adapter slot in {where} (export the "
+            "model with --keep-lora and an adapter that targets them)"
+        )
+    for site in adapter.sites:
+        group = group_of[site.module]
+        m = group.member(site.module)
+        assert m is not None
+        A, B = site.lora_A, site.lora_B
+        if group.op == "Gather":
+            fits = A.shape[1] == group.fan_in and B.shape[0] == m.stop - m.start
+        else:
+            fits = A.shape[1] == group.fan_in and B.shape[0] == m.stop - m.start
+            if group.op == "Conv":
+                fits = fits and list(A.shape[2:]) == group.kernel
+        if not fits:
+            raise UnsupportedError(
+                f"{adapter.name}: module '{site.module}' has factors {tuple(A.shape)}/"
+                f"{tuple(B.shape)}; its slot in {where} takes in={group.fan_in}, "
+                f"out={m.stop - m.start}" + (f", kernel {group.kernel}" if group.kernel else "")
+            )
+        if (site.magnitude is not None or site.channel_scale is not None) and not group.scale:
+            raise UnsupportedError(
+                f"{adapter.name}: module '{site.module}' uses DoRA; its slot in {where} has no "
+                "DoRA scale (export the model with a DoRA adapter)"
+            )
+        if site.lora_bias is not None and not group.bias:
+            raise UnsupportedError(
+                f"{adapter.name}: module '{site.module}' has lora_bias; its slot in {where} has "
+                "no bias slot"
+            )
+
+
+def pack_params(
+    groups: Sequence[SlotGroup], adapter: Adapter | None, base: OnnxBase | None
+) -> dict[str, tuple[torch.Tensor, int]]:
+    """Every slot's value for ``adapter`` (None: empty slots), with its ONNX element type."""
+    sites = {s.module: s for s in adapter.sites} if adapter is not None else {}
+    out: dict[str, tuple[torch.Tensor, int]] = {}
+    for group in groups:
+        for name, value in group_params(group, sites, base).items():
+            out[name] = (value, group.dtype)
+    return out
+
+
+# -- graph rewriting --------------------------------------------------------------------------
+
+
+def _slot(
+    graph: ir.Graph, name: str, dims: list[int | str], dtype: int, value: torch.Tensor
+) -> ir.Value:
+    shape = ir.Shape([ir.SymbolicDim(d) if isinstance(d, str) else d for d in dims])
+    v = ir.Value(name=name, shape=shape, type=ir.TensorType(ir.DataType(dtype)))
+    v.const_value = torch_to_tensor(value, ir.DataType(dtype), name=name)
+    graph.inputs.append(v)
+    graph.register_initializer(v)
+    return v
+
+
+def _slot_dims(group: SlotGroup) -> dict[str, list[int | str]]:
+    r = group.rank_dim
+    if group.op == "Conv":
+        dims = {
+            group.A: [r, group.fan_in, *group.kernel],
+            group.B: [group.fan_out, r, *[1] * len(group.kernel)],
+        }
+    else:
+        dims = {group.A: [group.fan_in, r], group.B: [r, group.fan_out]}
+    if group.scale:
+        dims[group.scale] = list(group.channel_shape)
+    if group.bias:
+        dims[group.bias] = [group.fan_out]
+    return dims
+
+
+def insert_slots(
+    index: GraphIndex,
+    table: BindingTable,
+    groups: Sequence[SlotGroup],
+    defaults: Mapping[str, tuple[torch.Tensor, int]],
+) -> None:
+    """Add the slots and the branches to the graph, and record the manifest."""
+    graph = index.graph
+    taken = _graph_names(graph)
+    uses_of: dict[str, list[WeightUse]] = {}
+    for b in table.sites.values():
+        uses_of.setdefault(b.fused or b.module, b.uses)
+    for group in groups:
+        slots = {
+            name: _slot(graph, name, dims, group.dtype, defaults[name][0])
+            for name, dims in _slot_dims(group).items()
+        }
+        for use in uses_of[group.key]:
+            _branch(graph, taken, use.node, group, slots)
+    index.model.metadata_props[MANIFEST_KEY] = json.dumps(
+        {"version": MANIFEST_VERSION, "groups": [g.to_json() for g in groups]}, sort_keys=True
+    )
+
+
+def _const(
+    graph: ir.Graph, taken: set[str], name: str, value: torch.Tensor, dtype: int
+) -> ir.Value:
+    v = ir.Value(name=_unique(taken, name), shape=ir.Shape(list(value.shape)))
+    v.type = ir.TensorType(ir.DataType(dtype))
+    v.const_value = torch_to_tensor(value, ir.DataType(dtype), name=v.name)
+    graph.register_initializer(v)
+    return v
+
+
+def _branch(
+    graph: ir.Graph, taken: set[str], node: ir.Node, group: SlotGroup, slots: dict[str, ir.Value]
+) -> None:
+    op = node.op_type
+    prefix = f"/{group.key.replace('.', '/')}/lora"
+    new: list[ir.Node] = []
+
+    def emit(op_type: str, inputs: list[ir.Value | None], tag: str, **attrs: Any) -> ir.Value:
+        n = ir.Node(
+            "",
+            op_type,
+            inputs,
+            attributes=ir.convenience.convert_attributes(attrs),
+            name=_unique(taken, f"{prefix}/{tag}"),
+        )
+        n.outputs[0].name = _unique(taken, f"{prefix}/{tag}_output_0")
+        new.append(n)
+        return n.outputs[0]
+
+    A, B = slots[group.A], slots[group.B]
+    if op in ("MatMul", "Gemm"):
+        a = emit("MatMul", [node.inputs[0], A], "A/MatMul")
+        b = emit("MatMul", [a, B], "B/MatMul")
+        alpha = node.attributes.get("alpha")
+        if op == "Gemm" and alpha is not None and alpha.as_float() != 1.0:
+            c = _const(
+                graph, taken, f"{group.key}.gemm_alpha", torch.tensor(alpha.as_float()), group.dtype
+            )
+            b = emit("Mul", [b, c], "alpha/Mul")
+    elif op == "Gather":
+        a = emit("Gather", [A, node.inputs[1]], "A/Gather", axis=0)
+        b = emit("MatMul", [a, B], "B/MatMul")
+    elif op == "Conv":
+        attrs: dict[str, Any] = {}
+        for k in ("strides", "pads", "auto_pad"):
+            if k in node.attributes:
+                attrs[k] = node.attributes[k].value
+        group_attr = node.attributes.get("group")
+        if group_attr is not None and group_attr.as_int() != 1:
+            raise LoweringError(f"{group.key}: LoRA on a grouped convolution (group > 1)")
+        a = emit("Conv", [node.inputs[0], A], "A/Conv", **attrs)
+        b = emit("Conv", [a, B] + ([slots[group.bias]] if group.bias else []), "B/Conv")
+    else:  # pragma: no cover - binding only yields the four ops
+        raise LoweringError(f"{group.key}: no keep-lora branch for {op}")
+    if group.bias and op != "Conv":
+        b = emit("Add", [b, slots[group.bias]], "bias/Add")
+
+    y = node.outputs[0]
+    moved_bias: ir.Value | None = None
+    if (
+        group.scale
+        and op in ("Gemm", "Conv")
+        and len(node.inputs) > 2
+        and node.inputs[2] is not None
+    ):
+        beta = node.attributes.get("beta")
+        if beta is not None and beta.as_float() != 1.0:
+            raise LoweringError(f"{group.key}: DoRA on a Gemm with beta != 1")
+        moved_bias = node.inputs[2]
+        node.resize_inputs(2)
+        if op == "Conv":
+            source = moved_bias.const_value if moved_bias.is_initializer() else None
+            if source is None:
+                raise LoweringError(f"{group.key}: DoRA on a Conv whose bias is computed")
+            shape = [group.fan_out] + [1] * len(group.kernel)
+            moved_bias = _const(
+                graph,
+                taken,
+                f"{moved_bias.name}.channels",
+                tensor_to_torch(source).reshape(shape),
+                _elem(source.dtype),
+            )
+    out = emit("Add", [y, b], "Add")
+    join = new[-1]
+    if group.scale:
+        out = emit("Mul", [out, slots[group.scale]], "dora/Mul")
+    if moved_bias is not None:
+        out = emit("Add", [out, moved_bias], "bias_moved/Add")
+    graph.insert_after(node, new)
+    if y.is_graph_output():  # keep the graph output's name on the adapted value
+        name = y.name
+        y.name = _unique(taken, f"{name}.base")
+        out.name = name
+    y.replace_all_uses_with(out, replace_graph_outputs=True)
+    join.replace_input_with(0, y)  # the branch's own Add still reads the base output
+
+
+def read_manifest(model: ir.Model, where: str) -> list[SlotGroup]:
+    """The slot groups a keep-lora export recorded in ``model``."""
+    text = model.metadata_props.get(MANIFEST_KEY)
+    if text is None:
+        raise FormatError(
+            f"{where}: no '{MANIFEST_KEY}' metadata; not a model written by "
+            "`loracc export --onnx --keep-lora`"
+        )
+    try:
+        data = json.loads(text)
+        if data.get("version") != MANIFEST_VERSION:
+            raise FormatError(f"{where}: slot manifest version {data.get('version')} is unknown")
+        groups = [SlotGroup.from_json(g) for g in data["groups"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise FormatError(f"{where}: slot manifest is malformed ({e})") from e
+    graph_inputs = {v.name for v in model.graph.inputs}
+    for g in groups:
+        for name in (g.A, g.B, g.scale, g.bias):
+            if name and (name not in graph_inputs or name not in model.graph.initializers):
+                raise FormatError(f"{where}: slot '{name}' is not a graph input with a default")
+    return groups
+
+
+def manifest_base(model: ir.Model, groups: Sequence[SlotGroup], where: str) -> OnnxBase:
+    """The base weights behind the slots, for passes (DoRA norms, PiSSA reconstruction)."""
+    from loracc.lower.onnx_bind import BaseEntry
+
+    entries: dict[str, BaseEntry] = {}
+    for g in groups:
+        init = model.graph.initializers.get(g.weight)
+        if init is None:
+            raise FormatError(f"{where}: base weight '{g.weight}' of slot '{g.key}' is missing")
+        for m in g.members:
+            kind = SiteKind(m.kind)
+            rows = m.stop - m.start
+            shape = (rows, g.fan_in, *g.kernel) if g.op != "Gather" else (g.fan_in, g.fan_out)
+            block = None if (m.start, m.stop) == (0, g.fan_out) else (m.start, m.stop)
+            entries[f"{m.module}.weight"] = BaseEntry(init, g.weight_transposed, block, kind, shape)
+    return OnnxBase(entries, where)
+
+
+def torch_of(dtype: int) -> torch.dtype:
+    return torch_dtype(ir.DataType(dtype))

@@ -1,0 +1,240 @@
+"""Merged ONNX lowering: edit the bound initializers, leave every other tensor as it was.
+
+Identity: for each bound initializer ``W`` (read in its own orientation) the output holds
+``round(edits(fp32(W)))`` with the edits applied in the order peft's forward composes them, the
+same order and the same single rounding as the checkpoint merge (:mod:`loracc.lower.merge`):
+
+1. a whole replacement (modules_to_save, a trained bias, a replaced embedding),
+2. trainable-token rows (``W[idx] = rows``),
+3. each site's ``ΔW = s·B@A`` (fp32, matmul first, as peft), then its DoRA channel scale
+   ``W ← (m/‖W+ΔW‖) ⊙ (W+ΔW)``, on the site's rows of a fused weight only,
+4. ``lora_bias``: ``b += s·b_B``.
+
+Every edit is written in its own orientation (the site's reference orientation, or the Hugging
+Face stored one) and applied through a transposed view when the initializer is stored the other
+way round. Nodes that read one initializer but need different edits get their own copies
+(:func:`~loracc.lower.onnx_bind.privatize`); a reader no edit concerns keeps the original.
+
+Edited tensors are :class:`onnx_ir.LazyTensor` objects: nothing is read or computed until the
+model is written, one tensor at a time.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+import torch
+
+from loracc import kernels
+from loracc.errors import NonFiniteError, UnsupportedError
+from loracc.io.onnx_model import tensor_to_torch, torch_to_tensor
+from loracc.ir import Adapter, Site, SiteKind
+from loracc.lower.onnx_bind import (
+    BindingTable,
+    GraphIndex,
+    Place,
+    privatize,
+    with_tied,
+)
+
+__all__ = ["Edit", "EditPlan", "apply_edits", "dora_scale", "merge_edits", "ref_delta"]
+
+
+def ref_delta(site: Site) -> torch.Tensor:
+    """``s·B@A`` in the site's reference orientation (fp32, the bits peft merges)."""
+    delta = kernels.site_delta(site)
+    return delta.T if site.kind is SiteKind.CONV1D else delta
+
+
+def _out_axis(site: Site) -> int:
+    return 1 if site.kind is SiteKind.EMBEDDING else 0
+
+
+def dora_scale(site: Site, weight_ref: torch.Tensor) -> torch.Tensor:
+    """DoRA's per-channel ``m / ‖W + ΔW‖`` from the raw magnitude (when fold-dora did not run).
+
+    ``weight_ref`` is the base weight in the reference orientation, fp32.
+    """
+    assert site.magnitude is not None
+    merged = weight_ref + ref_delta(site)
+    axis = _out_axis(site)
+    dims = tuple(d for d in range(merged.dim()) if d != axis)
+    norm = torch.linalg.vector_norm(merged, dim=dims)
+    if not bool((norm > 0).all()):
+        raise NonFiniteError(f"{site.module}: DoRA norm ‖W + ΔW‖ is zero for some channel")
+    return site.magnitude.to(torch.float32).flatten() / norm
+
+
+@dataclass(eq=False)
+class Edit:
+    """One change to one initializer, in the order class ``rank``."""
+
+    rank: int
+    transposed: bool
+    apply: Callable[[torch.Tensor], torch.Tensor]
+    label: str
+
+
+@dataclass
+class EditPlan:
+    """Edits per (initializer, reader node), in apply order; ``inits`` maps ids back."""
+
+    inits: dict[int, ir.Value] = field(default_factory=dict)
+    edits: dict[tuple[int, ir.Node], list[Edit]] = field(default_factory=lambda: defaultdict(list))
+
+    def __bool__(self) -> bool:
+        return bool(self.edits)
+
+
+@dataclass
+class _Target:
+    init: ir.Value
+    nodes: set[ir.Node] = field(default_factory=set)
+
+
+def _view(w: torch.Tensor, transposed: bool) -> torch.Tensor:
+    return w.T if transposed else w
+
+
+def _replace(tensor: torch.Tensor, transposed: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    def run(w: torch.Tensor) -> torch.Tensor:
+        new = tensor.to(torch.float32)
+        if tuple(_view(w, transposed).shape) != tuple(new.shape):
+            raise UnsupportedError(
+                f"replacement {tuple(new.shape)} does not fit the ONNX weight "
+                f"{tuple(_view(w, transposed).shape)}: a resized tensor needs a re-export"
+            )
+        _view(w, transposed).copy_(new)
+        return w
+
+    return run
+
+
+def _rows(indices: tuple[int, ...], rows: torch.Tensor, transposed: bool) -> Callable:
+    def run(w: torch.Tensor) -> torch.Tensor:
+        view = _view(w, transposed)
+        view[torch.tensor(indices)] = rows.to(torch.float32)
+        return w
+
+    return run
+
+
+def _delta(site: Site, transposed: bool, block: tuple[int, int] | None) -> Callable:
+    def run(w: torch.Tensor) -> torch.Tensor:
+        view = _view(w, transposed)
+        if block is not None:
+            view = view[block[0] : block[1]]
+        scale = site.channel_scale
+        if site.magnitude is not None:
+            scale = dora_scale(site, view.clone())
+        view += ref_delta(site)
+        if scale is not None:
+            shape = [1] * view.dim()
+            shape[_out_axis(site)] = -1
+            view *= scale.to(torch.float32).reshape(shape)
+        return w
+
+    return run
+
+
+def _bias(site: Site) -> Callable:
+    def run(w: torch.Tensor) -> torch.Tensor:
+        w += kernels.bias_delta(site)
+        return w
+
+    return run
+
+
+def merge_edits(
+    index: GraphIndex, table: BindingTable, adapter: Adapter, *, lora: bool = True
+) -> EditPlan:
+    """Every (initializer, reader) pair the adapter edits, with the edits in apply order.
+
+    With ``lora=False`` only whole-tensor edits (replacements, token rows) are listed: what the
+    keep-lora lowering bakes into the base.
+    """
+    plan = EditPlan()
+
+    def add(place: Place, edit: Edit) -> None:
+        plan.inits[id(place.init)] = place.init
+        for node in place.nodes:
+            plan.edits[(id(place.init), node)].append(edit)
+
+    for r in adapter.replacements:
+        tb = table.tensors[r.target]
+        if r.origin == "embedding":
+            tb = with_tied(index, tb)
+        for place in tb.places:
+            add(place, Edit(0, place.transposed, _replace(r.tensor, place.transposed), r.target))
+    for t in adapter.token_rows:
+        tb = with_tied(index, table.tensors[t.target])
+        for place in tb.places:
+            add(
+                place,
+                Edit(1, place.transposed, _rows(t.indices, t.rows, place.transposed), t.target),
+            )
+    if lora:
+        for site in adapter.sites:
+            b = table.sites[site.module]
+            for place in b.places():
+                add(
+                    place,
+                    Edit(2, place.transposed, _delta(site, place.transposed, b.block), site.module),
+                )
+            if site.lora_bias is not None:
+                for place in b.bias:
+                    add(place, Edit(3, False, _bias(site), f"{site.module} lora_bias"))
+    for node_edits in plan.edits.values():
+        node_edits.sort(key=lambda e: e.rank)  # stable: adapter order within a rank
+    return plan
+
+
+def apply_edits(
+    index: GraphIndex,
+    plan: EditPlan,
+    *,
+    allow_nonfinite: bool = False,
+    suffix: str = "merged",
+) -> list[str]:
+    """Attach lazily computed edited tensors; split initializers whose readers differ.
+
+    Returns the names of the initializers that now hold edited values.
+    """
+    groups: dict[int, dict[tuple[int, ...], _Target]] = defaultdict(dict)
+    lists: dict[tuple[int, ...], list[Edit]] = {}
+    for (init_id, node), node_edits in plan.edits.items():
+        key = tuple(id(e) for e in node_edits)
+        lists[key] = node_edits
+        target = groups[init_id].setdefault(key, _Target(plan.inits[init_id]))
+        target.nodes.add(node)
+    changed = []
+    for init_id, by_edits in groups.items():
+        original = plan.inits[init_id]
+        source = original.const_value
+        assert source is not None
+        for n, (key, target) in enumerate(by_edits.items()):
+            value = privatize(index, original, target.nodes, f"{suffix}{n}" if n else suffix)
+            value.const_value = _lazy(source, lists[key], value.name or "", allow_nonfinite)
+            changed.append(value.name or "")
+    return changed
+
+
+def _lazy(
+    source: ir.TensorProtocol, edits: list[Edit], name: str, allow_nonfinite: bool
+) -> ir.LazyTensor:
+    dtype = source.dtype
+
+    def compute() -> ir.TensorProtocol:
+        w = tensor_to_torch(source, torch.float64 if dtype == ir.DataType.DOUBLE else torch.float32)
+        for edit in edits:
+            w = edit.apply(w)
+        if not allow_nonfinite and not bool(torch.isfinite(w).all()):
+            raise NonFiniteError(
+                f"edited initializer '{name}' has NaN or Inf (allow_nonfinite writes it anyway)"
+            )
+        return torch_to_tensor(w, dtype, name=name)
+
+    return ir.LazyTensor(compute, dtype=dtype, shape=ir.Shape(list(source.shape)), name=name)

@@ -1,0 +1,378 @@
+"""The ONNX Python API: merge an adapter into an ONNX model, or keep it as adapter slots.
+
+:func:`export_onnx` binds the adapter's sites to an existing ONNX export of the base model
+(TorchScript, dynamo, optimum or onnxruntime-genai), runs the merge pipeline with the ONNX
+weights as the base, and either edits the bound initializers (merged) or adds LoRA branches
+whose weights are onnxruntime adapter slots (``keep_lora``). :func:`pack` writes an adapter file
+for a model with slots. Nothing here imports onnx until it is called, so ``import loracc`` works
+without the ``onnx`` extra.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loracc.errors import ConfigError, UnsupportedError
+
+if TYPE_CHECKING:
+    import torch
+
+    from loracc.io.checkpoint import Checkpoint
+    from loracc.ir import Adapter
+    from loracc.lower.onnx_bind import BindingTable, OnnxBase
+
+__all__ = ["OnnxReport", "PackReport", "bind_onnx", "export_onnx", "pack"]
+
+PathLike = str | os.PathLike[str]
+_PLAIN = ("lora", "dora", "dora-folded")
+
+
+@dataclass
+class OnnxReport:
+    """What ``export_onnx`` did (or would do, with ``dry_run``), as ``--json`` prints it."""
+
+    base: str
+    mode: str
+    outputs: list[str]
+    bindings: list[dict[str, Any]]
+    tensors: list[dict[str, Any]]
+    changed: list[str]
+    slots: list[dict[str, Any]] = field(default_factory=list)
+    adapter_files: list[dict[str, str]] = field(default_factory=list)
+    baked: list[str] = field(default_factory=list)
+    passes: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class PackReport:
+    """What ``pack`` wrote."""
+
+    model: str
+    adapter: str
+    output: str
+    slots: int
+    filled: list[str]
+    empty: list[str]
+    params: int
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _paths(adapters: PathLike | Sequence[PathLike]) -> list[Path]:
+    if isinstance(adapters, (str, os.PathLike)):
+        return [Path(adapters)]
+    paths = [Path(a) for a in adapters]
+    if not paths:
+        raise ConfigError("--adapter: at least one adapter folder is needed")
+    return paths
+
+
+def _checkpoint(base_weights: PathLike | None) -> Checkpoint | None:
+    if base_weights is None:
+        return None
+    from loracc.io.checkpoint import Checkpoint
+
+    return Checkpoint(base_weights)
+
+
+def _load(path: Path, ckpt: Checkpoint | None, initial: PathLike | None) -> Adapter:
+    from loracc.io.peft import load_adapter
+    from loracc.lower.onnx_bind import refuse_structural
+
+    adapter = load_adapter(path, ckpt, initial=initial)
+    refuse_structural(adapter)
+    return adapter
+
+
+def _check_plain(adapter: Adapter) -> None:
+    for site in adapter.sites:
+        if site.variant not in _PLAIN:
+            raise UnsupportedError(
+                f"{site.module}: init_lora_weights='{site.init}' applies to a residual base; "
+                "the reconstruct-residual pass did not turn it into plain LoRA"
+            )
+
+
+def _compile(adapter: Adapter, base: OnnxBase) -> tuple[Adapter, list[dict[str, Any]]]:
+    from loracc.api import compile_adapter
+
+    result = compile_adapter(adapter, base)  # type: ignore[arg-type]
+    steps = [
+        {"pass": name, "changed": list(step.changed), "details": list(step.details)}
+        for name, step in result.steps
+        if step.changed or step.details
+    ]
+    _check_plain(result.adapter)
+    return result.adapter, steps
+
+
+def _inputs(model_path: Path, adapters: Sequence[Path]) -> list[Path]:
+    found = [model_path, *adapters]
+    for entry in model_path.parent.glob(model_path.name + "*"):
+        if entry != model_path and entry.is_file():
+            found.append(entry)
+    return found
+
+
+def bind_onnx(
+    base_onnx: PathLike,
+    adapters: PathLike | Sequence[PathLike],
+    *,
+    base_weights: PathLike | None = None,
+) -> list[dict[str, Any]]:
+    """The binding table (site -> node, initializer, orientation, rule) without writing."""
+    report = export_onnx(base_onnx, adapters, None, base_weights=base_weights, dry_run=True)
+    return report.bindings
+
+
+def _array(value: torch.Tensor, element_type: int) -> Any:
+    import onnx_ir as ir
+
+    from loracc.io.onnx_model import torch_to_tensor
+
+    return torch_to_tensor(value, ir.DataType(element_type)).numpy()
+
+
+def _adapter_writer(params: dict[str, tuple[torch.Tensor, int]]) -> Any:
+    from loracc.io.ort import write_adapter
+
+    def write(path: Path) -> None:
+        write_adapter(path, {n: (_array(v, t), t) for n, (v, t) in params.items()})
+
+    return write
+
+
+def _adapter_paths(out: Path, adapters: Sequence[Path]) -> list[Path]:
+    stem = out.with_suffix("")
+    if len(adapters) == 1:
+        return [stem.with_name(stem.name + ".onnx_adapter")]
+    paths: list[Path] = []
+    for a in adapters:
+        name = a.resolve().name or "adapter"
+        path = stem.with_name(f"{stem.name}.{name}.onnx_adapter")
+        i = 1
+        while path in paths:
+            path = stem.with_name(f"{stem.name}.{name}-{i}.onnx_adapter")
+            i += 1
+        paths.append(path)
+    return paths
+
+
+def _bind_all(
+    index: Any, adapters: list[Adapter], ckpt: Checkpoint | None, base_path: Path
+) -> tuple[BindingTable, list[Adapter], list[dict[str, Any]]]:
+    from loracc.lower.onnx_bind import OnnxBase, bind_adapter, correct_kinds
+
+    table = bind_adapter(index, adapters, base=ckpt)
+    adapters = [correct_kinds(a, table) for a in adapters]
+    onnx_base = OnnxBase.from_table(table, str(base_path))
+    compiled, steps = [], []
+    for a in adapters:
+        c, s = _compile(a, onnx_base)
+        compiled.append(c)
+        steps.extend(s)
+    # passes may add targets (untying); bind whatever is new
+    bind_adapter(index, compiled, base=ckpt, table=table)
+    for c in compiled:  # keep the bindings pointing at the compiled sites
+        for site in c.sites:
+            table.sites[site.module].site = site
+    return table, compiled, steps
+
+
+def export_onnx(
+    base_onnx: PathLike,
+    adapters: PathLike | Sequence[PathLike],
+    output: PathLike | None,
+    *,
+    keep_lora: bool = False,
+    empty_slots: bool = False,
+    base_weights: PathLike | None = None,
+    initial_adapter: PathLike | None = None,
+    external_data: bool | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+    allow_nonfinite: bool = False,
+) -> OnnxReport:
+    """Merge ``adapters`` into ``base_onnx``, or add them as adapter slots (``keep_lora``).
+
+    Args:
+        base_onnx: an ONNX export of the base model (external data beside it is read lazily).
+        adapters: one PEFT adapter folder; several only with ``keep_lora`` (slots = the union
+            of their targets, one adapter file each, the first adapter in the defaults).
+        output: the ``.onnx`` path to write (None with ``dry_run``).
+        keep_lora: explicit LoRA branches with slots, plus ``<output stem>.onnx_adapter``.
+        empty_slots: with ``keep_lora``, rank-0 defaults: the plain model behaves as the base.
+        base_weights: the base Hugging Face folder, to bind by value when names say nothing
+            and to decide layer kinds from the checkpoint.
+        initial_adapter: the adapter saved before training (pissa_niter, corda, ...).
+        external_data: force external data on/off; default: as the base, or when over 2 GB.
+        force: replace existing outputs.
+        dry_run: bind and compile only; write nothing.
+        allow_nonfinite: write edited tensors holding NaN or Inf.
+    """
+    from loracc.io.onnx_model import load_model, write_outputs
+    from loracc.lower.onnx_bind import GraphIndex, OnnxBase
+    from loracc.lower.onnx_lora import insert_slots, pack_params, plan_groups
+    from loracc.lower.onnx_merge import apply_edits, merge_edits
+
+    start = time.perf_counter()
+    base_path = Path(base_onnx)
+    adapter_paths = _paths(adapters)
+    if len(adapter_paths) > 1 and not keep_lora:
+        raise ConfigError("several --adapter need --keep-lora (a merge takes one adapter)")
+    if empty_slots and not keep_lora:
+        raise ConfigError("--empty-slots needs --keep-lora")
+    if output is None and not dry_run:
+        raise ConfigError("-o/--output is required unless --dry-run")
+    ckpt = _checkpoint(base_weights)
+    model = load_model(base_path)
+    loaded = [_load(p, ckpt, initial_adapter) for p in adapter_paths]
+    index = GraphIndex(model)
+    table, compiled, steps = _bind_all(index, loaded, ckpt, base_path)
+    notes = [n for a in compiled for n in a.notes]
+    report = OnnxReport(
+        base=str(base_path),
+        mode="keep-lora" if keep_lora else "merged",
+        outputs=[],
+        bindings=table.describe(),
+        tensors=[tb.describe() for tb in table.tensors.values()],
+        changed=[],
+        passes=steps,
+        notes=notes,
+    )
+    extra: list[tuple[Path, Any]] = []
+    if not keep_lora:
+        plan = merge_edits(index, table, compiled[0])
+        if not dry_run:
+            report.changed = apply_edits(index, plan, allow_nonfinite=allow_nonfinite)
+    else:
+        if sum(1 for a in compiled if a.replacements or a.token_rows) > 1:
+            raise UnsupportedError(
+                "several adapters replace base tensors (modules_to_save, biases, trainable "
+                "tokens); only one adapter's replacements can be baked into the base"
+            )
+        onnx_base = OnnxBase.from_table(table, str(base_path))
+        groups = plan_groups(table, compiled)
+        defaults = pack_params(groups, None if empty_slots else compiled[0], onnx_base)
+        files = (
+            _adapter_paths(Path(output), adapter_paths)
+            if output is not None
+            else [Path(f"{p.name}.onnx_adapter") for p in adapter_paths]
+        )
+        for a, path in zip(compiled, files, strict=True):
+            extra.append((path, _adapter_writer(pack_params(groups, a, onnx_base))))
+            report.adapter_files.append({"adapter": a.name, "file": str(path)})
+        bake = next((a for a in compiled if a.replacements or a.token_rows), None)
+        if bake is not None:
+            baked = merge_edits(index, table, bake, lora=False)
+            report.baked = [r.target for r in bake.replacements]
+            report.baked += [f"{t.target} rows {list(t.indices)}" for t in bake.token_rows]
+            report.notes.append(
+                "baked into the base initializers (not swappable, present with empty slots "
+                "too): " + ", ".join(report.baked)
+            )
+            if not dry_run:
+                report.changed = apply_edits(index, baked, allow_nonfinite=allow_nonfinite)
+        report.slots = [
+            {
+                "key": g.key,
+                "op": g.op,
+                "in": g.fan_in,
+                "out": g.fan_out,
+                "dtype": g.dtype,
+                "slots": [n for n in (g.A, g.B, g.scale, g.bias) if n],
+                "members": [m.module for m in g.members],
+            }
+            for g in groups
+        ]
+        if not dry_run:
+            insert_slots(index, table, groups, defaults)
+    if not dry_run:
+        assert output is not None
+        written = write_outputs(
+            model,
+            Path(output),
+            inputs=_inputs(base_path, adapter_paths),
+            force=force,
+            external_data=external_data,
+            extra=extra,
+        )
+        report.outputs = [str(p) for p in written]
+    report.seconds = round(time.perf_counter() - start, 3)
+    return report
+
+
+def pack(
+    model: PathLike,
+    adapter: PathLike,
+    output: PathLike,
+    *,
+    base_weights: PathLike | None = None,
+    initial_adapter: PathLike | None = None,
+    force: bool = False,
+) -> PackReport:
+    """Write an ``.onnx_adapter`` file of ``adapter`` for a model exported with slots.
+
+    The adapter is checked against the model's slots: every module it targets must have one,
+    with the same input and output sizes (ranks may differ); DoRA and lora_bias need their
+    slots. Slots the adapter does not use get rank-0 values, so no other adapter's default
+    stays active. Tensors cast to the slots' dtype.
+    """
+    from loracc.io.onnx_model import load_model
+    from loracc.io.output import atomic_files
+    from loracc.ir import SiteKind
+    from loracc.lower.onnx_lora import check_fits, manifest_base, pack_params, read_manifest
+
+    model_path, adapter_path, out = Path(model), Path(adapter), Path(output)
+    if out.suffix != ".onnx_adapter":
+        raise ConfigError(f"{out}: an adapter file name must end in .onnx_adapter")
+    onnx_model = load_model(model_path)
+    groups = read_manifest(onnx_model, str(model_path))
+    loaded = _load(adapter_path, _checkpoint(base_weights), initial_adapter)
+    if loaded.replacements or loaded.token_rows:
+        names = [r.target for r in loaded.replacements] + [t.target for t in loaded.token_rows]
+        raise UnsupportedError(
+            f"{adapter_path}: replaces base tensors ({', '.join(names)}); an adapter file holds "
+            "only LoRA slots: export a model with this adapter (--keep-lora) to bake them"
+        )
+    kinds = {m.module: SiteKind(m.kind) for g in groups for m in g.members}
+    sites = tuple(
+        replace(s, kind=kinds[s.module])
+        if s.module in kinds
+        and s.kind in (SiteKind.LINEAR, SiteKind.CONV1D)
+        and kinds[s.module] in (SiteKind.LINEAR, SiteKind.CONV1D)
+        else s
+        for s in loaded.sites
+    )
+    loaded = replace(loaded, sites=sites)
+    group_of = {m.module: g for g in groups for m in g.members}
+    check_fits(group_of, loaded, str(model_path))
+    base = manifest_base(onnx_model, groups, str(model_path))
+    compiled, _ = _compile(loaded, base)
+    check_fits(group_of, compiled, str(model_path))
+    params = pack_params(groups, compiled, base)
+    with atomic_files([out], [model_path, adapter_path], force=force) as (tmp,):
+        _adapter_writer(params)(tmp)
+    used = {group_of[s.module].key for s in compiled.sites}
+    return PackReport(
+        model=str(model_path),
+        adapter=str(adapter_path),
+        output=str(out),
+        slots=len(groups),
+        filled=sorted(used),
+        empty=sorted(g.key for g in groups if g.key not in used),
+        params=sum(int(v.numel()) for v, _ in params.values()),
+        notes=list(compiled.notes),
+    )
