@@ -135,7 +135,9 @@ def merge(
         progress=progress,
     )
     base = Checkpoint(base_dir)
-    adapter = _load_adapter(Path(adapter_dir), base, initial=initial_adapter)
+    adapter = _load_adapter(
+        Path(adapter_dir), base, initial=initial_adapter, allow_nonfinite=allow_nonfinite
+    )
     if adapter.refusals:  # decided by the config alone: refuse before any pass reads the base
         check_mergeable(adapter)
     result = compile_adapter(adapter, base, passes, device=options.device)

@@ -22,7 +22,15 @@ import torch
 from loracc.errors import ConfigError, FormatError, InputError
 from loracc.io.safetensors import SafetensorsFile, TensorInfo, read_tensor
 
-__all__ = ["INDEX_NAME", "SINGLE_NAME", "WEIGHT_SUFFIXES", "Checkpoint", "inside", "read_json"]
+__all__ = [
+    "INDEX_NAME",
+    "SINGLE_NAME",
+    "WEIGHT_SUFFIXES",
+    "Checkpoint",
+    "inside",
+    "open_safetensors",
+    "read_json",
+]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -65,6 +73,19 @@ class ExpertSplit:
     shape: tuple[int, int, int]
 
 
+# config.json keys loracc reads, and the JSON type each must have when present.
+_CONFIG_TYPES: Mapping[str, tuple[type | tuple[type, ...], str]] = {
+    "model_type": (str, "a string"),
+    "tie_word_embeddings": (bool, "true or false"),
+    "text_config": (dict, "an object"),
+}
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def read_json(path: Path) -> Any:
     """Parse a JSON file, with a one-line error naming it."""
     try:
@@ -75,16 +96,46 @@ def read_json(path: Path) -> Any:
         raise InputError(f"{path}: cannot read ({e})") from e
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
+    except RecursionError as e:
+        raise ConfigError(f"{path}: not valid JSON (nested too deeply)") from e
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise ConfigError(f"{path}: not valid JSON ({e})") from e
+
+
+def _hub_blobs(folder: Path) -> Path | None:
+    """``<repo>/blobs`` when ``folder`` is a Hugging Face hub-cache ``<repo>/snapshots/<rev>``."""
+    if folder.parent.name == "snapshots" and (folder.parent.parent / "blobs").is_dir():
+        return folder.parent.parent / "blobs"
+    return None
 
 
 def inside(folder: Path, name: str, what: str) -> Path:
-    """``folder/name`` when it stays inside ``folder`` after resolving links, else an error."""
+    """``folder/name`` when it stays inside ``folder`` after resolving links, else an error.
+
+    The one exception is the Hugging Face hub cache, whose snapshot files are links into the
+    same repository's ``blobs`` folder.
+    """
     if not name or os.path.isabs(name) or ".." in Path(name).parts:
         raise FormatError(f"{what}: '{name}' points outside {folder}")
     path = folder / name
-    if not path.resolve().is_relative_to(folder.resolve()):
+    try:
+        real, home = path.resolve(), folder.resolve()
+    except (OSError, RuntimeError) as e:  # a link loop (RuntimeError before Python 3.13)
+        raise FormatError(f"{what}: '{name}' cannot be resolved ({e})") from e
+    blobs = _hub_blobs(home)
+    if not (real.is_relative_to(home) or (blobs is not None and real.parent == blobs)):
         raise FormatError(f"{what}: '{name}' resolves outside {folder} (a link?)")
     return path
+
+
+def open_safetensors(path: Path) -> SafetensorsFile:
+    """Open and check a safetensors header; any failure to parse it is a FormatError."""
+    try:
+        return SafetensorsFile(path)
+    except RecursionError as e:
+        raise FormatError(f"{path}: malformed safetensors header (nested too deeply)") from e
+    except (TypeError, ValueError, OverflowError) as e:  # a hostile header the reader missed
+        raise FormatError(f"{path}: malformed safetensors header ({e})") from e
 
 
 class Checkpoint:
@@ -95,9 +146,18 @@ class Checkpoint:
         if not self.folder.is_dir():
             raise InputError(f"{self.folder}: base checkpoint folder not found")
         config_path = self.folder / "config.json"
-        self.config: dict[str, Any] = read_json(config_path) if config_path.exists() else {}
+        if config_path.exists() or config_path.is_symlink():
+            self.config: dict[str, Any] = read_json(
+                inside(self.folder, "config.json", str(self.folder))
+            )
+        else:
+            self.config = {}
         if not isinstance(self.config, dict):
             raise ConfigError(f"{config_path}: not a JSON object")
+        for key, (types, expected) in _CONFIG_TYPES.items():
+            value = self.config.get(key)
+            if value is not None and not isinstance(value, types):
+                raise ConfigError(f"{config_path}: '{key}' must be {expected}, got {_short(value)}")
         self.files: list[SafetensorsFile] = []
         self._info: dict[str, TensorInfo] = {}
         index = self.folder / INDEX_NAME
@@ -169,7 +229,7 @@ class Checkpoint:
     def _add_file(self, path: Path) -> None:
         if not path.is_file():
             raise InputError(f"{path}: shard not found")
-        f = SafetensorsFile(path)
+        f = open_safetensors(path)
         for name in f.keys():  # noqa: SIM118  (file order)
             if name in self._info:
                 raise FormatError(f"{path}: tensor '{name}' also in {self._info[name].path.name}")

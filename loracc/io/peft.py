@@ -18,10 +18,15 @@ from types import MappingProxyType
 
 import torch
 
-from loracc.errors import FormatError, InputError, UnsupportedError
-from loracc.io.checkpoint import Checkpoint, ExpertSplit
-from loracc.io.peft_config import LoraConfig, is_targeted, read_config, resolve_pattern
-from loracc.io.safetensors import SafetensorsFile
+from loracc.errors import FormatError, InputError, NonFiniteError, UnsupportedError
+from loracc.io.checkpoint import Checkpoint, ExpertSplit, inside, open_safetensors
+from loracc.io.peft_config import (
+    KNOWN_PEFT,
+    LoraConfig,
+    is_targeted,
+    read_config,
+    resolve_pattern,
+)
 from loracc.ir import Adapter, Replacement, Site, SiteKind, TokenRows
 
 __all__ = ["CONV1D_MODEL_TYPES", "adapter_files", "load_adapter"]
@@ -62,7 +67,7 @@ def adapter_files(folder: Path) -> tuple[Path, Path]:
                 "'adapter_model.safetensors', metadata={'format': 'pt'})"
             )
         raise InputError(f"{folder}: no {WEIGHTS_NAME}")
-    return config, weights
+    return inside(folder, CONFIG_NAME, str(folder)), inside(folder, WEIGHTS_NAME, str(folder))
 
 
 @dataclass
@@ -82,6 +87,7 @@ def load_adapter(
     base: Checkpoint | None = None,
     *,
     initial: str | Path | None = None,
+    allow_nonfinite: bool = False,
 ) -> Adapter:
     """Read a PEFT LoRA adapter folder into an :class:`Adapter`.
 
@@ -89,16 +95,51 @@ def load_adapter(
         folder: the adapter folder (adapter_config.json + adapter_model.safetensors).
         base: the base checkpoint; without it, layer kinds and targets are taken from names.
         initial: the adapter saved before training, for inits that cannot be recomputed.
+        allow_nonfinite: accept NaN or Inf in the adapter's tensors.
     """
     folder = Path(folder)
     config_path, weights_path = adapter_files(folder)
     cfg = read_config(config_path)
-    tensors = SafetensorsFile(weights_path).read_all()
+    tensors = open_safetensors(weights_path).read_all()
+    _check_tensors(weights_path, tensors, allow_nonfinite)
     reader = _Reader(folder, weights_path, cfg, base)
     adapter = reader.build(tensors)
+    if base is not None:
+        _check_base_dtypes(adapter, base)
     if initial is not None:
-        adapter = _attach_initial(adapter, load_adapter(initial, base))
+        init = load_adapter(initial, base, allow_nonfinite=allow_nonfinite)
+        adapter = _attach_initial(adapter, init)
     return adapter
+
+
+def _check_tensors(weights: Path, tensors: dict[str, torch.Tensor], allow_nonfinite: bool) -> None:
+    """LoRA tensors are floating point, and no tensor holds NaN or Inf unless allowed."""
+    for key, t in tensors.items():
+        m = _KEY.match(key.removeprefix(_PREFIX))
+        if m is not None and m["extra"]:
+            continue  # training-only, never applied
+        if m is not None and not t.is_floating_point():
+            raise FormatError(
+                f"{weights}: '{key}' has dtype {str(t.dtype).removeprefix('torch.')}; LoRA "
+                "tensors need a floating-point dtype"
+            )
+        if not allow_nonfinite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(
+                f"{weights}: '{key}' has NaN or Inf (use --allow-nonfinite to merge it anyway)"
+            )
+
+
+def _check_base_dtypes(adapter: Adapter, base: Checkpoint) -> None:
+    """A low-rank delta can only be added to a floating-point base tensor."""
+    for site in adapter.sites:
+        stored = base.resolve(site.target)
+        dtype = base.infos[stored].dtype if stored is not None else None
+        if dtype is not None and not dtype.is_floating_point:
+            raise UnsupportedError(
+                f"{site.module}: base tensor '{stored}' is {str(dtype).removeprefix('torch.')}, "
+                "not floating point (a quantized checkpoint?); a LoRA delta cannot be merged "
+                "into it"
+            )
 
 
 def _attach_initial(adapter: Adapter, init: Adapter) -> Adapter:
@@ -127,6 +168,11 @@ class _Reader:
         self.folder, self.weights, self.cfg, self.base = folder, weights, cfg, base
         self.notes: list[str] = []
         self.refusals: list[str] = list(cfg.refusals)
+        self.notes += [
+            f"{cfg.path.name}: unknown field '{k}' ignored (not a peft "
+            f"<= {'.'.join(map(str, KNOWN_PEFT))} LoraConfig field)"
+            for k in cfg.unknown
+        ]
         model_type = base.config.get("model_type") if base else None
         self.conv1d_arch = model_type in CONV1D_MODEL_TYPES
 

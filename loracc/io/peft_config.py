@@ -9,7 +9,7 @@ rank/alpha pattern lookup reproduce peft 0.21 exactly (see docs/FORMATS.md for t
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -221,6 +221,13 @@ def read_config(path: Path) -> LoraConfig:
     for key, (check, expected) in _CHECKS.items():
         if key in data and not check(data[key]):
             raise ConfigError(f"{path}: '{key}' must be {expected}, got {data[key]!r}")
+    for key, entry, regex in _regexes(data):
+        try:
+            re.compile(regex)
+        except (re.error, RecursionError, OverflowError) as e:
+            raise ConfigError(
+                f"{path}: '{key}' entry {entry!r} is not a valid regular expression ({e})"
+            ) from e
     refusals: list[str] = []
     version = _version(data.get("peft_version"))
     newer = version is not None and version[:2] > KNOWN_PEFT
@@ -235,6 +242,22 @@ def read_config(path: Path) -> LoraConfig:
         if data.get(key):
             refusals.append(f"'{key}': {FIELDS.get(key) or _LEGACY[key]}")
     return LoraConfig(path, dict(data), unknown, tuple(refusals))
+
+
+def _regexes(data: Mapping[str, Any]) -> Iterator[tuple[str, str, str]]:
+    """(field, entry, the regex built from it) for every config entry used as a regex, built
+    exactly as :func:`resolve_pattern`, :func:`layer_index` and :func:`is_targeted` build them."""
+    for key in ("target_modules", "exclude_modules"):
+        if isinstance(data.get(key), str):
+            yield key, data[key], data[key]
+    for key in ("rank_pattern", "alpha_pattern"):
+        for k in data.get(key) or {}:
+            yield key, k, rf"(.*\.)?({k})$"
+    layers = data.get("layers_pattern")
+    for p in [layers] if isinstance(layers, str) else layers or []:
+        yield "layers_pattern", p, rf"(?:^|.*?\.){p}\.(\d+)\."
+    for m in data.get("modules_to_save") or []:
+        yield "modules_to_save", m, rf"(^|.*\.){m}($|\..*)"
 
 
 def resolve_pattern(patterns: Mapping[str, Any] | None, name: str, default: Any) -> Any:

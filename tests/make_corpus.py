@@ -1,0 +1,956 @@
+"""Build the bad-input corpus of issue 7: small broken or hostile inputs, and what loracc owes.
+
+Every case is a tiny folder tree made here (nothing is downloaded): a base Hugging Face checkpoint
+written with ``safetensors`` directly (no transformers), a PEFT-format LoRA adapter written by
+hand, and one defect. A case says which ``loracc`` command line to run, the exit code it must
+get, a substring of the message, and a substring naming the file, key or module the message must
+mention. ``tests/test_bad_inputs.py`` runs each case; docs/ERRORS.md lists them
+(``python tests/make_corpus.py --markdown`` prints that table).
+
+Usage::
+
+    python tests/make_corpus.py DIR          # build every case under DIR, print a summary
+    python tests/make_corpus.py --markdown   # the table for docs/ERRORS.md
+    python tests/make_corpus.py --update-doc docs/ERRORS.md
+
+Nothing here imports loracc: the expectations are written down, not computed by loracc.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import pickle
+import shutil
+import struct
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+__all__ = [
+    "ADAPTER_CONFIG",
+    "CASES",
+    "CASES_BY_NAME",
+    "Case",
+    "Layout",
+    "build_case",
+    "build_valid",
+    "markdown_table",
+    "read_safetensors_header",
+    "reference_merge",
+    "snapshot",
+    "tmp_entries",
+    "write_adapter",
+    "write_base",
+    "write_raw_safetensors",
+]
+
+HIDDEN, VOCAB, INTER, LAYERS = 16, 32, 24, 2
+RANK, ALPHA = 4, 8
+PREFIX = "base_model.model."
+TARGETS = ("q_proj", "v_proj")
+
+ADAPTER_CONFIG: dict[str, object] = {
+    "peft_type": "LORA",
+    "task_type": "CAUSAL_LM",
+    "peft_version": "0.21.2",
+    "base_model_name_or_path": "tiny-llama",
+    "r": RANK,
+    "lora_alpha": ALPHA,
+    "target_modules": list(TARGETS),
+    "lora_dropout": 0.0,
+    "bias": "none",
+    "use_rslora": False,
+    "use_dora": False,
+    "fan_in_fan_out": False,
+    "init_lora_weights": True,
+    "inference_mode": True,
+}
+
+BASE_CONFIG: dict[str, object] = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": HIDDEN,
+    "intermediate_size": INTER,
+    "num_hidden_layers": LAYERS,
+    "vocab_size": VOCAB,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float32",
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# Valid inputs
+
+
+def base_tensors(dtype: torch.dtype = torch.float32, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A tiny llama-shaped state dict, in storage order."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * 0.1).to(dtype)
+
+    out = {"model.embed_tokens.weight": rnd(VOCAB, HIDDEN)}
+    for i in range(LAYERS):
+        p = f"model.layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            out[p + f"self_attn.{proj}.weight"] = rnd(HIDDEN, HIDDEN)
+        out[p + "mlp.gate_proj.weight"] = rnd(INTER, HIDDEN)
+        out[p + "mlp.up_proj.weight"] = rnd(INTER, HIDDEN)
+        out[p + "mlp.down_proj.weight"] = rnd(HIDDEN, INTER)
+        out[p + "input_layernorm.weight"] = torch.ones(HIDDEN, dtype=dtype)
+    out["model.norm.weight"] = torch.ones(HIDDEN, dtype=dtype)
+    out["lm_head.weight"] = rnd(VOCAB, HIDDEN)
+    return out
+
+
+def write_base(
+    folder: Path,
+    tensors: dict[str, torch.Tensor] | None = None,
+    *,
+    shards: int = 1,
+    config: dict[str, object] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Write a Hugging Face folder: config.json and one file or ``shards`` shards + index."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = base_tensors() if tensors is None else tensors
+    (folder / "config.json").write_text(json.dumps(config or BASE_CONFIG, indent=2))
+    (folder / "generation_config.json").write_text('{"do_sample": false}\n')
+    if shards == 1:
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return tensors
+    keys = list(tensors)
+    per = math.ceil(len(keys) / shards)
+    weight_map: dict[str, str] = {}
+    for i in range(shards):
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: tensors[k] for k in keys[i * per : (i + 1) * per]}
+        save_file(part, str(folder / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, name))
+    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}}
+    index["weight_map"] = weight_map
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return tensors
+
+
+def adapter_tensors(
+    seed: int = 1, targets: tuple[str, ...] = TARGETS, rank: int = RANK
+) -> dict[str, torch.Tensor]:
+    """Non-zero LoRA factors for ``targets`` in every layer, peft's key layout."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i in range(LAYERS):
+        for t in targets:
+            m = f"{PREFIX}model.layers.{i}.self_attn.{t}"
+            out[f"{m}.lora_A.weight"] = torch.randn(rank, HIDDEN, generator=g) * 0.1
+            out[f"{m}.lora_B.weight"] = torch.randn(HIDDEN, rank, generator=g) * 0.1
+    return out
+
+
+def write_adapter(
+    folder: Path,
+    tensors: dict[str, torch.Tensor] | None = None,
+    config: dict[str, object] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Write adapter_config.json + adapter_model.safetensors as peft's save_pretrained does."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = adapter_tensors() if tensors is None else tensors
+    cfg = ADAPTER_CONFIG if config is None else config
+    (folder / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return tensors
+
+
+def reference_merge(
+    base: dict[str, torch.Tensor],
+    adapter: dict[str, torch.Tensor],
+    scale: float | dict[str, float],
+    dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """The independent fp64 reference: ``W.double() + s * B.double() @ A.double()``, rounded once.
+
+    ``scale`` is one number or a per-module mapping (module path without the peft prefix).
+    """
+    out = {}
+    for key, w in base.items():
+        module = key.removesuffix(".weight")
+        a = adapter.get(f"{PREFIX}{module}.lora_A.weight")
+        b = adapter.get(f"{PREFIX}{module}.lora_B.weight")
+        target = dtype or w.dtype
+        if a is None or b is None:
+            out[key] = w.to(target)
+            continue
+        s = scale[module] if isinstance(scale, dict) else scale
+        exact = w.double() + s * (b.double() @ a.double())
+        out[key] = exact.to(target)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Raw safetensors surgery
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, object], bytes]:
+    """(header dict, data bytes) of a safetensors file."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
+
+
+def write_raw_safetensors(path: Path, header: object, data: bytes, *, header_text: bytes = b""):
+    """Write a safetensors file with exactly this header (or header bytes) and data area."""
+    raw = header_text or json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+def edit_header(path: Path, edit: Callable[[dict[str, object]], None]) -> None:
+    header, data = read_safetensors_header(path)
+    edit(header)
+    write_raw_safetensors(path, header, data)
+
+
+def _first_tensor(header: dict[str, object]) -> str:
+    return min(
+        (k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0]
+    )  # type: ignore[index]
+
+
+def _last_tensor(header: dict[str, object]) -> str:
+    return max(
+        (k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1]
+    )  # type: ignore[index]
+
+
+# ------------------------------------------------------------------------------------------------
+# File-tree snapshots (inputs must not change) and temporaries (none may stay)
+
+
+def snapshot(root: Path, exclude: Callable[[Path], bool] = lambda p: False) -> dict[str, str]:
+    """{relative path: content hash, link target or 'dir'} of everything under ``root``."""
+    out: dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        d = Path(dirpath)
+        for name in sorted(dirnames + filenames):
+            p = d / name
+            if exclude(p):
+                if name in dirnames:
+                    dirnames.remove(name)
+                continue
+            rel = str(p.relative_to(root))
+            if p.is_symlink():
+                out[rel] = "link:" + os.readlink(p)
+            elif p.is_dir():
+                out[rel] = "dir"
+            elif p.is_file():
+                out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+            else:
+                out[rel] = "special"
+    return out
+
+
+def tmp_entries(dest: Path) -> list[Path]:
+    """loracc's temporaries for ``dest`` (``.NAME.loracc-tmp-*`` / ``-old-*``) next to it."""
+    if not dest.parent.is_dir():
+        return []
+    return sorted(p for p in dest.parent.iterdir() if p.name.startswith(f".{dest.name}.loracc-"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Cases
+
+
+@dataclass
+class Layout:
+    """One built case: where its inputs are, which command line to run, what to watch."""
+
+    root: Path
+    base: Path
+    adapter: Path
+    out: Path
+    argv: list[str]
+    out_preexists: bool = False
+    marker: Path | None = None  # must never appear (a pickle canary)
+
+
+@dataclass(frozen=True)
+class Case:
+    """A corpus case: how to build it and what loracc must answer."""
+
+    name: str
+    what: str
+    build: Callable[[Path], Layout]
+    exit_code: int
+    message: str  # substring of stderr (or stdout when exit_code is 0)
+    names: str = ""  # substring naming the file, key or module; must appear in the message
+    one_line: bool = True  # click's own usage errors print a usage block
+    pending: str = ""  # a known gap in a part this corpus does not own: xfail with this reason
+    needs: str = ""  # a module the behaviour lives in; xfail while it is not importable
+    group: str = ""
+
+
+def _std(root: Path, *, shards: int = 1, extra: tuple[str, ...] = ()) -> Layout:
+    base, adapter, out = root / "base", root / "adapter", root / "out"
+    write_base(base, shards=shards)
+    write_adapter(adapter)
+    argv = ["merge", "--base", str(base), "--adapter", str(adapter), "-o", str(out), *extra]
+    return Layout(root, base, adapter, out, argv)
+
+
+def _with(
+    edit: Callable[[Layout], object], *, shards: int = 1, extra: tuple[str, ...] = ()
+) -> Callable[[Path], Layout]:
+    def build(root: Path) -> Layout:
+        lay = _std(root, shards=shards, extra=extra)
+        edit(lay)
+        return lay
+
+    return build
+
+
+def _truncate(path: Path, keep: int) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: keep if keep >= 0 else len(data) + keep])
+
+
+def _set_entry(file: str, key: str | None, field_name: str, value: object):
+    def edit(lay: Layout) -> None:
+        path = (lay.adapter if file.startswith("adapter") else lay.base) / file
+
+        def change(h: dict[str, object]) -> None:
+            k = key or _first_tensor(h)
+            h[k][field_name] = value  # type: ignore[index]
+
+        edit_header(path, change)
+
+    return edit
+
+
+def _offsets_past_end(lay: Layout) -> None:
+    def change(h: dict[str, object]) -> None:
+        k = _last_tensor(h)
+        b, e = h[k]["data_offsets"]  # type: ignore[index]
+        h[k]["data_offsets"] = [b + 4096, e + 4096]  # type: ignore[index]
+
+    edit_header(lay.base / "model.safetensors", change)
+
+
+def _offsets_overlap(lay: Layout) -> None:
+    def change(h: dict[str, object]) -> None:
+        names = sorted(
+            (k for k in h if k != "__metadata__"),
+            key=lambda k: h[k]["data_offsets"][0],  # type: ignore[index]
+        )
+        a, b = names[1], names[2]  # both (16, 16) float32 or equal-size neighbours
+        span = h[b]["data_offsets"][1] - h[b]["data_offsets"][0]  # type: ignore[index]
+        start = h[a]["data_offsets"][0] + 4  # type: ignore[index]
+        h[b]["data_offsets"] = [start, start + span]  # type: ignore[index]
+
+    edit_header(lay.base / "model.safetensors", change)
+
+
+def _header_text(file: str, text: bytes) -> Callable[[Layout], None]:
+    def edit(lay: Layout) -> None:
+        path = (lay.adapter if file.startswith("adapter") else lay.base) / file
+        _, data = read_safetensors_header(path)
+        write_raw_safetensors(path, None, data, header_text=text)
+
+    return edit
+
+
+def _header_length(lay: Layout) -> None:
+    path = lay.base / "model.safetensors"
+    raw = path.read_bytes()
+    path.write_bytes(struct.pack("<Q", 10**12) + raw[8:])
+
+
+def _adapter_tensors_edit(edit: Callable[[dict[str, torch.Tensor]], None]):
+    def apply(lay: Layout) -> None:
+        t = adapter_tensors()
+        edit(t)
+        save_file(t, str(lay.adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+    return apply
+
+
+_Q0 = f"{PREFIX}model.layers.0.self_attn.q_proj"
+
+
+def _set_tensor(key: str, value: torch.Tensor):
+    def edit(t: dict[str, torch.Tensor]) -> None:
+        t[key] = value
+
+    return _adapter_tensors_edit(edit)
+
+
+def _poison(key: str, value: float):
+    def edit(t: dict[str, torch.Tensor]) -> None:
+        t[key] = t[key].clone()
+        t[key][1, 2] = value
+
+    return _adapter_tensors_edit(edit)
+
+
+def _drop(key: str):
+    def edit(t: dict[str, torch.Tensor]) -> None:
+        del t[key]
+
+    return _adapter_tensors_edit(edit)
+
+
+def _config(change: dict[str, object] | None = None, text: str | bytes | None = None):
+    def edit(lay: Layout) -> None:
+        path = lay.adapter / "adapter_config.json"
+        if text is not None:
+            path.write_bytes(text.encode() if isinstance(text, str) else text)
+            return
+        cfg = dict(ADAPTER_CONFIG)
+        cfg.update(change or {})
+        path.write_text(json.dumps(cfg, indent=2))
+
+    return edit
+
+
+class _Canary:
+    """Pickles to ``open(marker, 'w')``: unpickling it creates the marker file, nothing else."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (open, (str(self.marker), "w"))
+
+
+def _pickle_canary(where: str, name: str, *, keep_safetensors: bool = False):
+    def edit(lay: Layout) -> None:
+        folder = lay.adapter if where == "adapter" else lay.base
+        lay.marker = lay.root / "UNPICKLED"
+        (folder / name).write_bytes(pickle.dumps({"state": _Canary(lay.marker)}))
+        if not keep_safetensors:
+            (
+                folder
+                / ("adapter_model.safetensors" if where == "adapter" else "model.safetensors")
+            ).unlink()
+
+    return edit
+
+
+def _outside_shard(lay: Layout) -> Path:
+    """A valid safetensors file outside the base folder holding the base's second shard."""
+    outside = lay.root / "outside"
+    outside.mkdir(exist_ok=True)
+    src = lay.base / "model-00002-of-00002.safetensors"
+    dst = outside / "model-00002-of-00002.safetensors"
+    shutil.copyfile(src, dst)
+    return dst
+
+
+def _index_name(name_for: Callable[[Layout], str]):
+    def edit(lay: Layout) -> None:
+        _outside_shard(lay)
+        index = lay.base / "model.safetensors.index.json"
+        data = json.loads(index.read_text())
+        new = name_for(lay)
+        data["weight_map"] = {
+            k: (new if v == "model-00002-of-00002.safetensors" else v)
+            for k, v in data["weight_map"].items()
+        }
+        index.write_text(json.dumps(data, indent=2))
+
+    return edit
+
+
+def _shard_link(target: Callable[[Layout], Path]):
+    def edit(lay: Layout) -> None:
+        outside = _outside_shard(lay)
+        shard = lay.base / "model-00002-of-00002.safetensors"
+        shard.unlink()
+        shard.symlink_to(target(lay) if target else outside)
+
+    return edit
+
+
+def _index_edit(change: Callable[[dict[str, object]], None]):
+    def edit(lay: Layout) -> None:
+        index = lay.base / "model.safetensors.index.json"
+        data = json.loads(index.read_text())
+        change(data)
+        index.write_text(json.dumps(data, indent=2))
+
+    return edit
+
+
+def _duplicate_tensor(lay: Layout) -> None:
+    second = lay.base / "model-00002-of-00002.safetensors"
+    header, _ = read_safetensors_header(second)
+    tensors = {k: torch.zeros(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    tensors["model.embed_tokens.weight"] = torch.zeros(VOCAB, HIDDEN)
+    save_file(tensors, str(second), metadata={"format": "pt"})
+
+
+def _single_link_out(lay: Layout) -> None:
+    outside = lay.root / "outside"
+    outside.mkdir()
+    target = outside / "model.safetensors"
+    (lay.base / "model.safetensors").rename(target)
+    (lay.base / "model.safetensors").symlink_to(target)
+
+
+def _adapter_link_out(lay: Layout) -> None:
+    outside = lay.root / "outside"
+    outside.mkdir()
+    target = outside / "private.safetensors"
+    (lay.adapter / "adapter_model.safetensors").rename(target)
+    (lay.adapter / "adapter_model.safetensors").symlink_to(target)
+
+
+def _hf_cache(root: Path) -> Layout:
+    """A base laid out like the Hugging Face hub cache: snapshot links into ../../blobs."""
+    repo = root / "models--tiny--llama"
+    snap = repo / "snapshots" / "0123abcd"
+    blobs = repo / "blobs"
+    tmp = root / "staging"
+    write_base(tmp, shards=2)
+    blobs.mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for f in sorted(tmp.iterdir()):
+        digest = hashlib.sha256(f.read_bytes()).hexdigest()
+        f.rename(blobs / digest)
+        (snap / f.name).symlink_to(Path("../../blobs") / digest)
+    tmp.rmdir()
+    adapter, out = root / "adapter", root / "out"
+    write_adapter(adapter)
+    argv = ["merge", "--base", str(snap), "--adapter", str(adapter), "-o", str(out)]
+    return Layout(root, snap, adapter, out, argv)
+
+
+def _config_link_out(lay: Layout) -> None:
+    outside = lay.root / "outside"
+    outside.mkdir()
+    (outside / "secrets.json").write_text('{"model_type": "llama", "api_token": "hunter2"}')
+    (lay.base / "config.json").unlink()
+    (lay.base / "config.json").symlink_to(outside / "secrets.json")
+
+
+def _fifo_side_file(lay: Layout) -> None:
+    os.mkfifo(lay.base / "tokenizer.json")
+
+
+def _hub_blobs_out(root: Path) -> Layout:
+    lay = _hf_cache(root)
+    lay.out = lay.base.parent.parent / "blobs"
+    lay.out_preexists = True
+    lay.argv = [*lay.argv[:-1], str(lay.out), "--force"]
+    return lay
+
+
+def _out_at(where: Callable[[Layout], Path], *, preexists: bool = True, force: bool = False):
+    def build(root: Path) -> Layout:
+        lay = _std(root)
+        lay.out = where(lay)
+        lay.out_preexists = preexists
+        lay.argv = [
+            "merge", "--base", str(lay.base), "--adapter", str(lay.adapter), "-o", str(lay.out),
+        ] + (["--force"] if force else [])  # fmt: skip
+        return lay
+
+    return build
+
+
+def _existing_out(lay: Layout) -> Path:
+    lay.out.mkdir()
+    (lay.out / "keep.txt").write_text("an earlier result\n")
+    return lay.out
+
+
+def _link_to_base(lay: Layout) -> Path:
+    link = lay.root / "out-link"
+    link.symlink_to(lay.base)
+    return link
+
+
+def _argv(edit: Callable[[Layout], list[str]], preexists: bool = False):
+    def build(root: Path) -> Layout:
+        lay = _std(root)
+        lay.argv = edit(lay)
+        lay.out_preexists = preexists
+        return lay
+
+    return build
+
+
+def _fp16_overflow(root: Path) -> Layout:
+    """fp16 base; a finite delta of about 1e5 that only overflows when rounded to fp16."""
+    base, adapter, out = root / "base", root / "adapter", root / "out"
+    write_base(base, base_tensors(torch.float16), config={**BASE_CONFIG, "torch_dtype": "float16"})
+    t = adapter_tensors()
+    t[f"{_Q0}.lora_A.weight"] = torch.full((RANK, HIDDEN), 100.0)
+    t[f"{_Q0}.lora_B.weight"] = torch.full((HIDDEN, RANK), 100.0)
+    write_adapter(adapter, t)
+    argv = ["merge", "--base", str(base), "--adapter", str(adapter), "-o", str(out)]
+    return Layout(root, base, adapter, out, argv)
+
+
+def _dora_zero_norm(root: Path) -> Layout:
+    """DoRA on q_proj of layer 0, whose row 0 has W + ΔW = 0: the norm DoRA divides by is 0."""
+    base, adapter, out = root / "base", root / "adapter", root / "out"
+    tensors = base_tensors()
+    tensors["model.layers.0.self_attn.q_proj.weight"][0].zero_()
+    write_base(base, tensors)
+    t = adapter_tensors()
+    t[f"{_Q0}.lora_B.weight"][0].zero_()
+    for i in range(LAYERS):
+        for name in TARGETS:
+            t[f"{PREFIX}model.layers.{i}.self_attn.{name}.lora_magnitude_vector"] = torch.ones(
+                HIDDEN
+            )
+    write_adapter(adapter, t, {**ADAPTER_CONFIG, "use_dora": True})
+    argv = ["merge", "--base", str(base), "--adapter", str(adapter), "-o", str(out)]
+    return Layout(root, base, adapter, out, argv)
+
+
+def _int8_target(lay: Layout) -> None:
+    tensors = base_tensors()
+    tensors["model.layers.0.self_attn.q_proj.weight"] = torch.ones(HIDDEN, HIDDEN, dtype=torch.int8)
+    write_base(lay.base, tensors)
+
+
+def _deep(n: int) -> str:
+    return "[" * n + "]" * n
+
+
+_INF = float("inf")
+_NAN = float("nan")
+
+CASES: tuple[Case, ...] = (
+    # -- safetensors containers -----------------------------------------------------------------
+    Case("base-truncated-data", "base model.safetensors cut 100 bytes short",
+         _with(lambda lay: _truncate(lay.base / "model.safetensors", -100)),
+         2, "the file is truncated", "model.safetensors", group="safetensors"),
+    Case("base-truncated-header", "base model.safetensors cut to 5 bytes",
+         _with(lambda lay: _truncate(lay.base / "model.safetensors", 5)),
+         2, "truncated safetensors file", "model.safetensors", group="safetensors"),
+    Case("base-empty-file", "base model.safetensors is empty",
+         _with(lambda lay: _truncate(lay.base / "model.safetensors", 0)),
+         2, "truncated safetensors file", "model.safetensors", group="safetensors"),
+    Case("base-header-length-lies", "the 8-byte header length says 10^12",
+         _with(_header_length), 2, "exceeds the file", "model.safetensors", group="safetensors"),
+    Case("base-header-not-json", "the header bytes are not JSON",
+         _with(_header_text("model.safetensors", b"{not json")),
+         2, "header is not valid JSON", "model.safetensors", group="safetensors"),
+    Case("base-header-not-utf8", "the header bytes are not UTF-8",
+         _with(_header_text("model.safetensors", b'{"\xff\xfe": 1}')),
+         2, "header is not valid JSON", "model.safetensors", group="safetensors"),
+    Case("base-header-deep-nesting", "the header is JSON nested 100000 deep",
+         _with(_header_text("model.safetensors", _deep(100000).encode())),
+         2, "malformed", "model.safetensors", group="safetensors"),
+    Case("base-header-not-object", "the header is a JSON list",
+         _with(_header_text("model.safetensors", b"[1, 2]")),
+         2, "header is not a JSON object", "model.safetensors", group="safetensors"),
+    Case("base-offsets-past-end", "a tensor's data_offsets point past the end of the file",
+         _with(_offsets_past_end), 2, "past the end of the file", "model.safetensors",
+         group="safetensors"),
+    Case("base-offsets-wrong-span", "data_offsets span fewer bytes than dtype x shape",
+         _with(_set_entry("model.safetensors", "model.norm.weight", "data_offsets", [0, 4])),
+         2, "dtype and shape need", "model.norm.weight", group="safetensors"),
+    Case("base-offsets-overlap", "two tensors' byte ranges overlap",
+         _with(_offsets_overlap), 2, "overlap", "model.safetensors", group="safetensors"),
+    Case("base-offsets-not-pair", "data_offsets is not [begin, end]",
+         _with(_set_entry("model.safetensors", "model.norm.weight", "data_offsets", [0])),
+         2, "is not [begin, end]", "model.norm.weight", group="safetensors"),
+    Case("base-dtype-lies", "header says F64 for a tensor stored as F32",
+         _with(_set_entry("model.safetensors", "model.norm.weight", "dtype", "F64")),
+         2, "dtype and shape need", "model.norm.weight", group="safetensors"),
+    Case("base-dtype-unknown", "header dtype is 'F33'",
+         _with(_set_entry("model.safetensors", None, "dtype", "F33")),
+         2, "unknown dtype", "model.safetensors", group="safetensors"),
+    Case("base-dtype-not-string", "header dtype is a JSON list",
+         _with(_set_entry("model.safetensors", None, "dtype", ["F32"])),
+         2, "malformed safetensors header", "model.safetensors", group="safetensors"),
+    Case("base-shape-negative", "header shape holds -1",
+         _with(_set_entry("model.safetensors", "model.norm.weight", "shape", [-1])),
+         2, "non-negative ints", "model.norm.weight", group="safetensors"),
+    Case("base-metadata-not-object", "__metadata__ is a number",
+         _with(lambda lay: edit_header(
+             lay.base / "model.safetensors", lambda h: h.__setitem__("__metadata__", 5))),
+         2, "__metadata__ is not an object", "model.safetensors", group="safetensors"),
+    Case("adapter-truncated", "adapter_model.safetensors cut 64 bytes short",
+         _with(lambda lay: _truncate(lay.adapter / "adapter_model.safetensors", -64)),
+         2, "truncated", "adapter_model.safetensors", group="safetensors"),
+    Case("adapter-header-lies", "adapter header says F64 for an F32 factor",
+         _with(_set_entry("adapter_model.safetensors", f"{_Q0}.lora_A.weight", "dtype", "F64")),
+         2, "dtype and shape need", "q_proj.lora_A.weight", group="safetensors"),
+    # -- adapter tensors -----------------------------------------------------------------------
+    Case("adapter-shape-vs-base", "lora_A has 20 input features, the base q_proj has 16",
+         _with(_set_tensor(f"{_Q0}.lora_A.weight", torch.randn(RANK, 20))),
+         2, "factors give", "q_proj", group="adapter tensors"),
+    Case("adapter-factors-dont-compose", "lora_B has 3 columns for a rank-4 lora_A",
+         _with(_set_tensor(f"{_Q0}.lora_B.weight", torch.randn(HIDDEN, 3))),
+         2, "do not compose", "q_proj", group="adapter tensors"),
+    Case("adapter-factor-1d", "lora_A is 1-D",
+         _with(_set_tensor(f"{_Q0}.lora_A.weight", torch.randn(HIDDEN))),
+         2, "do not compose", "q_proj", group="adapter tensors"),
+    Case("adapter-int-dtype", "lora_A stored as int32",
+         _with(_set_tensor(f"{_Q0}.lora_A.weight", torch.ones(RANK, HIDDEN, dtype=torch.int32))),
+         2, "floating-point dtype", "q_proj.lora_A.weight", group="adapter tensors"),
+    Case("adapter-bool-dtype", "lora_B stored as bool",
+         _with(_set_tensor(f"{_Q0}.lora_B.weight", torch.ones(HIDDEN, RANK, dtype=torch.bool))),
+         2, "floating-point dtype", "q_proj.lora_B.weight", group="adapter tensors"),
+    Case("adapter-missing-factor", "lora_B of q_proj is absent",
+         _with(_drop(f"{_Q0}.lora_B.weight")),
+         2, "not both factors", "q_proj", group="adapter tensors"),
+    Case("adapter-unknown-module", "factors for a module the base does not have",
+         _with(_adapter_tensors_edit(lambda t: t.update({
+             f"{PREFIX}model.layers.0.self_attn.zz_proj.lora_A.weight": torch.randn(RANK, HIDDEN),
+             f"{PREFIX}model.layers.0.self_attn.zz_proj.lora_B.weight": torch.randn(HIDDEN, RANK),
+         }))),
+         2, "the base has no tensor", "zz_proj", group="adapter tensors"),
+    Case("adapter-unknown-lora-tensor", "a lora_C tensor loracc does not know",
+         _with(_adapter_tensors_edit(lambda t: t.update({
+             f"{_Q0}.lora_C.weight": torch.randn(RANK, RANK)}))),
+         2, "unknown LoRA tensor", "lora_C", group="adapter tensors"),
+    Case("adapter-int8-base-target", "the adapted base weight is int8 (quantized)",
+         _with(_int8_target), 2, "not floating point", "q_proj", group="adapter tensors"),
+    # -- non-finite values -----------------------------------------------------------------------
+    Case("adapter-nan", "NaN in one lora_B value",
+         _with(_poison(f"{_Q0}.lora_B.weight", _NAN)),
+         2, "has NaN or Inf", "q_proj.lora_B.weight", group="non-finite"),
+    Case("adapter-inf", "+Inf in one lora_A value",
+         _with(_poison(f"{_Q0}.lora_A.weight", _INF)),
+         2, "has NaN or Inf", "q_proj.lora_A.weight", group="non-finite"),
+    Case("adapter-nan-allowed", "NaN in lora_B with --allow-nonfinite",
+         _with(_poison(f"{_Q0}.lora_B.weight", _NAN), extra=("--allow-nonfinite",)),
+         0, "merged 4 sites", group="non-finite"),
+    Case("merged-overflow", "finite factors of 1e20 whose product overflows fp32",
+         _with(_adapter_tensors_edit(lambda t: t.update({
+             f"{_Q0}.lora_A.weight": torch.full((RANK, HIDDEN), 1e20),
+             f"{_Q0}.lora_B.weight": torch.full((HIDDEN, RANK), 1e20)}))),
+         2, "has NaN or Inf", "model.layers.0.self_attn.q_proj.weight", group="non-finite"),
+    Case("merged-overflow-fp16", "fp16 base; the merged value 1.6e5 overflows only in fp16",
+         _fp16_overflow, 2, "has NaN or Inf", "model.layers.0.self_attn.q_proj.weight",
+         pending="loracc/lower/merge.py checks finiteness in fp32, before rounding to fp16",
+         group="non-finite"),
+    Case("dora-zero-norm", "DoRA site whose W + dW has an all-zero output row",
+         _dora_zero_norm, 2, "DoRA norm", "model.layers.0.self_attn.q_proj",
+         needs="loracc.passes.fold_dora", group="non-finite"),
+    # -- adapter_config.json -------------------------------------------------------------------
+    Case("config-not-json", "adapter_config.json is not JSON",
+         _with(_config(text="{'r': 8,")), 2, "not valid JSON", "adapter_config.json",
+         group="adapter_config.json"),
+    Case("config-not-utf8", "adapter_config.json holds invalid UTF-8",
+         _with(_config(text=b'{"r": "\xff"}')), 2, "cannot read", "adapter_config.json",
+         group="adapter_config.json"),
+    Case("config-deep-nesting", "adapter_config.json is a list nested 100000 deep",
+         _with(_config(text=_deep(100000))), 2, "nested too deeply", "adapter_config.json",
+         group="adapter_config.json"),
+    Case("config-not-object", "adapter_config.json is a JSON list",
+         _with(_config(text="[1, 2]")), 2, "not a JSON object", "adapter_config.json",
+         group="adapter_config.json"),
+    Case("config-r-string", "r is the string \"8\"",
+         _with(_config({"r": "8"})), 2, "'r' must be a positive integer", "adapter_config.json",
+         group="adapter_config.json"),
+    Case("config-r-zero", "r is 0",
+         _with(_config({"r": 0})), 2, "'r' must be a positive integer", "adapter_config.json",
+         group="adapter_config.json"),
+    Case("config-r-negative", "r is -4",
+         _with(_config({"r": -4})), 2, "'r' must be a positive integer", "adapter_config.json",
+         group="adapter_config.json"),
+    Case("config-r-bool", "r is true",
+         _with(_config({"r": True})), 2, "'r' must be a positive integer", "adapter_config.json",
+         group="adapter_config.json"),
+    Case("config-alpha-string", "lora_alpha is \"16\"",
+         _with(_config({"lora_alpha": "16"})), 2, "'lora_alpha' must be a number",
+         "adapter_config.json", group="adapter_config.json"),
+    Case("config-targets-wrong-type", "target_modules is 5",
+         _with(_config({"target_modules": 5})), 2, "'target_modules' must be",
+         "adapter_config.json", group="adapter_config.json"),
+    Case("config-rank-pattern-zero", "rank_pattern gives q_proj rank 0",
+         _with(_config({"rank_pattern": {"q_proj": 0}})), 2, "'rank_pattern' must be",
+         "adapter_config.json", group="adapter_config.json"),
+    Case("config-bad-regex", "an alpha_pattern key is not a regular expression",
+         _with(_config({"alpha_pattern": {"q_proj(": 4}})), 2, "not a valid regular expression",
+         "alpha_pattern", group="adapter_config.json"),
+    Case("config-bad-regex-targets", "target_modules is a string that is not a regex",
+         _with(_config({"target_modules": "*q_proj"})), 2, "not a valid regular expression",
+         "target_modules", group="adapter_config.json"),
+    Case("config-peft-type", "peft_type is IA3",
+         _with(_config({"peft_type": "IA3"})), 2, "reads LoRA adapters only",
+         "adapter_config.json", group="adapter_config.json"),
+    Case("config-unknown-field", "an unknown field from a peft no newer than loracc knows",
+         _with(_config({"my_custom_flag": True})), 0, "unknown field 'my_custom_flag'",
+         group="adapter_config.json"),
+    Case("config-future-field", "peft 0.99 writes a field loracc does not know, set",
+         _with(_config({"peft_version": "0.99.0", "lora_frobnicate": True})),
+         2, "'lora_frobnicate'", "newer than loracc", group="adapter_config.json"),
+    Case("config-future-field-unset", "peft 0.99 writes an unknown field, left at false",
+         _with(_config({"peft_version": "0.99.0", "lora_frobnicate": False})),
+         0, "unknown field 'lora_frobnicate'", group="adapter_config.json"),
+    Case("config-alora", "alora_invocation_tokens set (no merged form exists)",
+         _with(_config({"alora_invocation_tokens": [1, 2]})), 2, "cannot merge",
+         "alora_invocation_tokens", group="adapter_config.json"),
+    Case("config-missing", "the adapter folder has no adapter_config.json",
+         _with(lambda lay: (lay.adapter / "adapter_config.json").unlink()),
+         2, "no adapter_config.json", "adapter", group="adapter_config.json"),
+    # -- pickles ---------------------------------------------------------------------------------
+    Case("adapter-pickle-only", "only adapter_model.bin (a pickle that would create a file)",
+         _with(_pickle_canary("adapter", "adapter_model.bin")),
+         2, "never unpickles", "adapter_model.bin", group="pickles"),
+    Case("adapter-pickle-beside-safetensors", "adapter_model.bin next to the safetensors file",
+         _with(_pickle_canary("adapter", "adapter_model.bin", keep_safetensors=True)),
+         0, "merged 4 sites", group="pickles"),
+    Case("base-pickle-only", "the base has only pytorch_model.bin (a pickle)",
+         _with(_pickle_canary("base", "pytorch_model.bin")),
+         2, "never unpickles", "pytorch_model.bin", group="pickles"),
+    # -- paths: shard names and links ------------------------------------------------------------
+    Case("index-dotdot", "an index shard name '../outside/...'",
+         _with(_index_name(lambda lay: "../outside/model-00002-of-00002.safetensors"), shards=2),
+         2, "points outside", "model.safetensors.index.json", group="paths"),
+    Case("index-absolute", "an index shard name that is an absolute path",
+         _with(_index_name(lambda lay: str(lay.root / "outside/model-00002-of-00002.safetensors")),
+               shards=2),
+         2, "points outside", "model.safetensors.index.json", group="paths"),
+    Case("index-symlink-out", "a shard that is a link to a file outside the folder",
+         _with(_shard_link(None), shards=2),  # type: ignore[arg-type]
+         2, "resolves outside", "model-00002-of-00002.safetensors", group="paths"),
+    Case("index-symlink-loop", "a shard that is a link to itself",
+         _with(_shard_link(lambda lay: lay.base / "model-00002-of-00002.safetensors"), shards=2),
+         2, "cannot be resolved", "model-00002-of-00002.safetensors", group="paths"),
+    Case("index-missing-shard", "the index names a shard that does not exist",
+         _with(lambda lay: (lay.base / "model-00002-of-00002.safetensors").unlink(), shards=2),
+         2, "shard not found", "model-00002-of-00002.safetensors", group="paths"),
+    Case("index-weight-map-type", "weight_map is a list",
+         _with(_index_edit(lambda d: d.__setitem__("weight_map", [])), shards=2),
+         2, "'weight_map' must map", "model.safetensors.index.json", group="paths"),
+    Case("index-lists-absent-tensor", "the index lists a tensor no shard holds",
+         _with(_index_edit(lambda d: d["weight_map"].__setitem__(
+             "ghost.weight", "model-00001-of-00002.safetensors")), shards=2),
+         2, "is not in its shard", "ghost.weight", group="paths"),
+    Case("index-duplicate-tensor", "two shards hold the same tensor",
+         _with(_duplicate_tensor, shards=2), 2, "also in", "model.embed_tokens.weight",
+         group="paths"),
+    Case("base-symlink-out", "model.safetensors is a link to a file outside the folder",
+         _with(_single_link_out), 2, "resolves outside", "model.safetensors", group="paths"),
+    Case("adapter-symlink-out", "adapter_model.safetensors links to a file outside the folder",
+         _with(_adapter_link_out), 2, "resolves outside", "adapter_model.safetensors",
+         group="paths"),
+    Case("hf-cache-links", "a hub-cache snapshot whose files link into ../../blobs (allowed)",
+         _hf_cache, 0, "merged 4 sites", group="paths"),
+    Case("base-config-symlink-out", "the base config.json links to a JSON file outside the folder",
+         _with(_config_link_out), 2, "resolves outside", "config.json", group="paths"),
+    Case("base-side-file-fifo", "a named pipe among the base's side files (would block a copy)",
+         _with(_fifo_side_file), 2, "named pipe", "tokenizer.json", group="paths"),
+    Case("base-missing", "the base folder does not exist",
+         _with(lambda lay: shutil.rmtree(lay.base)), 2, "base checkpoint folder not found",
+         "base", group="paths"),
+    Case("adapter-missing", "the adapter folder does not exist",
+         _with(lambda lay: shutil.rmtree(lay.adapter)), 2, "adapter folder not found",
+         "adapter", group="paths"),
+    Case("base-config-not-json", "the base config.json is not JSON",
+         _with(lambda lay: (lay.base / "config.json").write_text("{")), 2, "not valid JSON",
+         "config.json", group="paths"),
+    # -- the output path -------------------------------------------------------------------------
+    Case("output-is-base", "-o names the base folder",
+         _out_at(lambda lay: lay.base), 2, "overlaps the input", "base", group="output"),
+    Case("output-is-adapter", "-o names the adapter folder, with --force",
+         _out_at(lambda lay: lay.adapter, force=True), 2, "overlaps the input", "adapter",
+         group="output"),
+    Case("output-inside-input", "-o is a new folder inside the base folder",
+         _out_at(lambda lay: lay.base / "merged", preexists=False), 2, "overlaps the input",
+         "base", group="output"),
+    Case("output-contains-input", "-o is the folder holding both inputs, with --force",
+         _out_at(lambda lay: lay.root, force=True), 2, "overlaps the input", "base",
+         group="output"),
+    Case("output-links-to-input", "-o is a link to the base folder, with --force",
+         _out_at(_link_to_base, force=True), 2, "overlaps the input", "base", group="output"),
+    Case("output-exists", "-o already exists",
+         _out_at(_existing_out), 2, "already exists (use --force", "out", group="output"),
+    Case("output-exists-force", "-o already exists, with --force: replaced",
+         _out_at(_existing_out, preexists=False, force=True), 0, "merged 4 sites",
+         group="output"),
+    Case("output-parent-missing", "-o's parent folder does not exist",
+         _out_at(lambda lay: lay.root / "nowhere" / "out", preexists=False), 2,
+         "parent folder does not exist", "nowhere", group="output"),
+    Case("output-parent-is-file", "-o's parent is a file",
+         _out_at(lambda lay: (lay.root / "afile").write_text("x") and lay.root / "afile" / "out",
+                 preexists=False), 2, "parent is not a folder", "afile", group="output"),
+    Case("output-is-hub-blobs", "-o is the hub-cache blobs folder the base links into, --force",
+         _hub_blobs_out, 2, "overlaps the files of the input", "blobs", group="output"),
+    # -- usage -----------------------------------------------------------------------------------
+    Case("usage-missing-base", "--base is not given",
+         _argv(lambda lay: ["merge", "--adapter", str(lay.adapter), "-o", str(lay.out)]),
+         2, "Missing option '--base'", one_line=False, group="usage"),
+    Case("usage-bad-dtype", "--dtype float8",
+         _with(lambda lay: None, extra=("--dtype", "float8")), 2, "is not one of", "--dtype",
+         group="usage"),
+    Case("usage-bad-shard-size", "--max-shard-size lots",
+         _with(lambda lay: None, extra=("--max-shard-size", "lots")), 2, "cannot read",
+         "--max-shard-size", group="usage"),
+)  # fmt: skip
+
+
+CASES_BY_NAME: dict[str, Case] = {c.name: c for c in CASES}
+assert len(CASES_BY_NAME) == len(CASES), "case names repeat"
+
+
+def build_valid(root: Path, *, shards: int = 1) -> Layout:
+    """A valid base + adapter pair (4 LoRA sites, scale 2) and the plain merge command line."""
+    root.mkdir(parents=True, exist_ok=True)
+    return _std(root, shards=shards)
+
+
+def build_case(case: Case, root: Path) -> Layout:
+    """Build ``case`` in the empty folder ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
+    return case.build(root)
+
+
+TABLE_START, TABLE_END = "<!-- corpus-table:start -->", "<!-- corpus-table:end -->"
+
+
+def markdown_table() -> str:
+    """The corpus as a Markdown table for docs/ERRORS.md."""
+    rows = [
+        "| case | input | exit | message contains | and names |",
+        "|---|---|---|---|---|",
+    ]
+    for c in CASES:
+        msg = c.message.replace("|", "\\|")
+        names = f"`{c.names}`" if c.names else ""
+        note = f" **Known gap:** {c.pending}." if c.pending else ""
+        rows.append(f"| `{c.name}` | {c.what}.{note} | {c.exit_code} | `{msg}` | {names} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("dir", nargs="?", help="build every case under DIR (default: a temp folder)")
+    p.add_argument("--markdown", action="store_true", help="print the table for docs/ERRORS.md")
+    p.add_argument("--update-doc", metavar="MD", help="rewrite the table between the markers")
+    args = p.parse_args(argv)
+    if args.markdown:
+        print(markdown_table())
+        return 0
+    if args.update_doc:
+        doc = Path(args.update_doc)
+        head, rest = doc.read_text().split(TABLE_START, 1)
+        _, tail = rest.split(TABLE_END, 1)
+        doc.write_text(f"{head}{TABLE_START}\n{markdown_table()}\n{TABLE_END}{tail}")
+        return 0
+    root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="loracc-corpus-"))
+    for case in CASES:
+        lay = build_case(case, root / case.name)
+        print(f"{case.name:<36} exit {case.exit_code}  {' '.join(lay.argv[:1])} ...")
+    print(f"{len(CASES)} cases under {root}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
