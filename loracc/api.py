@@ -274,6 +274,12 @@ def convert(
         raise UnsupportedError(f"{adapter.name}: cannot convert: {adapter.refusals[0]}")
     passes = convert_pipeline(base=base is not None, rank=rank, energy=energy)
     result = run_pipeline(adapter, passes, PassContext(base=base, device=_device(device)))
+    split = {k for s in getattr(base, "expert_splits", {}).values() for ks in s.keys for k in ks}
+    if any(s.target in split for s in result.adapter.sites):
+        raise UnsupportedError(
+            f"{adapter.name}: cannot convert: fused expert target_parameters stored per expert "
+            "in the base are not written back as a PEFT adapter yet"
+        )
     inputs = [Path(adapter_dir)] + [Path(p) for p in (base_dir, initial_adapter) if p is not None]
     with atomic_dir(Path(out_dir), inputs, force=force) as tmp:
         keys = write_peft_adapter(result.adapter, tmp)

@@ -141,7 +141,7 @@ def test_pissa_niter_with_initial_adapter(tmp_path, tmp_path_factory):
     nc = pc.build_niter(tmp_path_factory)
     # Why loracc does not follow PEFT's reload: it re-draws the randomized SVD.
     drift = po.rel_err(nc.reloaded_logits, nc.trained_logits)
-    assert drift > 1e-5, f"PEFT's pissa_niter reload now reproduces training ({drift:.3g})"
+    assert drift > 1e-2, f"PEFT's pissa_niter reload now reproduces training ({drift:.3g})"
     out = tmp_path / "out"
     loracc.merge(str(nc.base_dir), str(nc.adapter_dir), str(out), initial_adapter=nc.initial_dir)
     got = po.model_output(po.load_model(out, "llama"), nc.inputs)
