@@ -19,7 +19,9 @@ Where ``B0·A0`` comes from:
   ``B0 = U_r·diag(√(S_r/s))`` on the (out, in) weight; ``s·B0·A0`` is the best rank-r
   approximation, unique up to singular-vector signs, which cancel in the product.
   ``olora``: ``Q, R = qr(W_stored)``, ``A0 = R[:r]``, ``B0 = Q[:, :r]``; ``Q_r·R_r`` projects W
-  onto the span of its first r columns, so it too is unique.
+  onto the span of its first r columns, so it too is unique. Recomputed factors get a sign
+  convention (largest entry of each column of B0 positive, zeros +0) so the IR does not depend on
+  the LAPACK build.
 - ``pissa_niter_K`` (a randomized ``svd_lowrank``), ``corda`` (activation covariances) and
   ``lora_ga`` (gradients) cannot be recomputed: the pass refuses and asks for the initial
   adapter. peft itself re-runs these inits when it reloads the adapter, so a reloaded
