@@ -173,7 +173,12 @@ def _adapter_paths(out: Path, adapters: Sequence[Path]) -> list[Path]:
 def _bind_all(
     index: Any, adapters: list[Adapter], ckpt: Checkpoint | None, base_path: Path
 ) -> tuple[BindingTable, list[Adapter], list[dict[str, Any]]]:
-    from loracc.lower.onnx_bind import OnnxBase, bind_adapter, correct_kinds
+    from loracc.lower.onnx_bind import (
+        OnnxBase,
+        bind_adapter,
+        correct_kinds,
+        drop_noop_replacements,
+    )
 
     table = bind_adapter(index, adapters, base=ckpt)
     adapters = [correct_kinds(a, table) for a in adapters]
@@ -188,7 +193,11 @@ def _bind_all(
     for c in compiled:  # keep the bindings pointing at the compiled sites
         for site in c.sites:
             table.sites[site.module].site = site
-    return table, compiled, steps
+    pruned = []
+    for c in compiled:
+        c, notes = drop_noop_replacements(table, c)
+        pruned.append(replace(c, notes=c.notes + tuple(notes)) if notes else c)
+    return table, pruned, steps
 
 
 def export_onnx(
@@ -333,6 +342,7 @@ def pack(
     from loracc.io.onnx_model import load_model
     from loracc.io.output import atomic_files
     from loracc.ir import SiteKind
+    from loracc.lower.onnx_bind import GraphIndex, bind_adapter, drop_noop_replacements
     from loracc.lower.onnx_lora import check_fits, manifest_base, pack_params, read_manifest
 
     model_path, adapter_path, out = Path(model), Path(adapter), Path(output)
@@ -341,6 +351,11 @@ def pack(
     onnx_model = load_model(model_path)
     groups = read_manifest(onnx_model, str(model_path))
     loaded = _load(adapter_path, _checkpoint(base_weights), initial_adapter)
+    notes: list[str] = []
+    if loaded.replacements:
+        index = GraphIndex(onnx_model)
+        table = bind_adapter(index, [replace(loaded, sites=(), token_rows=())])
+        loaded, notes = drop_noop_replacements(table, loaded)
     if loaded.replacements or loaded.token_rows:
         names = [r.target for r in loaded.replacements] + [t.target for t in loaded.token_rows]
         raise UnsupportedError(
@@ -374,5 +389,5 @@ def pack(
         filled=sorted(used),
         empty=sorted(g.key for g in groups if g.key not in used),
         params=sum(int(v.numel()) for v, _ in params.values()),
-        notes=list(compiled.notes),
+        notes=notes + list(compiled.notes),
     )

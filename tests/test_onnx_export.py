@@ -49,7 +49,25 @@ SPECS = {
     ),
     "llama_dora": po.CaseSpec(
         "llama",
-        dict(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "down_proj"]),
+        dict(
+            r=4,
+            lora_alpha=8,
+            use_dora=True,
+            target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
+        ),
+    ),
+    # DoRA on Conv2d (bias moved after the scale) and on the Gemm with bias.
+    "conv_dora": po.CaseSpec(
+        "conv", dict(r=4, lora_alpha=8, use_dora=True, target_modules=["conv1", "conv3", "fc"])
+    ),
+    # PiSSA: trained on the residual base; the export's base is the original one.
+    "llama_pissa": po.CaseSpec(
+        "llama",
+        dict(r=4, lora_alpha=8, init_lora_weights="pissa", target_modules=["q_proj", "o_proj"]),
+    ),
+    "llama_olora": po.CaseSpec(
+        "llama",
+        dict(r=4, lora_alpha=8, init_lora_weights="olora", target_modules=["v_proj", "up_proj"]),
     ),
 }
 
@@ -508,6 +526,45 @@ def test_dora_scale_slot(oc: OnnxCases, tmp_path: Path) -> None:
     packed = tmp_path / "dora.onnx_adapter"
     loracc.pack(empty, case.adapter_dir, packed)
     assert_close(run(empty, case, packed), case.peft_logits, "packed DoRA vs PEFT")
+
+
+def test_dora_conv_and_gemm_bias(oc: OnnxCases, tmp_path: Path) -> None:
+    case = oc.case("conv_dora")
+    assert_effect(case)
+    merged, _ = oc.export("ts", "conv_dora")
+    assert_close(run(merged, case), case.peft_logits, "merged DoRA conv vs PEFT unmerged")
+    empty, _ = oc.export("ts", "conv_dora", keep_lora=True, empty_slots=True)
+    assert slot_inputs(empty)["conv1.dora_scale"] == [8, 1, 1]
+    assert_close(run(empty, case), case.base_logits, "empty DoRA conv vs base")
+    assert_close(run(empty, case, empty.with_name("out.onnx_adapter")), case.peft_logits, "act.")
+
+
+@pytest.mark.parametrize("name", ["llama_pissa", "llama_olora"])
+def test_residual_inits_rank_2r(oc: OnnxCases, name: str) -> None:
+    """PiSSA/OLoRA adapters apply to the residual base; on the original ONNX base they become
+    plain LoRA of rank 2r (reconstruct-residual reads the ONNX weights)."""
+    case = oc.case(name)
+    assert_effect(case)
+    merged, _ = oc.export("ts", name)
+    assert_close(run(merged, case), case.peft_logits, "merged vs PEFT")
+    empty, _ = oc.export("ts", name, keep_lora=True, empty_slots=True)
+    assert_close(run(empty, case), case.base_logits, "empty vs base")
+    assert_close(run(empty, case, empty.with_name("out.onnx_adapter")), case.peft_logits, "act.")
+    params = ort.AdapterFormat.read_adapter(str(empty.with_name("out.onnx_adapter")))
+    ranks = {v.shape()[1] for k, v in params.get_parameters().items() if "lora_A" in k}
+    assert ranks == {8}
+
+
+@pytest.mark.parametrize("name", ["gpt2_wte_tied", "gpt2_lmhead_tied"])
+def test_lora_on_tied_gpt2_embedding(oc: OnnxCases, name: str) -> None:
+    """LoRA on one side of GPT-2's tied wte/lm_head changes only that side (PEFT's forward;
+    PEFT's own merge gets this wrong, so the reference is the unmerged forward)."""
+    case = oc.case(name)
+    assert_effect(case)
+    merged, _ = oc.export("ts", name)
+    assert_close(run(merged, case), case.peft_logits, "merged vs PEFT unmerged")
+    kept, _ = oc.export("ts", name, keep_lora=True)
+    assert_close(run(kept, case), case.peft_logits, "keep-lora vs PEFT unmerged")
 
 
 # --------------------------------------------------------------------------------------------

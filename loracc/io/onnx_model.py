@@ -14,6 +14,7 @@ outputs are written under temporary names and renamed at the end (:func:`atomic_
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -102,8 +103,11 @@ def tensor_to_torch(tensor: ir.TensorProtocol, dtype: torch.dtype | None = None)
     else:
         out = torch.from_numpy(np.array(array, copy=True))
     out = out.reshape(tuple(int(d) for d in tensor.shape))
+    del array
     if isinstance(tensor, ir.ExternalTensor):
-        tensor.release()  # unmap: the caller holds its own copy now
+        # unmap: the caller holds its own copy now (unless another view keeps the mapping)
+        with contextlib.suppress(BufferError):
+            tensor.release()
     return out if dtype is None else out.to(dtype)
 
 

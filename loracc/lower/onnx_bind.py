@@ -70,6 +70,7 @@ __all__ = [
     "TensorBinding",
     "WeightUse",
     "bind_adapter",
+    "drop_noop_replacements",
     "privatize",
     "read_ref",
     "ref_shape",
@@ -817,6 +818,31 @@ def with_tied(index: GraphIndex, tb: TensorBinding) -> TensorBinding:
     return TensorBinding(
         tb.key, places, tb.how + "+tied" if len(places) > len(tb.places) else tb.how
     )
+
+
+def drop_noop_replacements(table: BindingTable, adapter: Adapter) -> tuple[Adapter, list[str]]:
+    """Drop whole replacements equal to what the graph already holds (peft saves a targeted
+    embedding whole even when it did not change)."""
+    from dataclasses import replace
+
+    keep, notes = [], []
+    for r in adapter.replacements:
+        tb = table.tensors.get(r.target)
+        if tb is not None and tb.places and all(_holds(p, r.tensor) for p in tb.places):
+            notes.append(f"{r.target}: saved whole but equal to the model's tensor; ignored")
+        else:
+            keep.append(r)
+    if len(keep) == len(adapter.replacements):
+        return adapter, notes
+    return replace(adapter, replacements=tuple(keep)), notes
+
+
+def _holds(place: Place, tensor: torch.Tensor) -> bool:
+    stored = place.init.const_value
+    assert stored is not None
+    t = tensor_to_torch(stored)
+    view = t.T if place.transposed else t
+    return tuple(view.shape) == tuple(tensor.shape) and torch.equal(view, tensor.to(view.dtype))
 
 
 # -- reading weights --------------------------------------------------------------------------

@@ -1,0 +1,227 @@
+"""ONNX files and onnxruntime plumbing: external data, path safety, IR version, providers,
+adapter files, atomic outputs. References are PEFT (a tiny two-layer model), onnx and numpy."""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from safetensors.torch import load_file, save_file
+
+import loracc
+from loracc.errors import FormatError, NonFiniteError, OutputError
+from loracc.io import ort as lort
+from loracc.io.onnx_model import MAX_IR_VERSION, load_model
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = torch.nn.Linear(8, 16)
+        self.down = torch.nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(x)))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """A tiny base exported with external data, a PEFT adapter on ``up``, PEFT's outputs."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    base = Tiny().eval()
+    x = torch.randn(1, 3, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(base, (x,), str(root / "plain.onnx"), dynamo=False, input_names=["x"])
+    model = onnx.load(str(root / "plain.onnx"))
+    model_dir = root / "base"
+    model_dir.mkdir()
+    onnx.save_model(
+        model,
+        str(model_dir / "model.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="model.onnx.data",
+        size_threshold=0,
+    )
+    peft_model = get_peft_model(
+        copy.deepcopy(base),
+        LoraConfig(r=2, lora_alpha=4, target_modules=["up"], init_lora_weights=False),
+    )
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    peft_model.save_pretrained(str(root / "adapter"))
+    ref = PeftModel.from_pretrained(copy.deepcopy(base), str(root / "adapter"))
+    with torch.no_grad():
+        base_out = base(x)
+        peft_out = ref.eval()(x)
+    return {
+        "root": root,
+        "model": model_dir / "model.onnx",
+        "adapter": root / "adapter",
+        "x": x,
+        "base": base_out,
+        "peft": peft_out,
+    }
+
+
+def _run(path: Path, x: torch.Tensor, *adapters: Path) -> torch.Tensor:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    run_options = ort.RunOptions()
+    keep = []
+    for a in adapters:
+        lora = ort.LoraAdapter()
+        lora.Load(str(a))
+        run_options.add_active_adapter(lora)
+        keep.append(lora)
+    return torch.from_numpy(sess.run(None, {"x": x.numpy()}, run_options)[0])
+
+
+def test_external_data_merge_and_keep_lora(tiny: dict, tmp_path: Path) -> None:
+    assert float((tiny["peft"] - tiny["base"]).abs().max()) > 1e-2
+    out = tmp_path / "merged.onnx"
+    report = loracc.export_onnx(tiny["model"], tiny["adapter"], out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged.onnx", "merged.onnx.data"]
+    locations = {
+        e.value
+        for i in onnx.load(str(out), load_external_data=False).graph.initializer
+        for e in i.external_data
+        if e.key == "location"
+    }
+    assert locations == {"merged.onnx.data"}
+    torch.testing.assert_close(_run(out, tiny["x"]), tiny["peft"], rtol=0, atol=1e-5)
+    # untouched tensors keep their bytes
+    before = {i.name: numpy_helper.to_array(i, str(tiny["model"].parent)).tobytes()
+              for i in onnx.load(str(tiny["model"])).graph.initializer}  # fmt: skip
+    after = {
+        i.name: numpy_helper.to_array(i).tobytes() for i in onnx.load(str(out)).graph.initializer
+    }
+    changed = set(report.changed)
+    assert changed and all(before[k] == after[k] for k in before if k not in changed)
+    kept = tmp_path / "kept.onnx"
+    loracc.export_onnx(tiny["model"], tiny["adapter"], kept, keep_lora=True, empty_slots=True)
+    torch.testing.assert_close(_run(kept, tiny["x"]), tiny["base"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        _run(kept, tiny["x"], tmp_path / "kept.onnx_adapter"), tiny["peft"], rtol=0, atol=1e-5
+    )
+
+
+def test_outputs_are_atomic_and_refuse_overwrite(tiny: dict, tmp_path: Path) -> None:
+    bad = tmp_path / "adapter_inf"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text((tiny["adapter"] / "adapter_config.json").read_text())
+    tensors = load_file(str(tiny["adapter"] / "adapter_model.safetensors"))
+    for k in tensors:
+        if "lora_B" in k:
+            tensors[k] = torch.full_like(tensors[k], 3e38)
+    save_file(tensors, str(bad / "adapter_model.safetensors"), metadata={"format": "pt"})
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    with pytest.raises(NonFiniteError, match="NaN or Inf"):
+        loracc.export_onnx(tiny["model"], bad, out_dir / "m.onnx")
+    assert list(out_dir.iterdir()) == []
+    loracc.export_onnx(tiny["model"], tiny["adapter"], out_dir / "m.onnx")
+    with pytest.raises(OutputError, match="already exists"):
+        loracc.export_onnx(tiny["model"], tiny["adapter"], out_dir / "m.onnx")
+    with pytest.raises(OutputError, match="overlaps the input"):
+        loracc.export_onnx(tiny["model"], tiny["adapter"], tiny["model"], force=True)
+
+
+def _external_model(folder: Path, location: str) -> Path:
+    weight = numpy_helper.from_array(np.ones((2, 2), np.float32), "w")
+    weight.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", "16")):
+        weight.external_data.add(key=key, value=value)
+    weight.ClearField("raw_data")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+        initializer=[weight],
+    )
+    path = folder / "m.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    return path
+
+
+@pytest.mark.parametrize("location", ["../outside.bin", "/etc/passwd", "link.bin", "short.bin"])
+def test_external_data_paths_stay_inside(tmp_path: Path, location: str) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (tmp_path / "outside.bin").write_bytes(b"\0" * 16)
+    (folder / "link.bin").symlink_to(tmp_path / "outside.bin")
+    (folder / "short.bin").write_bytes(b"\0" * 8)
+    path = _external_model(folder, location)
+    with pytest.raises(FormatError, match=r"outside|do not hold"):
+        load_model(path)
+
+
+def test_ir_version_written_is_readable(tiny: dict, tmp_path: Path) -> None:
+    model = onnx.load(str(tiny["model"]))
+    model.ir_version = 13  # what onnx 1.23's helpers write; onnxruntime 1.20 reads 10
+    src = tmp_path / "src" / "m.onnx"
+    src.parent.mkdir()
+    onnx.save_model(model, str(src), save_as_external_data=True, location="m.onnx.data")
+    out = tmp_path / "out.onnx"
+    loracc.export_onnx(src, tiny["adapter"], out, keep_lora=True)
+    assert onnx.load(str(out)).ir_version == MAX_IR_VERSION
+    torch.testing.assert_close(_run(out, tiny["x"]), tiny["peft"], rtol=0, atol=1e-5)
+
+
+def test_cuda_probe_is_quiet_and_falls_back(capfd: pytest.CaptureFixture[str]) -> None:
+    lort.cuda_usable.cache_clear()
+    providers = lort.providers("auto")
+    captured = capfd.readouterr()
+    if lort.cuda_usable():  # a machine with working CUDA
+        assert providers[0] == "CUDAExecutionProvider"
+        return
+    assert providers == ["CPUExecutionProvider"]
+    assert lort.providers("cuda") == ["CPUExecutionProvider"]
+    assert "onnxruntime" not in captured.err and "CUDA" not in captured.err, captured.err
+    with pytest.raises(loracc.LoraccError, match="--device"):
+        lort.providers("tpu")
+
+
+def test_adapter_file_bf16_round_trip(tmp_path: Path) -> None:
+    values = torch.randn(3, 5).to(torch.bfloat16)
+    bits = values.view(torch.int16).numpy().view(np.uint16)
+    path = tmp_path / "a.onnx_adapter"
+    lort.write_adapter(
+        path, {"w": (bits, TensorProto.BFLOAT16), "z": (np.zeros((4, 0), np.float32), 1)}
+    )
+    assert path.read_bytes()[4:8] == b"TORT"
+    back = lort.read_adapter(path)
+    shape, element_type, raw = back["w"]
+    assert shape == (3, 5) and element_type == TensorProto.BFLOAT16
+    assert np.array_equal(np.frombuffer(raw, np.uint16).reshape(3, 5), bits)
+    assert back["z"][0] == (4, 0)
+
+
+def test_run_options_keep_adapters_alive(tiny: dict, tmp_path: Path) -> None:
+    """onnxruntime's RunOptions only points at a LoraAdapter; loracc's keeps it referenced."""
+    out = tmp_path / "k.onnx"
+    loracc.export_onnx(tiny["model"], tiny["adapter"], out, keep_lora=True, empty_slots=True)
+    options = lort.run_options(tmp_path / "k.onnx_adapter")
+    import gc
+
+    gc.collect()
+    sess = lort.session(out, device="cpu")
+    got = torch.from_numpy(sess.run(None, {"x": tiny["x"].numpy()}, options)[0])
+    torch.testing.assert_close(got, tiny["peft"], rtol=0, atol=1e-5)
+    assert os.fspath(out).endswith(".onnx")
