@@ -360,3 +360,32 @@ def test_compile_emit_ir_cli(peft_cases):
     assert "rank=2 " in steps.output.split("// truncate-rank{rank=2}")[1]
     bad = CliRunner().invoke(main, [*args, "--passes", "no-such-pass"])
     assert bad.exit_code == 2 and "unknown pass" in bad.output
+
+
+def test_residual_init_on_a_shared_replicated_layer_refused(tmp_path):
+    """layer_replication copies share Parameters; peft's pissa rewrites the shared one in place."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(0)
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    base.mkdir()
+    adapter.mkdir()
+    q = "model.layers.{}.self_attn.q_proj"
+    weights = {f"{q.format(i)}.weight": torch.randn(4, 4, generator=gen) for i in range(2)}
+    save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
+    (base / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 2}))
+    factors = {}
+    for j in (0, 2):
+        factors[f"base_model.model.{q.format(j)}.lora_A.weight"] = torch.randn(2, 4, generator=gen)
+        factors[f"base_model.model.{q.format(j)}.lora_B.weight"] = torch.randn(4, 2, generator=gen)
+    save_file(factors, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA",
+        "r": 2,
+        "lora_alpha": 4,
+        "init_lora_weights": "pissa",
+        "layer_replication": [[0, 2], [1, 2]],
+    }
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedError, match=r"layers\.2\.self_attn\.q_proj.*2 layers share"):
+        loracc.merge(str(base), str(adapter), str(tmp_path / "out"))

@@ -130,13 +130,22 @@ class ReconstructResidual(Pass):
 
     @staticmethod
     def _refuse_shared(adapter: Adapter, ctx: PassContext, residual: list[Site]) -> None:
-        counts = Counter(source_key(adapter, ctx, s.target) for s in residual)
-        for key, n in counts.items():
+        """Refuse a residual init on a base tensor that several output layers share.
+
+        peft's layer_replication copies share Parameters, and the init rewrites the shared
+        weight in place: every copy, adapted or not, then runs on one residual, re-derived once
+        per adapted copy. No per-layer merged weight reproduces that.
+        """
+        readers = Counter(adapter.tensor_sources.values())
+        for site in residual:
+            key = source_key(adapter, ctx, site.target)
+            itself = key not in adapter.removed_keys and key not in adapter.tensor_sources
+            n = readers[key] + int(itself)
             if n > 1:
                 raise UnsupportedError(
-                    f"{adapter.name}: {n} residual-init sites share base tensor '{key}' "
-                    "(layer_replication); peft re-initializes the shared weight once per copy, "
-                    "which has no per-copy residual to reconstruct"
+                    f"{site.module}: init_lora_weights='{site.init}' on base tensor '{key}', "
+                    f"which {n} layers share (layer_replication); peft re-initializes the shared "
+                    "weight in place for every copy, which no merged weight reproduces"
                 )
 
     def _rewrite(self, adapter: Adapter, ctx: PassContext, site: Site) -> tuple[Site, str]:
