@@ -65,6 +65,12 @@ SPECS = {
         "llama",
         dict(r=4, lora_alpha=8, init_lora_weights="pissa", target_modules=["q_proj", "o_proj"]),
     ),
+    "llama_fp16": po.CaseSpec(
+        "llama",
+        dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]),
+        base_dtype=torch.float16,
+        seed=3,
+    ),
     "llama_olora": po.CaseSpec(
         "llama",
         dict(r=4, lora_alpha=8, init_lora_weights="olora", target_modules=["v_proj", "up_proj"]),
@@ -592,6 +598,20 @@ def upcast_bf16(src: Path, dst: Path) -> None:
                     numpy_helper.from_array(numpy_helper.to_array(attr.t).astype(np.float32))
                 )
     onnx.save(model, str(dst))
+
+
+def test_fp16(oc: OnnxCases) -> None:
+    """An fp16 graph keeps fp16 slots; onnxruntime's CPU provider runs it (fp16 tolerance)."""
+    case = oc.case("llama_fp16")
+    assert_effect(case)
+    merged, _ = oc.export("ts", "llama_fp16")
+    assert_close(run(merged, case), case.peft_logits, "fp16 merged vs PEFT", tol=5e-3)
+    empty, _ = oc.export("ts", "llama_fp16", keep_lora=True, empty_slots=True)
+    types = {i.type for i in session(empty).get_overridable_initializers()}
+    assert types == {"tensor(float16)"}
+    assert_close(run(empty, case), case.base_logits, "fp16 empty vs base", tol=2e-3)
+    got = run(empty, case, empty.with_name("out.onnx_adapter"))
+    assert_close(got, case.peft_logits, "fp16 activated vs PEFT", tol=5e-3)
 
 
 def test_bf16(oc: OnnxCases, tmp_path: Path) -> None:
