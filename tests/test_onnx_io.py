@@ -225,3 +225,126 @@ def test_run_options_keep_adapters_alive(tiny: dict, tmp_path: Path) -> None:
     got = torch.from_numpy(sess.run(None, {"x": tiny["x"].numpy()}, options)[0])
     torch.testing.assert_close(got, tiny["peft"], rtol=0, atol=1e-5)
     assert os.fspath(out).endswith(".onnx")
+
+
+class Twin(torch.nn.Module):
+    """Two Linear layers with equal weights: TorchScript keeps one initializer (Identity)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(8, 8, bias=False)
+        self.b = torch.nn.Linear(8, 8, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + 2 * self.b(x)
+
+
+def _peft_pair(base: torch.nn.Module, targets: list[str], folder: Path, x: torch.Tensor):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    torch.manual_seed(1)
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=targets, init_lora_weights=False)
+    model = get_peft_model(copy.deepcopy(base), config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    model.save_pretrained(str(folder))
+    with torch.no_grad():
+        return PeftModel.from_pretrained(copy.deepcopy(base), str(folder)).eval()(x)
+
+
+@pytest.mark.parametrize("targets", [["a"], ["a", "b"]])
+def test_deduplicated_weight_is_split(tmp_path: Path, targets: list[str]) -> None:
+    torch.manual_seed(0)
+    base = Twin().eval()
+    with torch.no_grad():
+        base.b.weight.copy_(base.a.weight)
+    x = torch.randn(1, 3, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(base, (x,), str(tmp_path / "twin.onnx"), dynamo=False, input_names=["x"])
+    graph = onnx.load(str(tmp_path / "twin.onnx")).graph
+    assert len(graph.initializer) == 1 and any(n.op_type == "Identity" for n in graph.node)
+    ref = _peft_pair(base, targets, tmp_path / "adapter", x)
+    for keep in (False, True):
+        out = tmp_path / f"out{keep}.onnx"
+        loracc.export_onnx(tmp_path / "twin.onnx", tmp_path / "adapter", out, keep_lora=keep)
+        torch.testing.assert_close(_run(out, x), ref, rtol=0, atol=1e-5)
+
+
+def test_named_parameters_through_transpose(tmp_path: Path) -> None:
+    """A graph that keeps parameter names and explicit Transpose nodes (dynamo, optimize=False
+    style), with no node names or metadata: bound by parameter name, orientation flipped."""
+    torch.manual_seed(0)
+    base = Tiny().eval()
+    x = torch.randn(1, 3, 8)
+    state = {k: v.detach().numpy() for k, v in base.state_dict().items()}
+    nodes = [
+        helper.make_node("Transpose", ["up.weight"], ["up_t"], perm=[1, 0]),
+        helper.make_node("MatMul", ["x", "up_t"], ["h0"]),
+        helper.make_node("Add", ["h0", "up.bias"], ["h1"]),
+        helper.make_node("Relu", ["h1"], ["h2"]),
+        helper.make_node("Transpose", ["down.weight"], ["down_t"], perm=[1, 0]),
+        helper.make_node("MatMul", ["h2", "down_t"], ["h3"]),
+        helper.make_node("Add", ["h3", "down.bias"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8])],
+        initializer=[numpy_helper.from_array(v, k) for k, v in state.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    onnx.save(model, str(tmp_path / "named.onnx"))
+    ref = _peft_pair(base, ["up", "down"], tmp_path / "adapter", x)
+    report = loracc.export_onnx(tmp_path / "named.onnx", tmp_path / "adapter", tmp_path / "m.onnx")
+    assert {(b["initializer"], b["transposed"], b["how"]) for b in report.bindings} == {
+        ("up.weight", False, "name"),
+        ("down.weight", False, "name"),
+    }
+    assert all(b["kind"] == "linear" for b in report.bindings)
+    torch.testing.assert_close(_run(tmp_path / "m.onnx", x), ref, rtol=0, atol=1e-5)
+    loracc.export_onnx(
+        tmp_path / "named.onnx", tmp_path / "adapter", tmp_path / "k.onnx", keep_lora=True
+    )
+    torch.testing.assert_close(_run(tmp_path / "k.onnx", x), ref, rtol=0, atol=1e-5)
+
+
+class TiedLM(torch.nn.Module):
+    """An embedding and an output layer sharing one Parameter; 2-D activations, so TorchScript
+    writes Gemm(transB=1) on the embedding table itself: one initializer, two readers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(16, 8)
+        self.head = torch.nn.Linear(8, 16)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.emb(ids)))
+
+
+@pytest.mark.parametrize("targets", [["head"], ["emb"], ["emb", "head"]])
+def test_tied_initializer_split(tmp_path: Path, targets: list[str]) -> None:
+    torch.manual_seed(0)
+    base = TiedLM().eval()
+    ids = torch.tensor([1, 5, 7, 3])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            base, (ids,), str(tmp_path / "tied.onnx"), dynamo=False, input_names=["x"]
+        )
+    graph = onnx.load(str(tmp_path / "tied.onnx")).graph
+    assert [i.name for i in graph.initializer if i.name.endswith("weight")] == ["emb.weight"]
+    ref = _peft_pair(base, targets, tmp_path / "adapter", ids)
+    for keep in (False, True):
+        out = tmp_path / f"out{keep}.onnx"
+        loracc.export_onnx(tmp_path / "tied.onnx", tmp_path / "adapter", out, keep_lora=keep)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        sess = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(sess.run(None, {"x": ids.numpy()})[0])
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
