@@ -118,11 +118,12 @@ def _compile(adapter: Adapter, base: OnnxBase) -> tuple[Adapter, list[dict[str, 
     return result.adapter, steps
 
 
-def _inputs(model_path: Path, adapters: Sequence[Path]) -> list[Path]:
+def _inputs(model_path: Path, adapters: Sequence[Path], model: Any) -> list[Path]:
+    """Paths an output may not overwrite: the model, its external data, the adapters."""
+    from loracc.io.onnx_model import external_tensors
+
     found = [model_path, *adapters]
-    for entry in model_path.parent.glob(model_path.name + "*"):
-        if entry != model_path and entry.is_file():
-            found.append(entry)
+    found += {Path(t.path) for t in external_tensors(model)}
     return found
 
 
@@ -247,6 +248,7 @@ def export_onnx(
         raise ConfigError("-o/--output is required unless --dry-run")
     ckpt = _checkpoint(base_weights)
     model = load_model(base_path)
+    protected = _inputs(base_path, adapter_paths, model)
     loaded = [_load(p, ckpt, initial_adapter) for p in adapter_paths]
     index = GraphIndex(model)
     table, compiled, steps = _bind_all(index, loaded, ckpt, base_path)
@@ -313,7 +315,7 @@ def export_onnx(
         written = write_outputs(
             model,
             Path(output),
-            inputs=_inputs(base_path, adapter_paths),
+            inputs=protected,
             force=force,
             external_data=external_data,
             extra=extra,
