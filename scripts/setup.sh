@@ -9,3 +9,5 @@ fi
 python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 python -m pip show torch >/dev/null 2>&1 || python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[dev]"
+# onnxruntime and onnxruntime-gpu ship the same module and must not be installed together.
+python -c "import onnxruntime" 2>/dev/null || python -m pip install -q -e ".[ort]"
