@@ -23,8 +23,8 @@ from loracc.onnx_api import OnnxReport, PackReport, export_onnx, pack
 __all__ = [
     # IR
     "Adapter",
-    # errors
     "ConvertReport",
+    # errors
     "LoraccError",
     "MergeReport",
     "Replacement",
@@ -32,9 +32,9 @@ __all__ = [
     "SiteKind",
     "TokenRows",
     "compile_adapter",
-    "inspect",
     "convert",
     "emit_ir",
+    "inspect",
     # API
     "load_adapter",
     "merge",
