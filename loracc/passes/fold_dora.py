@@ -31,6 +31,7 @@ from loracc.errors import NonFiniteError, PassError
 from loracc.ir import Adapter
 from loracc.passes._weights import start_weight
 from loracc.passes.base import Pass, PassContext, PassResult, Skip
+from loracc.passes.reconstruct_residual import PLAIN_INITS
 
 __all__ = ["FoldDora"]
 
@@ -52,7 +53,7 @@ class FoldDora(Pass):
                 sites.append(site)
                 skipped.append(Skip(site.module, "not DoRA"))
                 continue
-            if site.init not in ("true", "false", "gaussian", "orthogonal", "mica", "eva"):
+            if site.init not in PLAIN_INITS:
                 raise PassError(
                     f"{site.module}: fold-dora must run after reconstruct-residual "
                     f"(init_lora_weights='{site.init}')"
