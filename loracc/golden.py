@@ -40,7 +40,8 @@ import numpy as np
 
 from loracc import runner
 from loracc.errors import FormatError, InputError, OutputError
-from loracc.runner import TensorSpec
+from loracc.io import ort as ort_io
+from loracc.io.ort import TensorSpec
 
 __all__ = [
     "DEFAULT_TOLERANCES",
@@ -253,9 +254,7 @@ def _versions(kind: str) -> dict[str, str]:
     except metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree
         out["loracc"] = "unknown"
     if kind == "onnx":
-        import onnxruntime as ort
-
-        out["onnxruntime"] = ort.__version__
+        out["onnxruntime"] = ort_io.version()
     return out
 
 
@@ -354,7 +353,7 @@ def _record_onnx(
     outputs = sess.run(feeds)
     for s in sess.inputs:  # store bf16 inputs as the float32 of the values fed
         if s.dtype == "bfloat16" and feeds[s.name].dtype == np.uint16:
-            feeds[s.name] = runner.from_bf16_bits(feeds[s.name])
+            feeds[s.name] = ort_io.from_bf16_bits(feeds[s.name])
     meta: dict[str, Any] = {
         "format": GOLDEN_FORMAT,
         "kind": "onnx",

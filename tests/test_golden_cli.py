@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from loracc.cli import main  # noqa: E402
 from loracc.golden import compare_arrays  # noqa: E402
-from loracc.runner import from_bf16_bits, to_bf16_bits  # noqa: E402
+from loracc.io.ort import from_bf16_bits, to_bf16_bits  # noqa: E402
 
 VOCAB, HIDDEN, OUT = 16, 8, 5
 
@@ -357,6 +357,30 @@ def test_run_with_and_without_adapter_matches_numpy(tmp_path):
     r = invoke("golden", "check", "--model", model, "--golden", golden, "--adapter", other)
     assert r.exit_code == 1 and "FAIL y" in r.output
     assert "adapter fingerprint differs" in r.output
+
+
+def test_adapters_stay_referenced_after_gc(tmp_path):
+    """onnxruntime's RunOptions only points at a LoraAdapter; loracc's options keep it alive."""
+    import gc
+
+    from loracc.io import ort as lort
+
+    rng = np.random.default_rng(11)
+    w = rng.standard_normal((HIDDEN, OUT)).astype(np.float32)
+    a = rng.standard_normal((HIDDEN, 2)).astype(np.float32)
+    b = rng.standard_normal((2, OUT)).astype(np.float32)
+    x = rng.standard_normal((3, HIDDEN)).astype(np.float32)
+    model = lora_model(tmp_path / "lora.onnx", w)
+    adapter = write_adapter(tmp_path / "a.onnx_adapter", a, b)
+    want = x @ w + (x @ a) @ b
+    assert np.abs(want - x @ w).max() > 0.1  # the adapter differs from the rank-0 defaults
+
+    sess = lort.open_session(model, "cpu", adapter=adapter)
+    options = lort.run_options(adapter)
+    plain = lort.session(model, device="cpu")
+    gc.collect()
+    np.testing.assert_allclose(sess.run({"x": x})["y"], want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(plain.run(None, {"x": x}, options)[0], want, rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_output_uses_bf16_tolerance(tmp_path):
