@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from loracc.errors import ConfigError, UnsupportedError
-from loracc.io.checkpoint import Checkpoint
+from loracc.io.checkpoint import BaseWeights, Checkpoint
 from loracc.io.output import atomic_dir
 from loracc.io.peft import load_adapter as _load_adapter
 from loracc.io.peft_writer import write_peft_adapter
@@ -63,7 +63,7 @@ def load_adapter(
 
 def compile_adapter(
     adapter: Adapter,
-    base: Checkpoint | None,
+    base: BaseWeights | None,
     passes: list[Pass] | None = None,
     *,
     device: str = "cpu",
@@ -274,7 +274,8 @@ def convert(
         raise UnsupportedError(f"{adapter.name}: cannot convert: {adapter.refusals[0]}")
     passes = convert_pipeline(base=base is not None, rank=rank, energy=energy)
     result = run_pipeline(adapter, passes, PassContext(base=base, device=_device(device)))
-    split = {k for s in getattr(base, "expert_splits", {}).values() for ks in s.keys for k in ks}
+    splits = base.expert_splits.values() if base is not None else ()
+    split = {k for s in splits for ks in s.keys for k in ks}
     if any(s.target in split for s in result.adapter.sites):
         raise UnsupportedError(
             f"{adapter.name}: cannot convert: fused expert target_parameters stored per expert "

@@ -108,7 +108,7 @@ def _check_plain(adapter: Adapter) -> None:
 def _compile(adapter: Adapter, base: OnnxBase) -> tuple[Adapter, list[dict[str, Any]]]:
     from loracc.api import compile_adapter
 
-    result = compile_adapter(adapter, base)  # type: ignore[arg-type]
+    result = compile_adapter(adapter, base)
     steps = [
         {"pass": name, "changed": list(step.changed), "details": list(step.details)}
         for name, step in result.steps

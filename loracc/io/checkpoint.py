@@ -15,7 +15,7 @@ from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -26,6 +26,7 @@ __all__ = [
     "INDEX_NAME",
     "SINGLE_NAME",
     "WEIGHT_SUFFIXES",
+    "BaseWeights",
     "Checkpoint",
     "inside",
     "open_safetensors",
@@ -71,6 +72,48 @@ class ExpertSplit:
 
     keys: tuple[tuple[str, ...], ...]
     shape: tuple[int, int, int]
+
+
+class BaseWeights(Protocol):
+    """Base weights by Hugging Face key: what passes (``PassContext.base``) and the PEFT reader use.
+
+    :class:`Checkpoint` is the real one; the PEFT reader's view through ``layer_replication``
+    (``ReplicatedCheckpoint``) and the ONNX export's bound initializers (``OnnxBase``) stand in
+    for it.
+    """
+
+    @property
+    def config(self) -> Mapping[str, Any]:
+        """The model's ``config.json`` (empty when there is none)."""
+        ...
+
+    @property
+    def tied_embeddings(self) -> tuple[str, str] | None:
+        """(output key, input-embedding key) when the output embedding is tied and not stored."""
+        ...
+
+    @property
+    def expert_splits(self) -> Mapping[str, ExpertSplit]:
+        """Fused expert parameters stored as per-expert tensors, by parameter key."""
+        ...
+
+    def keys(self) -> list[str]:
+        """Stored tensor names."""
+        ...
+
+    def __contains__(self, key: object) -> bool: ...
+
+    def resolve(self, key: str) -> str | None:
+        """The stored name of a module-path key, or None."""
+        ...
+
+    def shape(self, key: str) -> tuple[int, ...] | None:
+        """The shape of ``key`` (stored, renamed, fused or tied), or None."""
+        ...
+
+    def read(self, key: str) -> torch.Tensor:
+        """One stored tensor, as a fresh CPU tensor."""
+        ...
 
 
 # config.json keys loracc reads, and the JSON type each must have when present.

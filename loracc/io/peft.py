@@ -19,7 +19,7 @@ from types import MappingProxyType
 import torch
 
 from loracc.errors import FormatError, InputError, NonFiniteError, UnsupportedError
-from loracc.io.checkpoint import Checkpoint, ExpertSplit, inside, open_safetensors
+from loracc.io.checkpoint import BaseWeights, Checkpoint, ExpertSplit, inside, open_safetensors
 from loracc.io.peft_config import (
     KNOWN_PEFT,
     LoraConfig,
@@ -160,11 +160,11 @@ def _attach_initial(adapter: Adapter, init: Adapter) -> Adapter:
 
 
 class _Reader:
-    def __init__(self, folder: Path, weights: Path, cfg: LoraConfig, base: Checkpoint | None):
+    def __init__(self, folder: Path, weights: Path, cfg: LoraConfig, base: BaseWeights | None):
         if base is not None and cfg["layer_replication"]:  # keys use the expanded layer indices
             from loracc.passes.expand_layer_replication import ReplicatedCheckpoint
 
-            base = ReplicatedCheckpoint(base, cfg["layer_replication"])  # type: ignore[assignment]
+            base = ReplicatedCheckpoint(base, cfg["layer_replication"])
         self.folder, self.weights, self.cfg, self.base = folder, weights, cfg, base
         self.notes: list[str] = []
         self.refusals: list[str] = list(cfg.refusals)
@@ -518,7 +518,7 @@ class _Reader:
                 )
 
 
-def _split_experts(site: Site, split: ExpertSplit, base: Checkpoint | None) -> list[Site]:
+def _split_experts(site: Site, split: ExpertSplit, base: BaseWeights | None) -> list[Site]:
     """One LINEAR site per stored per-expert tensor of a fused expert parameter.
 
     Expert e's delta is ``s·B3[e] @ A3[e]`` (peft's ParamWrapper split: A expert-major, B with
@@ -536,7 +536,9 @@ def _split_experts(site: Site, split: ExpertSplit, base: Checkpoint | None) -> l
     for e, keys in enumerate(split.keys):
         row = 0
         for key in keys:
-            rows = base.info(key).shape[0]
+            shape = base.shape(key)
+            assert shape is not None  # a stored per-expert tensor
+            rows = shape[0]
             out.append(
                 replace(
                     site,

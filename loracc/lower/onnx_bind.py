@@ -54,11 +54,10 @@ import torch
 
 from loracc.errors import FormatError, LoweringError, UnsupportedError
 from loracc.io.onnx_model import tensor_to_torch, torch_dtype
-from loracc.io.safetensors import TensorInfo
 from loracc.ir import Adapter, Site, SiteKind
 
 if TYPE_CHECKING:
-    from loracc.io.checkpoint import Checkpoint
+    from loracc.io.checkpoint import Checkpoint, ExpertSplit
 
 __all__ = [
     "BaseEntry",
@@ -868,7 +867,7 @@ class BaseEntry:
 
 
 class OnnxBase:
-    """The ONNX model's base weights, seen as a :class:`~loracc.io.checkpoint.Checkpoint`.
+    """The ONNX model's base weights as :class:`~loracc.io.checkpoint.BaseWeights`.
 
     Passes that read base weights (DoRA folding, PiSSA/OLoRA reconstruction) get the bound
     initializers under their Hugging Face keys, in the stored orientation of each site's kind.
@@ -879,7 +878,6 @@ class OnnxBase:
     def __init__(self, entries: dict[str, BaseEntry], path: str = "<onnx>") -> None:
         self.folder = path
         self.config: dict[str, Any] = {}
-        self.files: list[Any] = []
         self._entries = entries
 
     @classmethod
@@ -907,8 +905,11 @@ class OnnxBase:
         return None
 
     @property
-    def expert_splits(self) -> dict[str, Any]:
+    def expert_splits(self) -> dict[str, ExpertSplit]:
         return {}
+
+    def resolve(self, key: str) -> str | None:
+        return key if key in self._entries else None
 
     def _entry(self, key: str) -> BaseEntry:
         try:
@@ -921,17 +922,6 @@ class OnnxBase:
         if e is None:
             return None
         return e.ref_shape[::-1] if e.kind is SiteKind.CONV1D else e.ref_shape
-
-    def info(self, key: str) -> TensorInfo:
-        e = self._entry(key)
-        assert e.init.const_value is not None
-        shape = self.shape(key)
-        assert shape is not None
-        dtype = torch_dtype(e.init.const_value.dtype)
-        numel = 1
-        for d in shape:
-            numel *= d
-        return TensorInfo(self.folder, dtype, shape, 0, numel * dtype.itemsize)  # type: ignore[arg-type]
 
     def read_ref(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The base weight of ``key`` in the reference orientation."""

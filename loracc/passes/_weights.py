@@ -27,8 +27,7 @@ def source_key(adapter: Adapter, ctx: PassContext, key: str) -> str:
     tied = ctx.base.tied_embeddings
     if tied is not None and src == tied[0]:
         return tied[1]
-    resolve = getattr(ctx.base, "resolve", None)
-    stored = resolve(src) if resolve is not None else None
+    stored = ctx.base.resolve(src)
     if stored is None:
         raise PassError(f"the base has no tensor for '{key}' (looked for '{src}')")
     return stored

@@ -16,7 +16,7 @@ from loracc.errors import LoraccError, PassError
 from loracc.ir import Adapter
 
 if TYPE_CHECKING:
-    from loracc.io.checkpoint import Checkpoint
+    from loracc.io.checkpoint import BaseWeights
 
 __all__ = ["Pass", "PassContext", "PassResult", "Skip"]
 
@@ -45,9 +45,9 @@ class PassResult:
 
 @dataclass(frozen=True, slots=True)
 class PassContext:
-    """What passes may consult besides the adapter: the base checkpoint and the compute device."""
+    """What passes may consult besides the adapter: the base weights and the compute device."""
 
-    base: Checkpoint | None = None
+    base: BaseWeights | None = None
     device: str = "cpu"
     history: tuple[str, ...] = field(default=())
 

@@ -37,7 +37,7 @@ from loracc.passes.base import Pass, PassContext, PassResult, Skip
 if TYPE_CHECKING:
     import torch
 
-    from loracc.io.checkpoint import Checkpoint
+    from loracc.io.checkpoint import BaseWeights, ExpertSplit
 
 __all__ = ["ExpandLayerReplication", "LayerLayout", "ReplicatedCheckpoint"]
 
@@ -137,17 +137,26 @@ class LayerLayout:
 class ReplicatedCheckpoint:
     """A base checkpoint seen through ``layer_replication``: expanded layer j reads layer map[j].
 
-    The PEFT reader checks the adapter's (expanded) keys against this view; everything else is
-    delegated to the wrapped :class:`~loracc.io.checkpoint.Checkpoint`.
+    The PEFT reader checks the adapter's (expanded) keys against this view; the config, tied
+    embeddings and expert splits are the wrapped base's.
     """
 
-    def __init__(self, base: Checkpoint, ranges: Sequence[Sequence[int]]) -> None:
+    def __init__(self, base: BaseWeights, ranges: Sequence[Sequence[int]]) -> None:
         self._base = base
         self.layout = LayerLayout.find(base.keys(), ranges)
         self._keys = self.layout.expand(base.keys())
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._base, name)
+    @property
+    def config(self) -> Mapping[str, Any]:
+        return self._base.config
+
+    @property
+    def tied_embeddings(self) -> tuple[str, str] | None:
+        return self._base.tied_embeddings
+
+    @property
+    def expert_splits(self) -> Mapping[str, ExpertSplit]:
+        return self._base.expert_splits
 
     def keys(self) -> list[str]:
         return list(self._keys)
@@ -168,9 +177,6 @@ class ReplicatedCheckpoint:
 
     def shape(self, key: str) -> tuple[int, ...] | None:
         return self._base.shape(self.layout.source(key))
-
-    def info(self, key: str) -> Any:
-        return self._base.info(self.layout.source(key))
 
     def read(self, key: str) -> torch.Tensor:
         return self._base.read(self.layout.source(key))
