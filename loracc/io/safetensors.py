@@ -4,8 +4,10 @@ Format (https://github.com/huggingface/safetensors#format): 8-byte little-endian
 N bytes of JSON ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``,
 then the data area. The reader validates every entry against the file size before any tensor is
 touched, so a truncated file or a header that lies is a one-line :class:`FormatError`. The writer
-takes the whole tensor table up front, writes the header, then streams tensors in order: a shard is
-never built in memory, and unchanged tensors are copied byte for byte without decoding.
+takes the whole tensor table up front and writes the header; tensors are then appended in order, or
+filled at their final offsets from several threads (``write_at``/``copy_into``) and committed in
+order. A shard is never built in memory, and unchanged tensors are copied byte for byte, in the
+kernel, without decoding.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import mmap
 import os
 import struct
 from collections.abc import Iterable, Mapping
@@ -46,6 +49,7 @@ DTYPES: Mapping[str, torch.dtype] = {
 _NAMES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 _COPY_CHUNK = 64 * 1024 * 1024
+_MAP_MIN = 64 * 1024
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -152,7 +156,18 @@ class SafetensorsFile:
 
 
 def read_tensor(info: TensorInfo) -> torch.Tensor:
-    """Read the bytes of ``info`` into a new tensor of its dtype and shape."""
+    """Read the bytes of ``info`` into a new, writable tensor of its dtype and shape.
+
+    A tensor of ``_MAP_MIN`` bytes or more is a private (copy-on-write) memory map of the file:
+    its pages are the page cache's, reclaimable and shared, not the process's anonymous memory,
+    until something writes to them. Writes never reach the file. The file's size is checked
+    when the map is made; a file truncated while the tensor is in use is a SIGBUS, as with any
+    memory map (safetensors' own loader has the same contract).
+    """
+    if info.nbytes >= _MAP_MIN and info.offset % info.dtype.itemsize == 0:
+        mapped = _map_tensor(info)
+        if mapped is not None:
+            return mapped
     buf = bytearray(info.nbytes)
     if info.nbytes:
         with open(info.path, "rb") as f:
@@ -162,6 +177,20 @@ def read_tensor(info: TensorInfo) -> torch.Tensor:
             raise FormatError(f"{info.path}: short read at byte {info.offset}; file truncated?")
         return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
     return torch.empty(info.shape, dtype=info.dtype)
+
+
+def _map_tensor(info: TensorInfo) -> torch.Tensor | None:
+    start = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY
+    end = info.offset + info.nbytes
+    try:
+        with open(info.path, "rb") as f:
+            if os.fstat(f.fileno()).st_size < end:
+                raise FormatError(f"{info.path}: short read at byte {info.offset}; file truncated?")
+            mapped = mmap.mmap(f.fileno(), end - start, access=mmap.ACCESS_COPY, offset=start)
+    except (OSError, ValueError):
+        return None  # not mappable (a pipe, an odd filesystem): read it instead
+    flat = torch.frombuffer(mapped, dtype=info.dtype, count=info.numel, offset=info.offset - start)
+    return flat.reshape(info.shape)
 
 
 class SafetensorsWriter:
@@ -188,6 +217,12 @@ class SafetensorsWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
         self.data_bytes = offset
+        data_start = 8 + len(raw)
+        self._slots: dict[str, tuple[int, int]] = {}
+        begin = data_start
+        for name, nbytes in self._expected:
+            self._slots[name] = (begin, nbytes)
+            begin += nbytes
         # Unbuffered: copy_file_range moves the descriptor's position behind any buffer's back.
         self._file: BinaryIO = open(path, "wb", buffering=0)  # noqa: SIM115  (see close())
         _write_all(self._file, struct.pack("<Q", len(raw)) + raw)
@@ -210,6 +245,54 @@ class SafetensorsWriter:
         self._take(name, info.nbytes)
         with open(info.path, "rb") as src:
             copy_range(src, self._file, info.offset, info.nbytes)
+
+    # Random access: tensors filled by ``write_at``/``copy_into`` from any thread (positional
+    # writes: the descriptor's position is not used), then ``commit``-ed in table order, which
+    # checks the order and moves the position past them for ``write``/``copy_from``.
+
+    def slot(self, name: str) -> tuple[int, int]:
+        """(absolute file offset, byte size) of tensor ``name``'s data."""
+        try:
+            return self._slots[name]
+        except KeyError:
+            raise FormatError(f"writer: '{name}' is not in the table") from None
+
+    def write_at(self, name: str, data: torch.Tensor | bytes | memoryview, at: int = 0) -> None:
+        """Write ``data`` (a CPU tensor or bytes) into tensor ``name``, ``at`` bytes in."""
+        if isinstance(data, torch.Tensor):
+            data = data.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        view = memoryview(data).cast("B")
+        begin, nbytes = self.slot(name)
+        if at < 0 or at + len(view) > nbytes:
+            raise FormatError(
+                f"writer: {len(view)} bytes at {at} overflow '{name}' ({nbytes} bytes)"
+            )
+        pwrite_all(self._file.fileno(), view, begin + at)
+
+    def copy_into(self, name: str, info: TensorInfo) -> None:
+        """Copy the raw bytes of ``info`` into tensor ``name``, without decoding."""
+        begin, nbytes = self.slot(name)
+        if info.nbytes != nbytes:
+            raise FormatError(f"writer: '{name}' holds {nbytes} bytes, the source {info.nbytes}")
+        fd = os.open(info.path, os.O_RDONLY)
+        try:
+            copy_range_at(fd, self._file.fileno(), info.offset, begin, nbytes, info.path)
+        finally:
+            os.close(fd)
+
+    def commit(self, name: str) -> None:
+        """Take ``name``, already filled by ``write_at``/``copy_into``, as the next entry."""
+        begin, nbytes = self.slot(name)
+        self._take(name, nbytes)
+        os.lseek(self._file.fileno(), begin + nbytes, os.SEEK_SET)
+
+    def fileno(self) -> int:
+        """The output's descriptor, for positional writes into a ``slot``."""
+        return self._file.fileno()
+
+    def abort(self) -> None:
+        """Close the file without checking that every tensor was written."""
+        self._file.close()
 
     def close(self) -> None:
         if self._next != len(self._expected):
@@ -241,6 +324,55 @@ def copy_range(src: BinaryIO, dst: BinaryIO, offset: int, nbytes: int) -> None:
             raise FormatError(f"{src.name}: file ended during copy; truncated?")
         _write_all(dst, chunk)
         done += len(chunk)
+
+
+_FALLBACK_CHUNK = 8 * 1024 * 1024
+
+
+def copy_range_at(
+    src: int, dst: int, src_offset: int, dst_offset: int, nbytes: int, name: object = "source"
+) -> None:
+    """Copy ``nbytes`` between two descriptors at explicit offsets; neither position moves.
+
+    ``os.copy_file_range`` keeps the bytes in the kernel; ``pread``/``pwrite`` through one
+    small buffer is the fallback where it is not supported.
+    """
+    done = 0
+    try:
+        while done < nbytes:
+            n = os.copy_file_range(src, dst, nbytes - done, src_offset + done, dst_offset + done)
+            if n == 0:
+                break
+            done += n
+    except OSError:
+        pass
+    buf = None
+    while done < nbytes:
+        if buf is None:
+            buf = bytearray(min(_FALLBACK_CHUNK, nbytes - done))
+        view = memoryview(buf)[: min(len(buf), nbytes - done)]
+        got = os.preadv(src, [view], src_offset + done)
+        if got <= 0:
+            raise FormatError(f"{name}: file ended during copy; truncated?")
+        pwrite_all(dst, view[:got], dst_offset + done)
+        done += got
+
+
+def pread_exact(fd: int, view: memoryview, offset: int, name: object = "source") -> None:
+    """Fill ``view`` from ``fd`` at ``offset``, or raise :class:`FormatError` on a short read."""
+    done, size = 0, len(view)
+    while done < size:
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise FormatError(f"{name}: short read at byte {offset + done}; file truncated?")
+        done += got
+
+
+def pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    """Write all of ``view`` to ``fd`` at ``offset``."""
+    done, size = 0, len(view)
+    while done < size:
+        done += os.pwrite(fd, view[done:], offset + done)
 
 
 def _write_all(dst: BinaryIO, data: bytes | memoryview) -> None:

@@ -1,10 +1,20 @@
 """Merge lowering: adapter IR + base checkpoint -> a merged Hugging Face checkpoint folder.
 
 Streaming: the output's tensor table (names, dtypes, shapes, shards) is planned from headers
-alone, then each shard is written front to back. A tensor no edit touches is copied byte for byte
-(``copy_file_range``); an edited tensor is read, changed in fp32 and rounded once to its output
-dtype. Edits run on a small thread pool a few tensors ahead of the writer, so reading, computing
-and writing overlap while memory stays at a handful of tensors, whatever the model's size.
+alone, so every tensor's byte range in the output is known before any data moves. A pool of
+workers then fills those ranges, a few tensors ahead of an in-order commit:
+
+* a tensor no edit touches is copied byte for byte in the kernel (``copy_file_range``);
+* an edited tensor whose edits act on whole rows (LoRA on a Linear weight, DoRA's folded channel
+  scale, a dtype cast) is streamed in row blocks through buffers allocated once per worker: read,
+  widened to fp32, ``(B[rows] @ A) * s`` added, rounded once to the output dtype, checked, and
+  written at its final offset. Memory is a few blocks per worker whatever the model's size;
+* any other edit (replacement, token rows, lora_bias, conv, embedding, experts) is computed on
+  the whole tensor, as before.
+
+The row blocks give the same bits as the whole-tensor formula (``tests/test_merge_stream.py``), and
+so the same bits as PEFT's merge. Reading, computing and writing overlap across the workers; the
+GIL is released in every torch op and system call. ``docs/BENCHMARKS.md`` has the measurements.
 
 Edit order on one tensor: whole replacement, trainable-token rows, LoRA deltas (each followed by
 its DoRA channel scale), lora_bias. This is the order peft's unmerged forward composes them in.
@@ -13,12 +23,15 @@ its DoRA channel scale), lora_bias. This is the order peft's unmerged forward co
 from __future__ import annotations
 
 import json
+import math
+import os
+import queue
 import re
 import shutil
 import sys
 import time
-from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections import defaultdict, deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +42,14 @@ import torch
 from loracc import kernels
 from loracc.errors import ConfigError, NonFiniteError, UnsupportedError
 from loracc.io.checkpoint import INDEX_NAME, SINGLE_NAME, WEIGHT_SUFFIXES, Checkpoint
-from loracc.io.safetensors import SafetensorsWriter, TensorInfo, read_tensor
-from loracc.ir import Adapter, Replacement, Site, TokenRows
+from loracc.io.safetensors import (
+    SafetensorsWriter,
+    TensorInfo,
+    pread_exact,
+    pwrite_all,
+    read_tensor,
+)
+from loracc.ir import Adapter, Replacement, Site, SiteKind, TokenRows
 
 __all__ = ["MergeOptions", "MergeStats", "check_mergeable", "merge_into", "parse_size"]
 
@@ -70,7 +89,7 @@ class MergeOptions:
     max_shard_size: int = 5 * 10**9
     device: str = "cpu"
     workers: int = 2
-    lookahead: int = 4
+    lookahead: int = 8
     allow_nonfinite: bool = False
     progress: Callable[[int, int, str], None] | None = None
 
@@ -191,11 +210,24 @@ def _compute(item: _Out, device: str, allow_nonfinite: bool) -> torch.Tensor:
             w = kernels.apply_channel_scale(site, w, site.channel_scale)
     for site in e.bias_sites:
         w += kernels.bias_delta(site, device=device)
-    if not allow_nonfinite and not bool(torch.isfinite(w).all()):
-        raise NonFiniteError(
-            f"merged tensor '{item.key}' has NaN or Inf (use --allow-nonfinite to write it anyway)"
-        )
-    return w.to(dtype=item.dtype).cpu()
+    out = w.to(dtype=item.dtype).cpu()
+    if not allow_nonfinite:
+        _check_finite(out, item.key)
+    return out
+
+
+def _check_finite(t: torch.Tensor, key: str) -> None:
+    """Refuse NaN or Inf in a merged tensor *as written*: after rounding to its output dtype,
+    so a finite fp32 value that overflows fp16 is caught too."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return
+    # A finite sum proves every element finite (one fast pass, no temporary); only a sum that
+    # overflows needs the exact element-wise test.
+    if math.isfinite(t.sum().item()) or bool(torch.isfinite(t).all()):
+        return
+    raise NonFiniteError(
+        f"merged tensor '{key}' has NaN or Inf (use --allow-nonfinite to write it anyway)"
+    )
 
 
 def _config(
@@ -241,18 +273,181 @@ def _copy_side_files(base: Checkpoint, out: Path) -> None:
         shutil.copyfile(entry, out / name)
 
 
-def _ordered(
-    items: list[_Out], opts: MergeOptions, pool: ThreadPoolExecutor
-) -> Iterator[tuple[_Out, torch.Tensor | None]]:
-    """Yield items in order with edited tensors computed by the pool a few items ahead."""
-    pending: dict[int, Future[torch.Tensor]] = {}
-    edited = iter(
-        [i for i, item in enumerate(items) if item.edits or item.dtype != item.source.dtype]
-    )
-    for i, item in enumerate(items):
-        while len(pending) < opts.lookahead and (j := next(edited, None)) is not None:
-            pending[j] = pool.submit(_compute, items[j], opts.device, opts.allow_nonfinite)
-        yield item, (pending.pop(i).result() if i in pending else None)
+# Row blocks: a block's steps stay in cache, and since the buffers are reused nothing is allocated
+# (page-faulted) per tensor; that alone made the merge ~2x faster than whole-tensor temporaries.
+_BLOCK = 1 << 19  # elements per block (2 MiB of fp32); 128K..1M measured the same
+# MKL's sgemm takes another kernel, with another summation order, for a handful of rows (1-11
+# rows, but not 4 or 8, on AVX2); from 12 rows on, a row block of ``B @ A`` is bit-identical to
+# the same rows of the full product at any offset and thread count (checked 12..1023 rows). No
+# block is smaller than this margin; a smaller remainder joins the last block.
+_MIN_ROWS = 64
+
+
+class _Scratch:
+    """One worker's reusable buffers, grown on demand and never freed before the merge ends."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def take(self, slot: str, numel: int, dtype: torch.dtype, device: str = "cpu") -> torch.Tensor:
+        nbytes = numel * dtype.itemsize
+        buf = self._bufs.get(slot)
+        if buf is None or buf.numel() < nbytes:
+            buf = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
+            self._bufs[slot] = buf
+        return buf[:nbytes].view(dtype)
+
+
+def _needs_compute(item: _Out) -> bool:
+    return bool(item.edits) or item.dtype != item.source.dtype
+
+
+def _streamable(item: _Out) -> bool:
+    """Whether every edit of ``item`` acts on whole rows (see ``_stream``)."""
+    e = item.edits
+    src = item.source
+    if e.replacement is not None or e.rows or e.bias_sites:
+        return False
+    if not (src.dtype.is_floating_point and item.dtype.is_floating_point):
+        return False
+    if item.shape != src.shape or src.numel == 0:
+        return False
+    for site in e.sites:
+        if site.kind not in (SiteKind.LINEAR, SiteKind.PARAMETER) or site.experts:
+            return False
+        A, B = site.lora_A, site.lora_B
+        if len(item.shape) != 2 or A.dim() != 2 or B.dim() != 2:
+            return False
+        if B.shape[0] != item.shape[0] or A.shape[1] != item.shape[1] or A.shape[0] != B.shape[1]:
+            return False
+        cs = site.channel_scale
+        if cs is not None and cs.numel() != item.shape[0]:
+            return False
+    return True
+
+
+def _row_blocks(rows: int, cols: int) -> list[tuple[int, int]]:
+    per = max(_MIN_ROWS, _BLOCK // max(cols, 1))
+    if rows < 2 * per:
+        return [(0, rows)]
+    starts = list(range(0, rows - per + 1, per))  # the remainder joins the last block
+    return [(r0, r1) for r0, r1 in zip(starts, [*starts[1:], rows], strict=True)]
+
+
+class _Views:
+    """The typed views of a worker's buffers for blocks of ``m`` rows (made once per shape)."""
+
+    __slots__ = ("d", "out", "out_bytes", "raw", "raw_bytes", "w")
+
+    def __init__(
+        self, scratch: _Scratch, m: int, cols: int, src: torch.dtype, dst: torch.dtype, dev: str
+    ) -> None:
+        n = m * cols
+        on_cpu = torch.device(dev).type == "cpu"
+        self.w = scratch.take("w", n, torch.float32, dev).view(m, cols)
+        self.d = scratch.take("d", n, torch.float32, dev).view(m, cols)
+        direct_in = on_cpu and src == torch.float32
+        direct_out = on_cpu and dst == torch.float32
+        self.raw = self.w if direct_in else scratch.take("in", n, src).view(m, cols)
+        self.out = self.w if direct_out else scratch.take("out", n, dst).view(m, cols)
+        self.raw_bytes = memoryview(self.raw.reshape(-1).view(torch.uint8).numpy())
+        self.out_bytes = memoryview(self.out.reshape(-1).view(torch.uint8).numpy())
+
+
+def _stream(item: _Out, writer: SafetensorsWriter, scratch: _Scratch, opts: MergeOptions) -> None:
+    """Compute ``item`` block by block into its slot of ``writer``; same bits as ``_compute``."""
+    src, device = item.source, opts.device
+    if item.edits.sites:
+        rows, cols = item.shape[0], math.prod(item.shape[1:])
+    else:  # a plain cast: any shape, read as one long row-vector
+        rows, cols = src.numel, 1
+    factors = []
+    for site in item.edits.sites:
+        A = site.lora_A.to(device=device, dtype=torch.float32).contiguous()
+        B = site.lora_B.to(device=device, dtype=torch.float32).contiguous()
+        cs = site.channel_scale
+        if cs is not None:
+            cs = cs.to(device=device, dtype=torch.float32).reshape(-1, 1)
+        factors.append((A, B, float(site.scale), cs))
+    blocks = _row_blocks(rows, cols)
+    views: dict[int, _Views] = {}
+    for m in sorted({r1 - r0 for r0, r1 in blocks}, reverse=True):  # largest first: no regrowth
+        views[m] = _Views(scratch, m, cols, src.dtype, item.dtype, device)
+    in_size, out_size = src.dtype.itemsize, item.dtype.itemsize
+    begin, _ = writer.slot(item.key)
+    out_fd = writer.fileno()
+    fd = os.open(src.path, os.O_RDONLY)
+    try:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, src.offset, src.nbytes, os.POSIX_FADV_SEQUENTIAL)
+        for r0, r1 in blocks:
+            v = views[r1 - r0]
+            w = v.w
+            pread_exact(fd, v.raw_bytes, src.offset + r0 * cols * in_size, src.path)
+            widened = v.raw is w
+            for A, B, scale, cs in factors:
+                torch.mm(B[r0:r1], A, out=v.d)
+                if scale != 1.0:  # x * 1.0 == x: skip the pass, not the rounding
+                    v.d.mul_(scale)
+                if not widened:  # (a mixed-dtype add(raw, d, out=w) is slower than the two)
+                    w.copy_(v.raw)
+                    widened = True
+                w.add_(v.d)
+                if cs is not None:
+                    w.mul_(cs[r0:r1])
+            if not widened:
+                w.copy_(v.raw)
+            if v.out is not w:
+                v.out.copy_(w)
+            if not opts.allow_nonfinite:
+                _check_finite(v.out, item.key)
+            pwrite_all(out_fd, v.out_bytes, begin + r0 * cols * out_size)
+    finally:
+        os.close(fd)
+
+
+def _fill(
+    item: _Out, writer: SafetensorsWriter, opts: MergeOptions, scratches: queue.SimpleQueue
+) -> None:
+    """Write ``item`` into its slot of ``writer`` (a worker's task)."""
+    if not _needs_compute(item):
+        writer.copy_into(item.key, item.source)
+    elif _streamable(item):
+        scratch = scratches.get()
+        try:
+            _stream(item, writer, scratch, opts)
+        finally:
+            scratches.put(scratch)
+    else:
+        writer.write_at(item.key, _compute(item, opts.device, opts.allow_nonfinite))
+
+
+def _write_shard(
+    path: Path,
+    items: list[_Out],
+    metadata: dict[str, str],
+    opts: MergeOptions,
+    pool: ThreadPoolExecutor,
+    scratches: queue.SimpleQueue[_Scratch],
+    committed: Callable[[_Out, str], None],
+) -> int:
+    """Fill one shard: workers fill tensors up to ``lookahead`` ahead, committed in order."""
+    writer = SafetensorsWriter(path, [(i.key, i.dtype, i.shape) for i in items], metadata)
+    pending: deque[Future[None]] = deque()
+    ahead = iter(items)
+    try:
+        for item in items:
+            while len(pending) < max(1, opts.lookahead) and (nxt := next(ahead, None)) is not None:
+                pending.append(pool.submit(_fill, nxt, writer, opts, scratches))
+            pending.popleft().result()  # the first error in table order is the one raised
+            writer.commit(item.key)
+            committed(item, path.name)
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)  # no worker may write after the close
+        writer.abort()
+        raise
+    writer.close()
+    return writer.data_bytes
 
 
 def merge_into(adapter: Adapter, base: Checkpoint, out: Path, opts: MergeOptions) -> MergeStats:
@@ -272,29 +467,37 @@ def merge_into(adapter: Adapter, base: Checkpoint, out: Path, opts: MergeOptions
     metadata = base.files[0].metadata or {"format": "pt"}
     weight_map: dict[str, str] = {}
     done = 0
-    with ThreadPoolExecutor(max_workers=max(1, opts.workers)) as pool:
-        try:
+    workers = max(1, opts.workers)
+    scratches: queue.SimpleQueue[_Scratch] = queue.SimpleQueue()
+    for _ in range(workers):
+        scratches.put(_Scratch())
+
+    def committed(item: _Out, name: str) -> None:
+        nonlocal done
+        if not _needs_compute(item):
+            stats.copied += 1
+        elif item.edits:
+            stats.changed.append(item.key)
+        weight_map[item.key] = name
+        done += 1
+        if opts.progress is not None:
+            opts.progress(done, len(plan), item.key)
+
+    # The workers are the parallelism; torch's own threads would only fight them for the cores.
+    # Only where every computed tensor is streamed: a row block's matmul gives the same bits at
+    # any thread count, but a whole-tensor conv (say) may not, and PEFT runs torch's default.
+    threads = torch.get_num_threads()
+    single = all(_streamable(i) for i in plan if _needs_compute(i))
+    if single and workers > 1 and torch.device(opts.device).type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="loracc-merge") as pool:
             for name, items in zip(names, shards, strict=True):
-                writer = SafetensorsWriter(
-                    out / name, [(i.key, i.dtype, i.shape) for i in items], metadata
+                stats.bytes_written += _write_shard(
+                    out / name, items, metadata, opts, pool, scratches, committed
                 )
-                for item, tensor in _ordered(items, opts, pool):
-                    if tensor is None:
-                        writer.copy_from(item.key, item.source)
-                        stats.copied += 1
-                    else:
-                        writer.write(item.key, tensor)
-                        if item.edits:
-                            stats.changed.append(item.key)
-                    weight_map[item.key] = name
-                    done += 1
-                    if opts.progress is not None:
-                        opts.progress(done, len(plan), item.key)
-                writer.close()
-                stats.bytes_written += writer.data_bytes
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
+    finally:
+        torch.set_num_threads(threads)
     if len(shards) > 1:
         index = {"metadata": {"total_size": stats.bytes_written}, "weight_map": weight_map}
         (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")

@@ -1,0 +1,495 @@
+#!/usr/bin/env python
+"""Benchmark ``loracc merge`` against the copy limit and PEFT, on synthetic Llama checkpoints.
+
+For each size it makes (once, cached in ``--workdir``) a synthetic Llama-shaped bf16 checkpoint
+sharded like a Hub one, plus a realistic fp32 adapter (r=16, every linear layer of every block),
+then measures, each in its own subprocess:
+
+1. ``cp -r base/``: the disk limit;
+2. PEFT: transformers ``from_pretrained`` + ``PeftModel.from_pretrained`` + ``merge_and_unload``
+   + ``save_pretrained``;
+3. ``loracc merge``.
+
+Wall time is the subprocess's, start to exit (interpreter start and imports included). Peak
+memory is the largest ``RssAnon`` of ``/proc/PID/status`` sampled every ``--sample-ms``: anonymous
+pages only, so page cache and mmap'ed file pages are not counted. Before any timing is reported
+the loracc output is compared tensor by tensor, bytes exactly, with PEFT's.
+
+Usage::
+
+    python scripts/bench_merge.py --quick                 # ~0.1B smoke run, a minute
+    python scripts/bench_merge.py --sizes 0.5B,2B --repeat 3 --markdown table.md
+
+Cache state: ``--cache warm`` (default) reads the base once before each timed run so every path
+starts from a warm page cache; ``--cache cold`` drops the page cache before each run (root only).
+Before each run the dirty pages of the previous one are flushed (``sync``, not timed); the
+``+sync`` columns time a ``sync`` right after the path, i.e. until the bytes are on the disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from loracc.io.safetensors import SafetensorsFile, SafetensorsWriter  # noqa: E402
+
+# name -> (vocab, hidden, intermediate, layers, heads, kv_heads)
+SIZES: dict[str, tuple[int, int, int, int, int, int]] = {
+    "tiny": (512, 128, 320, 2, 4, 2),  # tests: a few row blocks per tensor with a small _BLOCK
+    "0.1B": (16000, 768, 2048, 12, 12, 4),
+    "0.5B": (32000, 1536, 4096, 16, 12, 4),
+    "1B": (32000, 2048, 5632, 16, 16, 8),
+    "2B": (48000, 2048, 8192, 28, 16, 8),
+}
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+RANK, ALPHA = 16, 32
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+}
+
+PEFT_SCRIPT = """
+import sys, warnings
+warnings.simplefilter("ignore")
+import torch
+import transformers
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+transformers.logging.set_verbosity_error()
+base, adapter, out = sys.argv[1:4]
+model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+model = PeftModel.from_pretrained(model, adapter)
+model = model.merge_and_unload()
+model.save_pretrained(out)
+"""
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic inputs
+
+
+def llama_tensors(size: str) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of a Llama checkpoint with untied embeddings, in the Hub's order."""
+    vocab, hidden, inter, layers, heads, kv = SIZES[size]
+    head_dim = hidden // heads
+    table: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        table += [
+            (p + "input_layernorm.weight", (hidden,)),
+            (p + "mlp.down_proj.weight", (hidden, inter)),
+            (p + "mlp.gate_proj.weight", (inter, hidden)),
+            (p + "mlp.up_proj.weight", (inter, hidden)),
+            (p + "post_attention_layernorm.weight", (hidden,)),
+            (p + "self_attn.k_proj.weight", (kv * head_dim, hidden)),
+            (p + "self_attn.o_proj.weight", (hidden, heads * head_dim)),
+            (p + "self_attn.q_proj.weight", (heads * head_dim, hidden)),
+            (p + "self_attn.v_proj.weight", (kv * head_dim, hidden)),
+        ]
+    table += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+    return table
+
+
+def param_count(size: str) -> int:
+    return sum(math.prod(s) for _, s in llama_tensors(size))
+
+
+def make_base(
+    size: str, folder: Path, shard_bytes: int, dtype: torch.dtype = torch.bfloat16
+) -> None:
+    """A checkpoint (bf16 by default) sharded with transformers' rule, one tensor at a time."""
+    from transformers import LlamaConfig
+
+    vocab, hidden, inter, layers, heads, kv = SIZES[size]
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        dtype=str(dtype).removeprefix("torch."),
+    ).save_pretrained(tmp)
+    table = llama_tensors(size)
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    used = 0
+    for name, shape in table:
+        nbytes = dtype.itemsize * math.prod(shape)
+        if shards[-1] and used + nbytes > shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append((name, shape))
+        used += nbytes
+    gen = torch.Generator().manual_seed(0)
+    weight_map, total = {}, 0
+    for i, items in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        writer = SafetensorsWriter(tmp / fname, [(n, dtype, s) for n, s in items], {"format": "pt"})
+        for name, shape in items:
+            if len(shape) == 1:
+                t = 1 + 0.1 * torch.randn(shape, generator=gen)
+            else:
+                t = torch.randn(shape, generator=gen).mul_(0.02)
+            writer.write(name, t.to(dtype))
+            weight_map[name] = fname
+        writer.close()
+        total += writer.data_bytes
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    tmp.rename(folder)
+
+
+def make_adapter(size: str, folder: Path, base: Path, alpha: float = ALPHA) -> None:
+    """A PEFT LoRA adapter on every linear layer: r=16, alpha=32, fp32 A and B, B non-zero."""
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(base),
+        "r": RANK,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0,
+        "target_modules": list(TARGETS),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "inference_mode": True,
+    }
+    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    gen = torch.Generator().manual_seed(1)
+    table = []
+    for name, shape in llama_tensors(size):
+        module = name.removesuffix(".weight")
+        if module.rsplit(".", 1)[-1] not in TARGETS:
+            continue
+        out_f, in_f = shape
+        prefix = f"base_model.model.{module}"
+        table.append((f"{prefix}.lora_A.weight", (RANK, in_f), in_f**-0.5))
+        table.append((f"{prefix}.lora_B.weight", (out_f, RANK), 0.01))
+    writer = SafetensorsWriter(
+        tmp / "adapter_model.safetensors",
+        [(n, torch.float32, s) for n, s, _ in table],
+        {"format": "pt"},
+    )
+    for name, shape, std in table:
+        writer.write(name, torch.randn(shape, generator=gen).mul_(std))
+    writer.close()
+    tmp.rename(folder)
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring
+
+
+@dataclass
+class Run:
+    path: str
+    size: str
+    wall_s: float
+    peak_anon_mib: float
+    peak_file_mib: float
+    sync_s: float
+    rc: int
+    note: str = ""
+
+
+def _status_kib(pid: int) -> tuple[int, int]:
+    anon = filed = 0
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"RssAnon:"):
+                    anon = int(line.split()[1])
+                elif line.startswith(b"RssFile:"):
+                    filed = int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError, ValueError):
+        pass
+    return anon, filed
+
+
+def measure(cmd: list[str], sample_s: float, timeout: float) -> tuple[float, int, int, int, str]:
+    """Run ``cmd``; (wall seconds, peak RssAnon KiB, peak RssFile KiB, rc, stderr tail)."""
+    peak = [0, 0]
+    done = threading.Event()
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+
+    def sample() -> None:
+        while not done.is_set():
+            anon, filed = _status_kib(proc.pid)
+            peak[0] = max(peak[0], anon)
+            peak[1] = max(peak[1], filed)
+            done.wait(sample_s)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    wall = time.perf_counter() - start
+    done.set()
+    t.join()
+    tail = (err or b"").decode(errors="replace").strip().splitlines()[-5:]
+    return wall, peak[0], peak[1], proc.returncode, "\n".join(tail)
+
+
+def prepare_cache(mode: str, base: Path) -> None:
+    os.sync()
+    if mode == "cold":
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    else:
+        for f in sorted(base.iterdir()):
+            with open(f, "rb") as fh:
+                while fh.read(64 << 20):
+                    pass
+
+
+def run_path(
+    path: str, size: str, base: Path, adapter: Path, out: Path, args: argparse.Namespace
+) -> Run:
+    shutil.rmtree(out, ignore_errors=True)
+    if path == "copy":
+        cmd = ["cp", "-r", str(base), str(out)]
+    elif path == "peft":
+        cmd = [sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter), str(out)]
+    else:
+        cmd = [sys.executable, "-m", "loracc", "merge", "--base", str(base)]
+        cmd += ["--adapter", str(adapter), "-o", str(out), "--json", "--device", args.device]
+    prepare_cache(args.cache, base)
+    wall, anon, filed, rc, err = measure(cmd, args.sample_ms / 1000, args.timeout)
+    t0 = time.perf_counter()
+    os.sync()
+    sync_s = time.perf_counter() - t0
+    run = Run(path, size, wall, anon / 1024, filed / 1024, sync_s, rc, err if rc else "")
+    print(
+        f"  {size:>5} {path:<6} wall {wall:7.2f} s (+sync {sync_s:5.2f} s)  "
+        f"peak anon {anon / 1024:7.0f} MiB  file {filed / 1024:6.0f} MiB  rc {rc}",
+        flush=True,
+    )
+    if rc:
+        print(err, file=sys.stderr)
+    return run
+
+
+def _tensors(folder: Path) -> dict[str, SafetensorsFile]:
+    files = [SafetensorsFile(p) for p in sorted(folder.glob("*.safetensors"))]
+    return {k: f for f in files for k in f.tensors}
+
+
+def compare(got: Path, want: Path) -> tuple[bool, str]:
+    """Every tensor of ``want`` (PEFT) equals, byte for byte, the same tensor of ``got``."""
+    a, b = _tensors(got), _tensors(want)
+    if set(a) != set(b):
+        return False, f"keys differ: {sorted(set(a) ^ set(b))[:5]}"
+    bad = []
+    for key in sorted(b):
+        x, y = a[key].read(key), b[key].read(key)
+        if x.dtype != y.dtype or x.shape != y.shape or not torch.equal(x, y):
+            diff = (x.float() - y.float()).abs().max().item() if x.shape == y.shape else "shape"
+            bad.append(f"{key} ({diff})")
+    if bad:
+        return False, f"{len(bad)} of {len(b)} tensors differ, e.g. {bad[:3]}"
+    return True, f"{len(b)} tensors identical"
+
+
+# --------------------------------------------------------------------------------------------
+# Reporting
+
+
+def best(runs: list[Run], size: str, path: str) -> Run | None:
+    mine = [r for r in runs if r.size == size and r.path == path and r.rc == 0]
+    return min(mine, key=lambda r: r.wall_s) if mine else None
+
+
+def table(runs: list[Run], sizes: list[str], verified: dict[str, str]) -> str:
+    lines = [
+        "| model | params | path | wall s | +sync s | peak anon RSS MiB | runs (wall s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for size in sizes:
+        for path in ("copy", "peft", "loracc"):
+            r = best(runs, size, path)
+            if r is None:
+                continue
+            walls = [x.wall_s for x in runs if x.size == size and x.path == path and x.rc == 0]
+            peaks = [x.peak_anon_mib for x in runs if x.size == size and x.path == path]
+            lines.append(
+                f"| {size} | {param_count(size) / 1e9:.2f}B | {path} | {r.wall_s:.2f} | "
+                f"{r.wall_s + r.sync_s:.2f} | {max(peaks):.0f} | "
+                f"{', '.join(f'{w:.2f}' for w in walls)} |"
+            )
+    lines += ["", "| model | loracc/copy (wall) | PEFT/loracc (wall) | loracc/PEFT (anon RSS) |"]
+    lines += ["|---|---|---|---|"]
+    for size in sizes:
+        c, p, l_ = best(runs, size, "copy"), best(runs, size, "peft"), best(runs, size, "loracc")
+        if c is None or l_ is None:
+            continue
+        lmax = max(x.peak_anon_mib for x in runs if x.size == size and x.path == "loracc")
+        cells = [f"{l_.wall_s / c.wall_s:.2f}x"]
+        if p is not None:
+            pmax = max(x.peak_anon_mib for x in runs if x.size == size and x.path == "peft")
+            cells += [f"{p.wall_s / l_.wall_s:.2f}x", f"{100 * lmax / pmax:.1f}%"]
+        else:
+            cells += ["-", "-"]
+        lines.append(f"| {size} | " + " | ".join(cells) + " |")
+    if len(sizes) >= 2:
+        lo = [x.peak_anon_mib for x in runs if x.size == sizes[0] and x.path == "loracc"]
+        hi = [x.peak_anon_mib for x in runs if x.size == sizes[-1] and x.path == "loracc"]
+        if lo and hi:
+            growth = 100 * (max(hi) / max(lo) - 1)
+            lines += [
+                "",
+                f"loracc peak anon RSS {sizes[0]} -> {sizes[-1]}: "
+                f"{max(lo):.0f} -> {max(hi):.0f} MiB ({growth:+.1f}%)",
+            ]
+    lines += ["", "Output check (loracc vs PEFT, every tensor byte for byte):"]
+    lines += [f"- {size}: {verified.get(size, 'not checked')}" for size in sizes]
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    import peft
+    import transformers
+
+    return (
+        f"{platform.node()}: {os.cpu_count()} x {cpu}, {mem:.0f} GiB RAM, "
+        f"{platform.system()} {platform.release()}; Python {platform.python_version()}, "
+        f"torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"peft {peft.__version__}; load average before: {os.getloadavg()[0]:.2f}"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 10**3, "M": 10**6, "G": 10**9}
+    text = text.upper().removesuffix("B")
+    return int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="0.5B,2B", help=f"comma list of {', '.join(SIZES)}")
+    ap.add_argument("--quick", action="store_true", help="--sizes 0.1B (smoke test)")
+    ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/loracc-bench"))
+    ap.add_argument("--keep", action="store_true", help="keep the synthetic inputs and outputs")
+    ap.add_argument("--repeat", type=int, default=1, help="timed runs per path (best is shown)")
+    ap.add_argument("--paths", default="copy,peft,loracc", help="which paths to run")
+    ap.add_argument("--cache", choices=("warm", "cold"), default="warm")
+    ap.add_argument("--device", default="cpu", help="loracc merge --device")
+    ap.add_argument("--shard-size", default="1GB", help="shard size of the synthetic base")
+    ap.add_argument("--sample-ms", type=float, default=20.0)
+    ap.add_argument("--timeout", type=float, default=3600.0)
+    ap.add_argument("--markdown", type=Path, help="also write the tables here")
+    ap.add_argument("--json", type=Path, help="also write every run here")
+    args = ap.parse_args()
+    sizes = ["0.1B"] if args.quick else [s.strip() for s in args.sizes.split(",") if s.strip()]
+    paths = [p.strip() for p in args.paths.split(",")]
+    for s in sizes:
+        if s not in SIZES:
+            ap.error(f"unknown size {s!r}; known: {', '.join(SIZES)}")
+    work: Path = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(work).free
+    need = sum(4 * 2 * param_count(s) for s in sizes)
+    if free < need:
+        print(f"warning: {work} has {free / 1e9:.1f} GB free, the run needs ~{need / 1e9:.1f} GB")
+    print(machine())
+    print(f"cache: {args.cache}; workdir {work}; repeat {args.repeat}", flush=True)
+
+    runs: list[Run] = []
+    verified: dict[str, str] = {}
+    ok = True
+    try:
+        for size in sizes:
+            base, adapter = work / f"base-{size}", work / f"adapter-{size}"
+            t0 = time.perf_counter()
+            if not base.exists():
+                make_base(size, base, parse_size(args.shard_size))
+            if not adapter.exists():
+                make_adapter(size, adapter, base)
+            shards = len(list(base.glob("*.safetensors")))
+            print(
+                f"{size}: {param_count(size) / 1e9:.2f}B params, {shards} shard(s), "
+                f"inputs ready in {time.perf_counter() - t0:.1f} s",
+                flush=True,
+            )
+            outs = {p: work / f"out-{size}-{p}" for p in paths}
+            for _ in range(args.repeat):
+                for p in paths:
+                    runs.append(run_path(p, size, base, adapter, outs[p], args))
+                shutil.rmtree(outs.get("copy", work / "none"), ignore_errors=True)
+            if "peft" in paths and "loracc" in paths:
+                same, text = compare(outs["loracc"], outs["peft"])
+                verified[size] = ("OK: " if same else "MISMATCH: ") + text
+                print(f"  {size} check: {verified[size]}", flush=True)
+                ok &= same
+            if not args.keep:
+                for p in outs.values():
+                    shutil.rmtree(p, ignore_errors=True)
+    finally:
+        if not args.keep:
+            for size in sizes:
+                for name in (f"base-{size}", f"adapter-{size}"):
+                    shutil.rmtree(work / name, ignore_errors=True)
+                for p in paths:
+                    shutil.rmtree(work / f"out-{size}-{p}", ignore_errors=True)
+    report = table(runs, sizes, verified)
+    if not ok:
+        report += "\n\nloracc's output differs from PEFT's: the timings above do not count."
+    print()
+    print(report)
+    if args.markdown:
+        args.markdown.write_text(report + "\n")
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in runs], indent=2) + "\n")
+    failed = any(r.rc for r in runs)
+    return 0 if ok and not failed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
