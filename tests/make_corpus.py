@@ -7,6 +7,11 @@ get, a substring of the message, and a substring naming the file, key or module 
 mention. ``tests/test_bad_inputs.py`` runs each case; docs/ERRORS.md lists them
 (``python tests/make_corpus.py --markdown`` prints that table).
 
+The ONNX cases (``export --onnx``, ``pack``, ``run``) write the same base as a small ONNX graph
+with the ``onnx`` package (no torch.onnx.export): named initializers in ``model.onnx.data``, and
+for ``pack``/``run`` a keep-lora model whose slots and ``loracc.slots`` manifest are written by
+hand. A case with ``bug`` set is a known loracc bug, run as ``xfail(strict=True)``.
+
 Usage::
 
     python tests/make_corpus.py DIR          # build every case under DIR, print a summary
@@ -31,6 +36,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -42,14 +48,18 @@ __all__ = [
     "Case",
     "Layout",
     "build_case",
+    "build_onnx_valid",
+    "build_slotted_valid",
     "build_valid",
     "markdown_table",
+    "onnx_base_model",
     "read_safetensors_header",
     "reference_merge",
     "snapshot",
     "tmp_entries",
     "write_adapter",
     "write_base",
+    "write_onnx",
     "write_raw_safetensors",
 ]
 
@@ -293,6 +303,7 @@ class Case:
     names: str = ""  # substring naming the file, key or module; must appear in the message
     one_line: bool = True  # click's own usage errors print a usage block
     pending: str = ""  # a known gap in a part this corpus does not own: xfail with this reason
+    bug: str = ""  # a known bug (file:line, what happens): xfail(strict=True) until it is fixed
     needs: str = ""  # a module the behaviour lives in; xfail while it is not importable
     group: str = ""
 
@@ -627,6 +638,324 @@ def _deep(n: int) -> str:
     return "[" * n + "]" * n
 
 
+# ------------------------------------------------------------------------------------------------
+# ONNX inputs: the tiny base as an ONNX graph written with the onnx package (no torch.onnx.export)
+
+ONNX_DATA = "model.onnx.data"
+SLOTS_KEY = "loracc.slots"  # the keep-lora manifest (docs/ONNX.md, "the slot contract")
+
+
+def _module(i: int, proj: str) -> str:
+    return f"model.layers.{i}.self_attn.{proj}"
+
+
+def onnx_base_model(*, slots: tuple[str, ...] = (), quantized: str = "") -> Any:
+    """The tiny base as an ``onnx.ModelProto``: per layer ``h = h @ Wqᵀ + h @ Wvᵀ``.
+
+    Each weight is an initializer named as the checkpoint's key (``model.layers.0.self_attn.
+    q_proj.weight``, shape (out, in)) read through a Transpose: loracc binds it by parameter name.
+    ``slots`` modules get a keep-lora branch ``y + (h @ A) @ B`` whose A and B are graph inputs with
+    rank-4 defaults, and the ``loracc.slots`` manifest, written here by hand as docs/ONNX.md
+    describes them. ``quantized`` names a module computed by a MatMulNBits node instead.
+    """
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    f32 = TensorProto.FLOAT
+    weights = base_tensors()
+    nodes, inits, groups = [], [], []
+    inputs = [helper.make_tensor_value_info("x", f32, [1, HIDDEN])]
+    h = "x"
+    for i in range(LAYERS):
+        outs = []
+        for proj in TARGETS:
+            m = _module(i, proj)
+            w, y = f"{m}.weight", f"{m}/y"
+            if m == quantized:
+                q, s = f"{m}.qweight", f"{m}.scales"
+                inits.append(numpy_helper.from_array(np.zeros((HIDDEN, 1, 16), np.uint8), q))
+                inits.append(numpy_helper.from_array(np.ones(HIDDEN, np.float32), s))
+                nodes.append(helper.make_node(
+                    "MatMulNBits", [h, q, s], [y], name=f"/model/layers.{i}/self_attn/{proj}/"
+                    "MatMulNBits", domain="com.microsoft", K=HIDDEN, N=HIDDEN, bits=4,
+                    block_size=16))  # fmt: skip
+                outs.append(y)
+                continue
+            inits.append(numpy_helper.from_array(weights[w].numpy(), w))
+            nodes.append(helper.make_node("Transpose", [w], [f"{m}/wT"], perm=[1, 0]))
+            nodes.append(helper.make_node("MatMul", [h, f"{m}/wT"], [y]))
+            if m in slots:
+                a, b, r = f"{m}.lora_A.weight", f"{m}.lora_B.weight", f"{m}.lora_r"
+                inits.append(numpy_helper.from_array(np.zeros((HIDDEN, RANK), np.float32), a))
+                inits.append(numpy_helper.from_array(np.zeros((RANK, HIDDEN), np.float32), b))
+                inputs.append(helper.make_tensor_value_info(a, f32, [HIDDEN, r]))
+                inputs.append(helper.make_tensor_value_info(b, f32, [r, HIDDEN]))
+                nodes.append(helper.make_node("MatMul", [h, a], [f"{m}/lora_a"]))
+                nodes.append(helper.make_node("MatMul", [f"{m}/lora_a", b], [f"{m}/lora_b"]))
+                nodes.append(helper.make_node("Add", [y, f"{m}/lora_b"], [f"{m}/out"]))
+                y = f"{m}/out"
+                groups.append({
+                    "key": m, "op": "MatMul", "fan_in": HIDDEN, "fan_out": HIDDEN, "kernel": [],
+                    "dtype": f32, "A": a, "B": b, "rank_dim": r, "scale": None, "bias": None,
+                    "members": [{"module": m, "kind": "linear", "start": 0, "stop": HIDDEN}],
+                    "weight": w, "weight_transposed": False, "nodes": [],
+                })  # fmt: skip
+            outs.append(y)
+        h = f"h{i + 1}" if i + 1 < LAYERS else "y"
+        nodes.append(helper.make_node("Add", outs, [h]))
+    graph = helper.make_graph(
+        nodes, "tiny", inputs, [helper.make_tensor_value_info("y", f32, [1, HIDDEN])], inits
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="make_corpus")
+    model.ir_version = 10
+    if groups:
+        manifest = json.dumps({"version": 1, "groups": groups}, sort_keys=True)
+        helper.set_model_props(model, {SLOTS_KEY: manifest})
+    return model
+
+
+def write_onnx(path: Path, model: Any, location: str | None = ONNX_DATA) -> None:
+    """Save ``model`` at ``path``; with ``location``, every initializer goes to that data file.
+
+    The data file (``path.parent / location``) is written here, tensors back to back, each entry
+    recording its location, offset and length, so that cases can edit any of them.
+    """
+    import onnx
+
+    assert isinstance(model, onnx.ModelProto)
+    if location is not None:
+        blob = bytearray()
+        for init in model.graph.initializer:
+            raw = init.raw_data
+            init.ClearField("raw_data")
+            init.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", len(blob)), ("length", len(raw))):
+                init.external_data.add(key=key, value=str(value))
+            blob += raw
+        (path.parent / location).write_bytes(bytes(blob))
+    path.write_bytes(model.SerializeToString())
+
+
+def _edit_onnx(path: Path, edit: Callable[[Any], None]) -> None:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    edit(model)
+    path.write_bytes(model.SerializeToString())
+
+
+def _set_external(init_index: int | None, key: str, value: Callable[[Layout, int], str]):
+    """Set the external-data ``key`` of one initializer (None: all) to ``value(lay, old)``."""
+
+    def edit(lay: Layout) -> None:
+        def change(model: Any) -> None:
+            inits = model.graph.initializer
+            for n, init in enumerate(inits):
+                if init_index is not None and n != init_index % len(inits):
+                    continue
+                for entry in init.external_data:
+                    if entry.key == key:
+                        entry.value = value(lay, int(entry.value) if entry.value.isdigit() else 0)
+
+        _edit_onnx(lay.base / "model.onnx", change)
+
+    return edit
+
+
+def _onnx_std(root: Path, *, targets: tuple[str, ...] = TARGETS) -> Layout:
+    """A base ONNX folder (model.onnx + model.onnx.data), a PEFT adapter, a merged export."""
+    base, adapter, out = root / "base", root / "adapter", root / "out.onnx"
+    base.mkdir(parents=True)
+    write_onnx(base / "model.onnx", onnx_base_model())
+    write_adapter(
+        adapter,
+        adapter_tensors(targets=targets),
+        {**ADAPTER_CONFIG, "target_modules": list(targets)},
+    )
+    argv = ["export", "--onnx", "--base", str(base / "model.onnx"), "--adapter", str(adapter)]
+    argv += ["-o", str(out)]
+    return Layout(root, base, adapter, out, argv)
+
+
+def _onnx_with(
+    edit: Callable[[Layout], object], *, targets: tuple[str, ...] = TARGETS
+) -> Callable[[Path], Layout]:
+    def build(root: Path) -> Layout:
+        lay = _onnx_std(root, targets=targets)
+        edit(lay)
+        return lay
+
+    return build
+
+
+def _data_outside(lay: Layout) -> Path:
+    """A valid copy of the base's external data outside its folder, at ``root/outside``."""
+    outside = lay.root / "outside"
+    outside.mkdir(exist_ok=True)
+    dst = outside / ONNX_DATA
+    shutil.copyfile(lay.base / ONNX_DATA, dst)
+    return dst
+
+
+def _data_location(where: Callable[[Layout], str]):
+    def edit(lay: Layout) -> None:
+        _data_outside(lay)
+        _set_external(None, "location", lambda lay_, _: where(lay_))(lay)
+
+    return edit
+
+
+def _data_link_out(lay: Layout) -> None:
+    target = _data_outside(lay)
+    (lay.base / ONNX_DATA).unlink()
+    (lay.base / ONNX_DATA).symlink_to(target)
+
+
+def _onnx_quantized(root: Path) -> Layout:
+    lay = _onnx_std(root)
+    write_onnx(lay.base / "model.onnx", onnx_base_model(quantized=_module(1, "v_proj")))
+    return lay
+
+
+def _onnx_out(
+    where: Callable[[Layout], Path],
+    *,
+    preexists: bool = True,
+    force: bool = False,
+    keep_lora: bool = False,
+    location: str = ONNX_DATA,
+) -> Callable[[Path], Layout]:
+    def build(root: Path) -> Layout:
+        # q_proj only: the v_proj weights stay external, so the output has a .data file too
+        lay = _onnx_std(root, targets=("q_proj",))
+        if location != ONNX_DATA:
+            (lay.base / ONNX_DATA).unlink()
+            write_onnx(lay.base / "model.onnx", onnx_base_model(), location)
+        lay.out = where(lay)
+        lay.out_preexists = preexists
+        lay.argv = [*lay.argv[:-1], str(lay.out)] + (["--force"] if force else [])
+        if keep_lora:
+            lay.argv.insert(2, "--keep-lora")
+        return lay
+
+    return build
+
+
+def _existing(name: str) -> Callable[[Layout], Path]:
+    """``root/name`` holds an earlier result; the output is ``root/out.onnx``."""
+
+    def where(lay: Layout) -> Path:
+        (lay.root / name).write_bytes(b"an earlier result\n")
+        return lay.root / "out.onnx"
+
+    return where
+
+
+def build_onnx_valid(root: Path) -> Layout:
+    """A valid ONNX base + adapter pair (4 sites, scale 2) and the merged export command line."""
+    root.mkdir(parents=True, exist_ok=True)
+    return _onnx_std(root)
+
+
+def build_slotted_valid(root: Path) -> Layout:
+    """A valid keep-lora model (q_proj slots) + a q_proj adapter and the pack command line."""
+    root.mkdir(parents=True, exist_ok=True)
+    return _slotted(root, targets=("q_proj",))
+
+
+def _slotted(root: Path, *, targets: tuple[str, ...] = TARGETS) -> Layout:
+    """A keep-lora model with q_proj slots only (``slotted/model.onnx``) and a PEFT adapter."""
+    lay = _onnx_std(root, targets=targets)
+    slotted = root / "slotted"
+    slotted.mkdir()
+    q = tuple(_module(i, "q_proj") for i in range(LAYERS))
+    write_onnx(slotted / "model.onnx", onnx_base_model(slots=q))
+    lay.base, lay.out = slotted, root / "a.onnx_adapter"
+    lay.argv = ["pack", "--model", str(slotted / "model.onnx"), "--adapter", str(lay.adapter)]
+    lay.argv += ["-o", str(lay.out)]
+    return lay
+
+
+def _pack_with(
+    edit: Callable[[Layout], object], *, targets: tuple[str, ...] = TARGETS
+) -> Callable[[Path], Layout]:
+    def build(root: Path) -> Layout:
+        lay = _slotted(root, targets=targets)
+        edit(lay)
+        return lay
+
+    return build
+
+
+def _run_with_adapter(
+    content: Callable[[Layout], bytes], *, model: bytes = b""
+) -> Callable[[Path], Layout]:
+    """``loracc run`` of the slotted model (or ``model``'s bytes) with an adapter of ``content``."""
+
+    def build(root: Path) -> Layout:
+        import numpy as np
+
+        lay = _slotted(root, targets=("q_proj",))
+        if model:
+            (lay.base / "model.onnx").write_bytes(model)
+        adapter_file = root / "bad.onnx_adapter"
+        adapter_file.write_bytes(content(lay))
+        inputs = root / "inputs.npz"
+        np.savez(inputs, x=np.ones((1, HIDDEN), np.float32))
+        lay.out = root / "outputs.npz"
+        lay.argv = ["run", "--model", str(lay.base / "model.onnx"), "--adapter", str(adapter_file)]
+        lay.argv += ["--inputs", str(inputs), "-o", str(lay.out)]
+        return lay
+
+    return build
+
+
+def _pack_over_model_data(root: Path) -> Layout:
+    lay = _slotted(root, targets=("q_proj",))
+    (lay.base / ONNX_DATA).unlink()
+    q = tuple(_module(i, "q_proj") for i in range(LAYERS))
+    write_onnx(lay.base / "model.onnx", onnx_base_model(slots=q), "weights.onnx_adapter")
+    lay.out, lay.out_preexists = lay.base / "weights.onnx_adapter", True
+    lay.argv = [*lay.argv[:-1], str(lay.out), "--force"]
+    return lay
+
+
+def _existing_adapter_file(lay: Layout) -> None:
+    lay.out.write_bytes(b"an earlier result\n")
+    lay.out_preexists = True
+
+
+def _write(path: Path, data: bytes) -> str:
+    path.write_bytes(data)
+    return str(path)
+
+
+def _adapter_file_bytes(lay: Layout) -> bytes:
+    """A valid onnxruntime adapter file for the slotted model's q_proj slots (rank 2)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(1)
+    fmt.set_model_version(0)
+    params = {}
+    for i in range(LAYERS):
+        m = _module(i, "q_proj")
+        params[f"{m}.lora_A.weight"] = np.ones((HIDDEN, 2), np.float32)
+        params[f"{m}.lora_B.weight"] = np.ones((2, HIDDEN), np.float32)
+    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in params.items()})
+    path = lay.root / "valid.onnx_adapter"
+    fmt.export_adapter(str(path))
+    raw = path.read_bytes()
+    path.unlink()
+    return raw
+
+
+_RUN_ADAPTER_BUG = (
+    "loracc/io/ort.py run_options() puts onnxruntime's exception text, which ends in a "
+    "newline and starts with a C++ source location, into the message: two lines"
+)
 _INF = float("inf")
 _NAN = float("nan")
 
@@ -823,6 +1152,11 @@ CASES: tuple[Case, ...] = (
     Case("index-symlink-loop", "a shard that is a link to itself",
          _with(_shard_link(lambda lay: lay.base / "model-00002-of-00002.safetensors"), shards=2),
          2, "cannot be resolved", "model-00002-of-00002.safetensors", group="paths"),
+    Case("index-nul-byte", "an index shard name holding a NUL byte",
+         _with(_index_name(lambda lay: "model-00002-of-00002.safetensors\0x"), shards=2),
+         2, "NUL byte", "model.safetensors.index.json", bug="loracc/io/checkpoint.py inside() "
+         "passes the name to Path.resolve, whose ValueError is an internal error, exit 1",
+         group="paths"),
     Case("index-missing-shard", "the index names a shard that does not exist",
          _with(lambda lay: (lay.base / "model-00002-of-00002.safetensors").unlink(), shards=2),
          2, "shard not found", "model-00002-of-00002.safetensors", group="paths"),
@@ -883,6 +1217,116 @@ CASES: tuple[Case, ...] = (
                  preexists=False), 2, "parent is not a folder", "afile", group="output"),
     Case("output-is-hub-blobs", "-o is the hub-cache blobs folder the base links into, --force",
          _hub_blobs_out, 2, "overlaps the files of the input", "blobs", group="output"),
+    # -- ONNX files: external data and the protobuf -------------------------------------------
+    Case("onnx-data-dotdot", "an external-data location '../outside/model.onnx.data'",
+         _onnx_with(_data_location(lambda lay: f"../outside/{ONNX_DATA}")),
+         2, "points outside", "../outside/model.onnx.data", needs="onnx_ir", group="onnx"),
+    Case("onnx-data-absolute", "an external-data location that is an absolute path",
+         _onnx_with(_data_location(lambda lay: str(lay.root / "outside" / ONNX_DATA))),
+         2, "points outside", "outside/model.onnx.data", needs="onnx_ir", group="onnx"),
+    Case("onnx-data-symlink-out", "model.onnx.data is a link to a file outside the folder",
+         _onnx_with(_data_link_out), 2, "resolves outside", "model.onnx.data", needs="onnx_ir",
+         group="onnx"),
+    Case("onnx-data-missing", "the external-data file does not exist",
+         _onnx_with(lambda lay: (lay.base / ONNX_DATA).unlink()), 2, "not found",
+         "model.onnx.data", needs="onnx_ir", group="onnx"),
+    Case("onnx-data-truncated", "model.onnx.data cut 100 bytes short",
+         _onnx_with(lambda lay: _truncate(lay.base / ONNX_DATA, -100)), 2, "do not hold",
+         "model.layers.1.self_attn.v_proj.weight", needs="onnx_ir", group="onnx"),
+    Case("onnx-data-offset-past-end", "an initializer's offset lies past the end of the data",
+         _onnx_with(_set_external(-1, "offset", lambda lay, old: str(old + 4096))),
+         2, "do not hold", "model.layers.1.self_attn.v_proj.weight", needs="onnx_ir",
+         group="onnx"),
+    Case("onnx-data-length-lies", "an initializer's length is twice its dtype x shape",
+         _onnx_with(_set_external(0, "length", lambda lay, old: str(2 * old))),
+         2, "do not hold", "model.layers.0.self_attn.q_proj.weight", needs="onnx_ir",
+         group="onnx"),
+    Case("onnx-data-offset-negative", "an initializer's offset is -5",
+         _onnx_with(_set_external(0, "offset", lambda lay, old: "-5")),
+         2, "not a readable ONNX model", "model.onnx", needs="onnx_ir", group="onnx"),
+    Case("onnx-data-nul-byte", "an external-data location holding a NUL byte",
+         _onnx_with(_set_external(0, "location", lambda lay, old: "model.onnx.data\0x")),
+         2, "holds a NUL byte", "model.layers.0.self_attn.q_proj.weight", needs="onnx_ir",
+         group="onnx"),
+    Case("onnx-data-fifo", "the external-data file is a named pipe (reading it would block)",
+         _onnx_with(lambda lay: ((lay.base / ONNX_DATA).unlink(), os.mkfifo(lay.base / ONNX_DATA))),
+         2, "is not a regular file", "model.onnx.data", needs="onnx_ir", group="onnx"),
+    Case("onnx-not-protobuf", "model.onnx holds text, not a protobuf",
+         _onnx_with(lambda lay: (lay.base / "model.onnx").write_text("not an onnx model\n")),
+         2, "not a readable ONNX model", "model.onnx", needs="onnx_ir", group="onnx"),
+    Case("onnx-truncated", "model.onnx cut in half",
+         _onnx_with(lambda lay: _truncate(
+             lay.base / "model.onnx", (lay.base / "model.onnx").stat().st_size // 2)),
+         2, "not a readable ONNX model", "model.onnx", needs="onnx_ir", group="onnx"),
+    Case("onnx-empty", "model.onnx is empty (an empty protobuf parses)",
+         _onnx_with(lambda lay: _truncate(lay.base / "model.onnx", 0)),
+         2, "not a readable ONNX model", "model.onnx", needs="onnx_ir", group="onnx"),
+    Case("onnx-missing", "the base .onnx file does not exist",
+         _onnx_with(lambda lay: (lay.base / "model.onnx").unlink()), 2, "ONNX model not found",
+         "model.onnx", needs="onnx_ir", group="onnx"),
+    # -- ONNX binding, pack and run -------------------------------------------------------------
+    Case("onnx-site-unbound", "the adapter targets k_proj, which the graph does not have",
+         _onnx_with(lambda lay: None, targets=("q_proj", "k_proj")),
+         2, "cannot bind to the ONNX graph", "model.layers.0.self_attn.k_proj", needs="onnx_ir",
+         group="onnx"),
+    Case("onnx-site-quantized", "the graph computes v_proj of layer 1 with MatMulNBits",
+         _onnx_quantized, 2, "MatMulNBits", "model.layers.1.self_attn.v_proj", needs="onnx_ir",
+         group="onnx"),
+    Case("onnx-site-shape", "lora_A has 20 input features, the bound initializer has 16",
+         _onnx_with(_set_tensor(f"{_Q0}.lora_A.weight", torch.randn(RANK, 20))),
+         2, "adapter's factors give", "model.layers.0.self_attn.q_proj", needs="onnx_ir",
+         group="onnx"),
+    Case("pack-module-without-slot", "pack an adapter on q_proj and v_proj; only q_proj has slots",
+         _slotted, 2, "no adapter slot", "model.layers.0.self_attn.v_proj", needs="onnxruntime",
+         group="onnx"),
+    Case("pack-no-manifest", "pack for a model without the loracc.slots manifest",
+         _pack_with(lambda lay: lay.argv.__setitem__(2, str(lay.root / "base" / "model.onnx"))),
+         2, "no 'loracc.slots' metadata", "model.onnx", needs="onnxruntime", group="onnx"),
+    Case("pack-adapter-is-file", "pack --adapter names a corrupt .onnx_adapter file, not a folder",
+         _pack_with(lambda lay: lay.argv.__setitem__(4, _write(
+             lay.root / "bad.onnx_adapter", b"TORT" + b"\xff" * 60))),
+         2, "adapter folder not found", "bad.onnx_adapter", needs="onnxruntime", group="onnx"),
+    Case("run-adapter-garbage", "run with an .onnx_adapter of 64 garbage bytes",
+         _run_with_adapter(lambda lay: b"\x10\x00\x00\x00TORT" + b"\xff" * 56),
+         2, "not a readable .onnx_adapter file", "bad.onnx_adapter", needs="onnxruntime",
+         bug=_RUN_ADAPTER_BUG, group="onnx"),
+    Case("run-adapter-truncated", "run with a valid .onnx_adapter cut in half",
+         _run_with_adapter(lambda lay: (raw := _adapter_file_bytes(lay))[: len(raw) // 2]),
+         2, "not a readable .onnx_adapter file", "bad.onnx_adapter", needs="onnxruntime",
+         bug=_RUN_ADAPTER_BUG, group="onnx"),
+    Case("run-model-not-protobuf", "run a model.onnx that holds text, not a protobuf",
+         _run_with_adapter(_adapter_file_bytes, model=b"not an onnx model\n"),
+         2, "cannot create a session", "model.onnx", needs="onnxruntime", group="onnx"),
+    # -- ONNX outputs -------------------------------------------------------------------------
+    Case("export-output-is-base", "export -o names the base model.onnx, with --force",
+         _onnx_out(lambda lay: lay.base / "model.onnx", force=True), 2, "overlaps the input",
+         "model.onnx", needs="onnx_ir", group="onnx output"),
+    Case("export-output-data-is-base-data",
+         "-o base/weights.onnx, whose weights.onnx.data is the base's external data, --force",
+         _onnx_out(lambda lay: lay.base / "weights.onnx", preexists=False, force=True,
+                   location="weights.onnx.data"),
+         2, "overlaps the input", "weights.onnx.data", needs="onnx_ir", group="onnx output"),
+    Case("export-output-is-data-file", "export -o names the base's model.onnx.data, with --force",
+         _onnx_out(lambda lay: lay.base / ONNX_DATA, force=True), 2, "must end in .onnx",
+         "model.onnx.data", needs="onnx_ir", group="onnx output"),
+    Case("export-output-exists", "export -o names an existing file",
+         _onnx_out(_existing("out.onnx")), 2, "already exists (use --force", "out.onnx",
+         needs="onnx_ir", group="onnx output"),
+    Case("export-data-output-exists", "out.onnx.data exists, out.onnx does not",
+         _onnx_out(_existing("out.onnx.data"), preexists=False), 2, "already exists",
+         "out.onnx.data", needs="onnx_ir", group="onnx output"),
+    Case("export-adapter-output-exists", "--keep-lora; out.onnx_adapter exists, out.onnx does not",
+         _onnx_out(_existing("out.onnx_adapter"), preexists=False, keep_lora=True),
+         2, "already exists", "out.onnx_adapter", needs="onnxruntime", group="onnx output"),
+    Case("pack-output-is-model-data",
+         "pack -o names the model's external-data file (weights.onnx_adapter), with --force",
+         _pack_over_model_data, 2, "overlaps the input", "weights.onnx_adapter",
+         needs="onnxruntime", bug="loracc/onnx_api.py pack() protects the model and the "
+         "adapter but not the model's external data: the output replaces it", group="onnx output"),
+    Case("pack-output-exists", "pack -o names an existing .onnx_adapter",
+         _pack_with(_existing_adapter_file, targets=("q_proj",)),
+         2, "already exists (use --force", "a.onnx_adapter", needs="onnxruntime",
+         group="onnx output"),
     # -- usage -----------------------------------------------------------------------------------
     Case("usage-missing-base", "--base is not given",
          _argv(lambda lay: ["merge", "--adapter", str(lay.adapter), "-o", str(lay.out)]),
@@ -925,6 +1369,7 @@ def markdown_table() -> str:
         msg = c.message.replace("|", "\\|")
         names = f"`{c.names}`" if c.names else ""
         note = f" **Known gap:** {c.pending}." if c.pending else ""
+        note += f" **Known bug:** {c.bug}." if c.bug else ""
         rows.append(f"| `{c.name}` | {c.what}.{note} | {c.exit_code} | `{msg}` | {names} |")
     return "\n".join(rows)
 

@@ -62,6 +62,8 @@ def load_model(path: str | os.PathLike[str]) -> ir.Model:
         model = ir.load(path)
     except Exception as e:  # protobuf and onnx-ir raise many kinds
         raise FormatError(f"{path}: not a readable ONNX model ({e})") from e
+    if not model.graph.outputs:  # an empty file, or one cut where a protobuf field ends, parses
+        raise FormatError(f"{path}: not a readable ONNX model (no graph outputs; truncated?)")
     for tensor in external_tensors(model):
         _check_external(tensor, path)
     return model
@@ -78,9 +80,13 @@ def external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
 def _check_external(tensor: ir.ExternalTensor, model_path: Path) -> None:
     folder = model_path.parent
     what = f"{model_path}: initializer '{tensor.name}' external data"
-    data = inside(folder, os.fspath(tensor.location), what)
+    location = os.fspath(tensor.location)
+    if "\0" in location:  # os calls raise ValueError on it
+        raise FormatError(f"{what}: location {location!r} holds a NUL byte")
+    data = inside(folder, location, what)
     if not data.is_file():
-        raise FormatError(f"{what}: file '{tensor.location}' not found")
+        found = "is not a regular file" if data.exists() else "not found"
+        raise FormatError(f"{what}: file '{location}' {found}")
     size = data.stat().st_size
     offset = tensor.offset or 0
     length = tensor.length if tensor.length is not None else tensor.nbytes
