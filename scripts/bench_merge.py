@@ -33,6 +33,7 @@ import json
 import math
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -222,6 +223,8 @@ class Run:
     peak_file_mib: float
     sync_s: float
     rc: int
+    cpu_s: float = 0.0
+    inner_s: float | None = None
     note: str = ""
 
 
@@ -239,12 +242,16 @@ def _status_kib(pid: int) -> tuple[int, int]:
     return anon, filed
 
 
-def measure(cmd: list[str], sample_s: float, timeout: float) -> tuple[float, int, int, int, str]:
-    """Run ``cmd``; (wall seconds, peak RssAnon KiB, peak RssFile KiB, rc, stderr tail)."""
+def measure(
+    cmd: list[str], sample_s: float, timeout: float, env: dict[str, str], cwd: Path
+) -> tuple[float, int, int, float, int, str, str]:
+    """Run ``cmd``: (wall s, peak RssAnon KiB, peak RssFile KiB, user+sys CPU s, rc, stdout,
+    stderr tail). The CPU time is the child's own (``RUSAGE_CHILDREN`` before and after)."""
     peak = [0, 0]
     done = threading.Event()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd)
 
     def sample() -> None:
         while not done.is_set():
@@ -256,15 +263,18 @@ def measure(cmd: list[str], sample_s: float, timeout: float) -> tuple[float, int
     t = threading.Thread(target=sample, daemon=True)
     t.start()
     try:
-        _, err = proc.communicate(timeout=timeout)
+        out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
-        _, err = proc.communicate()
+        out, err = proc.communicate()
     wall = time.perf_counter() - start
     done.set()
     t.join()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     tail = (err or b"").decode(errors="replace").strip().splitlines()[-5:]
-    return wall, peak[0], peak[1], proc.returncode, "\n".join(tail)
+    text = (out or b"").decode(errors="replace")
+    return wall, peak[0], peak[1], cpu, proc.returncode, text, "\n".join(tail)
 
 
 def prepare_cache(mode: str, base: Path) -> None:
@@ -282,22 +292,33 @@ def run_path(
     path: str, size: str, base: Path, adapter: Path, out: Path, args: argparse.Namespace
 ) -> Run:
     shutil.rmtree(out, ignore_errors=True)
+    env, cwd = ENV, REPO
     if path == "copy":
         cmd = ["cp", "-r", str(base), str(out)]
     elif path == "peft":
         cmd = [sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter), str(out)]
-    else:
+    else:  # loracc, or "ref": another loracc checkout (--ref), e.g. the one before a change
         cmd = [sys.executable, "-m", "loracc", "merge", "--base", str(base)]
         cmd += ["--adapter", str(adapter), "-o", str(out), "--json", "--device", args.device]
+        if path == "ref":
+            cwd = args.ref.resolve()
+            env = {**ENV, "PYTHONPATH": str(cwd)}
     prepare_cache(args.cache, base)
-    wall, anon, filed, rc, err = measure(cmd, args.sample_ms / 1000, args.timeout)
+    wall, anon, filed, cpu, rc, stdout, err = measure(
+        cmd, args.sample_ms / 1000, args.timeout, env, cwd
+    )
     t0 = time.perf_counter()
     os.sync()
     sync_s = time.perf_counter() - t0
-    run = Run(path, size, wall, anon / 1024, filed / 1024, sync_s, rc, err if rc else "")
+    inner = None
+    if path in ("loracc", "ref") and rc == 0:
+        inner = float(json.loads(stdout)["seconds"])
+    note = err if rc else ""
+    run = Run(path, size, wall, anon / 1024, filed / 1024, sync_s, rc, cpu, inner, note)
+    merge_s = f"  (merge_into {inner:.2f} s)" if inner is not None else ""
     print(
-        f"  {size:>5} {path:<6} wall {wall:7.2f} s (+sync {sync_s:5.2f} s)  "
-        f"peak anon {anon / 1024:7.0f} MiB  file {filed / 1024:6.0f} MiB  rc {rc}",
+        f"  {size:>5} {path:<6} wall {wall:7.2f} s (+sync {sync_s:5.2f} s)  cpu {cpu:6.2f} s  "
+        f"peak anon {anon / 1024:6.0f} MiB  file {filed / 1024:5.0f} MiB  rc {rc}{merge_s}",
         flush=True,
     )
     if rc:
@@ -337,11 +358,12 @@ def best(runs: list[Run], size: str, path: str) -> Run | None:
 
 def table(runs: list[Run], sizes: list[str], verified: dict[str, str]) -> str:
     lines = [
-        "| model | params | path | wall s | +sync s | peak anon RSS MiB | runs (wall s) |",
-        "|---|---|---|---|---|---|---|",
+        "| model | params | path | wall s | +sync s | CPU s | merge s | peak anon RSS MiB "
+        "| runs (wall s) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for size in sizes:
-        for path in ("copy", "peft", "loracc"):
+        for path in ("copy", "peft", "ref", "loracc"):
             r = best(runs, size, path)
             if r is None:
                 continue
@@ -349,7 +371,8 @@ def table(runs: list[Run], sizes: list[str], verified: dict[str, str]) -> str:
             peaks = [x.peak_anon_mib for x in runs if x.size == size and x.path == path]
             lines.append(
                 f"| {size} | {param_count(size) / 1e9:.2f}B | {path} | {r.wall_s:.2f} | "
-                f"{r.wall_s + r.sync_s:.2f} | {max(peaks):.0f} | "
+                f"{r.wall_s + r.sync_s:.2f} | {r.cpu_s:.2f} | "
+                f"{'-' if r.inner_s is None else f'{r.inner_s:.2f}'} | {max(peaks):.0f} | "
                 f"{', '.join(f'{w:.2f}' for w in walls)} |"
             )
     lines += ["", "| model | loracc/copy (wall) | PEFT/loracc (wall) | loracc/PEFT (anon RSS) |"]
@@ -403,6 +426,109 @@ def machine() -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# Profile: where a loracc merge's time goes
+
+
+def _timed(cmd: list[str]) -> float:
+    t = time.perf_counter()
+    subprocess.run(cmd, env=ENV, cwd=REPO, check=True, capture_output=True)
+    return time.perf_counter() - t
+
+
+def profile(size: str, base: Path, adapter: Path, work: Path, tensors: int) -> str:
+    """Startup costs, then the CPU time of each step of the streamed merge, per element.
+
+    The steps are those of ``loracc.lower.merge._stream`` for one bf16 LoRA target, run here one
+    at a time on one thread (``time.thread_time`` around each) over the first ``tensors`` edited
+    tensors: the same calls on the same buffers, so the split is the merge's.
+    """
+    from loracc.io.checkpoint import Checkpoint
+    from loracc.io.peft import load_adapter
+    from loracc.io.safetensors import pread_exact, pwrite_all
+    from loracc.lower import merge as M
+
+    lines = [f"Profile, {size} (warm page cache):", ""]
+    py = [sys.executable, "-c"]
+    startup = {
+        "python -c pass": _timed([*py, "pass"]),
+        "python -c 'import torch'": _timed([*py, "import torch"]),
+        "python -c 'import loracc.cli'": _timed([*py, "import loracc.cli"]),
+        "loracc --help": _timed([sys.executable, "-m", "loracc", "--help"]),
+    }
+    lines += ["| startup | wall s |", "|---|---|"]
+    lines += [f"| `{k}` | {v:.2f} |" for k, v in startup.items()]
+    t = time.perf_counter()
+    ckpt = Checkpoint(base)
+    ad = load_adapter(adapter, ckpt)
+    load_s = time.perf_counter() - t
+    lines += [f"| read headers + adapter (in process) | {load_s:.2f} |", ""]
+
+    plan = M._plan(ad, ckpt, None)
+    items = [i for i in plan if i.edits and M._streamable(i)][:tensors]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    steps = ("pread", "mm", "mul", "widen", "add", "round", "check", "pwrite")
+    cpu = dict.fromkeys(steps, 0.0)
+    out_path = work / "profile.bin"
+    out_fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    scratch = M._Scratch()
+    wall = time.perf_counter()
+    try:
+        pos = 0
+        for item in items:
+            src, site = item.source, item.edits.sites[0]
+            rows, cols = item.shape
+            A, B = site.lora_A.float().contiguous(), site.lora_B.float().contiguous()
+            fd = os.open(src.path, os.O_RDONLY)
+            for r0, r1 in M._row_blocks(rows, cols):
+                v = M._Views(scratch, r1 - r0, cols, src.dtype, item.dtype, "cpu")
+                c = time.thread_time()
+                marks = [c]
+                pread_exact(fd, v.raw_bytes, src.offset + r0 * cols * src.dtype.itemsize)
+                marks.append(time.thread_time())
+                torch.mm(B[r0:r1], A, out=v.d)
+                marks.append(time.thread_time())
+                v.d.mul_(site.scale)
+                marks.append(time.thread_time())
+                v.w.copy_(v.raw)
+                marks.append(time.thread_time())
+                v.w.add_(v.d)
+                marks.append(time.thread_time())
+                v.out.copy_(v.w)
+                marks.append(time.thread_time())
+                M._check_finite(v.out, item.key)
+                marks.append(time.thread_time())
+                pwrite_all(out_fd, v.out_bytes, pos)
+                pos += len(v.out_bytes)
+                marks.append(time.thread_time())
+                for k, a, b in zip(steps, marks, marks[1:], strict=False):
+                    cpu[k] += b - a
+            os.close(fd)
+    finally:
+        os.close(out_fd)
+        out_path.unlink()
+        torch.set_num_threads(threads)
+    wall = time.perf_counter() - wall
+    n = sum(i.source.numel for i in items)
+    total = sum(cpu.values())
+    lines += [
+        f"Streamed steps, one thread, {len(items)} LoRA targets ({n / 1e6:.0f}M elements, "
+        f"bf16): {total / n * 1e9:.2f} ns of CPU per element ({wall / n * 1e9:.2f} ns wall)",
+        "",
+        "| step | ns/element | share |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {k} | {v / n * 1e9:.2f} | {100 * v / total:.0f}% |" for k, v in cpu.items()]
+    edited = sum(i.source.numel for i in plan if i.edits)
+    lines += [
+        "",
+        f"The whole {size} model has {edited / 1e9:.2f}B edited elements: "
+        f"{edited * total / n:.1f} s of CPU for these steps.",
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
 
 
 def parse_size(text: str) -> int:
@@ -418,12 +544,20 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/loracc-bench"))
     ap.add_argument("--keep", action="store_true", help="keep the synthetic inputs and outputs")
     ap.add_argument("--repeat", type=int, default=1, help="timed runs per path (best is shown)")
-    ap.add_argument("--paths", default="copy,peft,loracc", help="which paths to run")
+    ap.add_argument("--paths", default="copy,peft,loracc", help="of copy,peft,ref,loracc")
+    ap.add_argument("--ref", type=Path, help="path 'ref': a loracc checkout to compare with")
     ap.add_argument("--cache", choices=("warm", "cold"), default="warm")
     ap.add_argument("--device", default="cpu", help="loracc merge --device")
     ap.add_argument("--shard-size", default="1GB", help="shard size of the synthetic base")
     ap.add_argument("--sample-ms", type=float, default=20.0)
     ap.add_argument("--timeout", type=float, default=3600.0)
+    ap.add_argument(
+        "--profile",
+        type=int,
+        metavar="N",
+        default=0,
+        help="only profile loracc: startup, then each streamed step over N tensors",
+    )
     ap.add_argument("--markdown", type=Path, help="also write the tables here")
     ap.add_argument("--json", type=Path, help="also write every run here")
     args = ap.parse_args()
@@ -452,6 +586,14 @@ def main() -> int:
                 make_base(size, base, parse_size(args.shard_size))
             if not adapter.exists():
                 make_adapter(size, adapter, base)
+            if args.profile:
+                prepare_cache("warm", base)
+                report = profile(size, base, adapter, work, args.profile)
+                print(report)
+                if args.markdown:
+                    with open(args.markdown, "a") as f:
+                        f.write(report + "\n\n")
+                continue
             shards = len(list(base.glob("*.safetensors")))
             print(
                 f"{size}: {param_count(size) / 1e9:.2f}B params, {shards} shard(s), "
@@ -478,6 +620,8 @@ def main() -> int:
                     shutil.rmtree(work / name, ignore_errors=True)
                 for p in paths:
                     shutil.rmtree(work / f"out-{size}-{p}", ignore_errors=True)
+    if args.profile:
+        return 0
     report = table(runs, sizes, verified)
     if not ok:
         report += "\n\nloracc's output differs from PEFT's: the timings above do not count."

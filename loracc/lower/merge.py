@@ -276,6 +276,7 @@ def _copy_side_files(base: Checkpoint, out: Path) -> None:
 # Row blocks: a block's steps stay in cache, and since the buffers are reused nothing is allocated
 # (page-faulted) per tensor; that alone made the merge ~2x faster than whole-tensor temporaries.
 _BLOCK = 1 << 19  # elements per block (2 MiB of fp32); 128K..1M measured the same
+_BLOCK_ACCEL = 1 << 23  # on a GPU: fewer, larger launches and host<->device copies
 # MKL's sgemm takes another kernel, with another summation order, for a handful of rows (1-11
 # rows, but not 4 or 8, on AVX2); from 12 rows on, a row block of ``B @ A`` is bit-identical to
 # the same rows of the full product at any offset and thread count (checked 12..1023 rows). No
@@ -326,8 +327,8 @@ def _streamable(item: _Out) -> bool:
     return True
 
 
-def _row_blocks(rows: int, cols: int) -> list[tuple[int, int]]:
-    per = max(_MIN_ROWS, _BLOCK // max(cols, 1))
+def _row_blocks(rows: int, cols: int, block: int | None = None) -> list[tuple[int, int]]:
+    per = max(_MIN_ROWS, (block or _BLOCK) // max(cols, 1))
     if rows < 2 * per:
         return [(0, rows)]
     starts = list(range(0, rows - per + 1, per))  # the remainder joins the last block
@@ -369,7 +370,8 @@ def _stream(item: _Out, writer: SafetensorsWriter, scratch: _Scratch, opts: Merg
         if cs is not None:
             cs = cs.to(device=device, dtype=torch.float32).reshape(-1, 1)
         factors.append((A, B, float(site.scale), cs))
-    blocks = _row_blocks(rows, cols)
+    on_cpu = torch.device(device).type == "cpu"
+    blocks = _row_blocks(rows, cols, None if on_cpu else _BLOCK_ACCEL)
     views: dict[int, _Views] = {}
     for m in sorted({r1 - r0 for r0, r1 in blocks}, reverse=True):  # largest first: no regrowth
         views[m] = _Views(scratch, m, cols, src.dtype, item.dtype, device)
