@@ -158,6 +158,8 @@ def inside(folder: Path, name: str, what: str) -> Path:
     The one exception is the Hugging Face hub cache, whose snapshot files are links into the
     same repository's ``blobs`` folder.
     """
+    if "\0" in name:
+        raise FormatError(f"{what}: {name!r} holds a NUL byte")
     if not name or os.path.isabs(name) or ".." in Path(name).parts:
         raise FormatError(f"{what}: '{name}' points outside {folder}")
     path = folder / name
