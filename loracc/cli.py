@@ -17,7 +17,7 @@ import click
 from loracc import api
 from loracc.errors import LoraccError
 from loracc.lower.merge import terminal_progress
-from loracc.passes import parse_pipeline
+from loracc.passes import Pass, parse_pipeline
 
 __all__ = ["main"]
 
@@ -53,6 +53,64 @@ def _emit(data: dict[str, Any], as_json: bool, text: Callable[[dict[str, Any]], 
     click.echo(json.dumps(data, indent=2, default=str) if as_json else text(data))
 
 
+# Options several commands share, each defined once (cli_onnx and cli_golden use them too).
+adapter_option = click.option(
+    "--adapter", "adapter_dir", required=True, type=click.Path(), help="PEFT adapter folder."
+)
+initial_adapter_option = click.option(
+    "--initial-adapter",
+    type=click.Path(),
+    default=None,
+    help="The adapter saved before training (pissa_niter, corda, lora_ga, ...).",
+)
+output_dir_option = click.option(
+    "-o", "--output", "out_dir", required=True, type=click.Path(), help="Output folder."
+)
+force_option = click.option("--force", is_flag=True, help="Replace existing outputs.")
+allow_nonfinite_option = click.option(
+    "--allow-nonfinite", is_flag=True, help="Write edited tensors holding NaN or Inf."
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+
+
+def passes_option(default: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--passes PIPELINE``; ``default`` says what runs without it."""
+    return click.option(
+        "--passes",
+        "passes_spec",
+        default=None,
+        help="Passes to run instead of the default, e.g. "
+        f"'untie-embeddings,truncate-rank{{rank=8}}' (default: {default}).",
+    )
+
+
+def _pipeline(spec: str | None) -> list[Pass] | None:
+    return parse_pipeline(spec) if spec is not None else None
+
+
+def _step_lines(r: dict[str, Any]) -> list[str]:
+    """The details of the passes that ran, one line each."""
+    return [f"  {step['pass']}: {d}" for step in r["passes"] for d in step["details"]]
+
+
+def _note_lines(r: dict[str, Any], indent: str = "  ") -> list[str]:
+    return [f"{indent}note: {n}" for n in r["notes"]]
+
+
+def _binding_lines(bindings: list[dict[str, Any]]) -> list[str]:
+    """The ONNX binding table: site -> op, initializer, transposed (T), rule, nodes."""
+    head = f"{'module':<44} {'op':<7} {'initializer':<32} {'T':<2} {'how':<12} nodes"
+    lines = [head, "-" * len(head)]
+    for b in bindings:
+        init = b["initializer"] or ""
+        how = b["how"] + (f" {b['block'][0]}:{b['block'][1]}" if b["block"] else "")
+        lines.append(
+            f"{b['module']:<44} {b['op']:<7} {init[:32]:<32} {'T' if b['transposed'] else '-':<2} "
+            f"{how:<12} {', '.join(b['nodes'])}"
+        )
+    return lines
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @click.version_option(package_name="loracc")
@@ -62,35 +120,23 @@ def main(debug: bool) -> None:
 
 @main.command()
 @click.option("--base", "base_dir", required=True, type=click.Path(), help="Base HF folder.")
-@click.option(
-    "--adapter", "adapter_dir", required=True, type=click.Path(), help="PEFT adapter folder."
-)
-@click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Output folder.")
+@adapter_option
+@output_dir_option
 @click.option("--dtype", default=None, help="Cast floating tensors: float32, float16, bfloat16.")
 @click.option(
     "--max-shard-size", default="5GB", show_default=True, help="Shard size (5GB, 500MiB)."
 )
-@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@force_option
 @click.option(
     "--device",
     default="cpu",
     show_default=True,
     help="Where deltas are computed (cuda falls back to cpu when unavailable).",
 )
-@click.option(
-    "--initial-adapter",
-    type=click.Path(),
-    default=None,
-    help="The adapter saved before training (pissa_niter, corda, lora_ga, ...).",
-)
-@click.option(
-    "--passes",
-    "passes_spec",
-    default=None,
-    help="Replace the default pass pipeline, e.g. 'untie-embeddings,truncate-rank{rank=8}'.",
-)
-@click.option("--allow-nonfinite", is_flag=True, help="Write merged tensors holding NaN or Inf.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@initial_adapter_option
+@passes_option("the merge pipeline")
+@allow_nonfinite_option
+@json_option
 @_guard
 def merge(
     base_dir: str,
@@ -115,7 +161,7 @@ def merge(
         force=force,
         device=device,
         initial_adapter=initial_adapter,
-        passes=parse_pipeline(passes_spec) if passes_spec is not None else None,
+        passes=_pipeline(passes_spec),
         allow_nonfinite=allow_nonfinite,
         progress=None if as_json else terminal_progress(),
     )
@@ -128,19 +174,14 @@ def _merge_text(r: dict[str, Any]) -> str:
         f"({r['copied']} copied unchanged) in {r['seconds']:.2f}s",
         f"wrote {r['output']}: {', '.join(r['shards'])} ({r['bytes_written'] / 1e6:.1f} MB)",
     ]
-    for step in r["passes"]:
-        for d in step["details"]:
-            lines.append(f"  {step['pass']}: {d}")
-    for k, v in r["config_updates"].items():
-        lines.append(f"  config.json: {k} = {json.dumps(v)}")
-    lines += [f"  note: {n}" for n in r["notes"]]
+    lines += _step_lines(r)
+    lines += [f"  config.json: {k} = {json.dumps(v)}" for k, v in r["config_updates"].items()]
+    lines += _note_lines(r)
     return "\n".join(lines)
 
 
 @main.command()
-@click.option(
-    "--adapter", "adapter_dir", required=True, type=click.Path(), help="PEFT adapter folder."
-)
+@adapter_option
 @click.option(
     "--base",
     "base_dir",
@@ -148,12 +189,7 @@ def _merge_text(r: dict[str, Any]) -> str:
     default=None,
     help="Original base HF folder (needed for pissa/olora and layer_replication).",
 )
-@click.option(
-    "--initial-adapter",
-    type=click.Path(),
-    default=None,
-    help="The adapter saved before training (pissa_niter, corda, lora_ga).",
-)
+@initial_adapter_option
 @click.option("--rank", type=click.IntRange(min=1), default=None, help="Truncate to rank R.")
 @click.option(
     "--energy",
@@ -161,9 +197,9 @@ def _merge_text(r: dict[str, Any]) -> str:
     default=None,
     help="Truncate to keep this fraction of each delta's Frobenius energy (e.g. 0.99).",
 )
-@click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Output folder.")
-@click.option("--force", is_flag=True, help="Replace an existing output folder.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@output_dir_option
+@force_option
+@json_option
 @_guard
 def convert(
     adapter_dir: str,
@@ -190,30 +226,14 @@ def convert(
 
 def _convert_text(r: dict[str, Any]) -> str:
     lines = [f"wrote {r['output']}: {len(r['sites'])} sites, {len(r['tensors'])} tensors"]
-    for step in r["passes"]:
-        lines += [f"  {step['pass']}: {d}" for d in step["details"]]
-    lines += [f"  note: {n}" for n in r["notes"]]
-    return "\n".join(lines)
+    return "\n".join(lines + _step_lines(r) + _note_lines(r))
 
 
 @main.command(name="compile")
-@click.option(
-    "--adapter", "adapter_dir", required=True, type=click.Path(), help="PEFT adapter folder."
-)
+@adapter_option
 @click.option("--base", "base_dir", type=click.Path(), default=None, help="Base HF folder.")
-@click.option(
-    "--initial-adapter",
-    type=click.Path(),
-    default=None,
-    help="The adapter saved before training (pissa_niter, corda, lora_ga).",
-)
-@click.option(
-    "--passes",
-    "passes_spec",
-    default=None,
-    help="Passes to run, e.g. 'reconstruct-residual,truncate-rank{rank=8}' (default: the merge "
-    "pipeline with --base, none without).",
-)
+@initial_adapter_option
+@passes_option("the merge pipeline with --base, none without")
 @click.option(
     "--emit",
     type=click.Choice(["ir"]),
@@ -236,7 +256,7 @@ def compile_(
         adapter_dir,
         base_dir,
         initial_adapter=initial_adapter,
-        passes=parse_pipeline(passes_spec) if passes_spec is not None else None,
+        passes=_pipeline(passes_spec),
         after_all=print_after_all,
     )
     click.echo(text, nl=False)
@@ -245,7 +265,7 @@ def compile_(
 @main.command()
 @click.argument("adapter_dir", type=click.Path())
 @click.option("--base", "base_dir", type=click.Path(), default=None, help="Base HF folder.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option
 @_guard
 def inspect(adapter_dir: str, base_dir: str | None, as_json: bool) -> None:
     """Show the resolved sites of an adapter and what would be refused."""
@@ -274,7 +294,7 @@ def _inspect_text(r: dict[str, Any]) -> str:
     if r["layer_replication"]:
         lines.append(f"layer_replication {r['layer_replication']}")
     lines += [f"REFUSED: {x}" for x in r["refusals"]]
-    lines += [f"note: {n}" for n in r["notes"]]
+    lines += _note_lines(r, indent="")
     return "\n".join(lines)
 
 

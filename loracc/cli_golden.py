@@ -13,13 +13,22 @@ import click
 
 from loracc import golden as golden_lib
 from loracc import runner
-from loracc.cli import _emit, _guard
+from loracc.cli import _emit, _guard, _note_lines, force_option, json_option
 
 __all__ = ["golden", "run"]
 
-_PROVIDERS_HELP = (
-    "Execution providers in priority order, e.g. 'cuda' or 'cuda,cpu'; a later one is used "
-    "only when listed (fallback)."
+golden_model_option = click.option(
+    "--model", required=True, type=click.Path(), help="ONNX model or merged HF folder."
+)
+onnx_adapter_option = click.option(
+    "--adapter", type=click.Path(), default=None, help="An .onnx_adapter to activate."
+)
+providers_option = click.option(
+    "--providers",
+    default="cpu",
+    show_default=True,
+    help="Execution providers in priority order, e.g. 'cuda' or 'cuda,cpu'; a later one is used "
+    "only when listed (fallback).",
 )
 
 
@@ -29,8 +38,8 @@ def golden() -> None:
 
 
 @golden.command("record")
-@click.option("--model", required=True, type=click.Path(), help="ONNX model or merged HF folder.")
-@click.option("--adapter", type=click.Path(), default=None, help="An .onnx_adapter to activate.")
+@golden_model_option
+@onnx_adapter_option
 @click.option("--inputs", type=click.Path(), default=None, help="Inputs as an .npz file.")
 @click.option("--seed", type=int, default=None, help="Generate inputs with this seed (default 0).")
 @click.option(
@@ -40,10 +49,10 @@ def golden() -> None:
     metavar="NAME=SIZE",
     help="Size of a symbolic input dimension (repeatable).",
 )
-@click.option("--providers", default="cpu", show_default=True, help=_PROVIDERS_HELP)
+@providers_option
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="Golden .npz.")
-@click.option("--force", is_flag=True, help="Replace an existing golden file.")
-@click.option("--json", "as_json", is_flag=True, help="Print the recorded metadata as JSON.")
+@force_option
+@json_option
 @_guard
 def record(
     model: str,
@@ -93,24 +102,23 @@ def _record_text(m: dict[str, Any]) -> str:
     ]
     if m["adapter"]:
         lines.append(f"  adapter {m['adapter']['file']} ({m['adapter']['fingerprint'][:12]})")
-    lines += [f"  note: {n}" for n in m["notes"]]
-    return "\n".join(lines)
+    return "\n".join(lines + _note_lines(m))
 
 
 @golden.command("check")
-@click.option("--model", required=True, type=click.Path(), help="ONNX model or merged HF folder.")
+@golden_model_option
 @click.option("--golden", "golden_path", required=True, type=click.Path(), help="Golden .npz.")
-@click.option("--adapter", type=click.Path(), default=None, help="The .onnx_adapter to activate.")
+@onnx_adapter_option
 @click.option("--rtol", type=float, default=None, help="Relative tolerance (default by dtype).")
 @click.option("--atol", type=float, default=None, help="Absolute tolerance (default by dtype).")
-@click.option("--providers", default="cpu", show_default=True, help=_PROVIDERS_HELP)
+@providers_option
 @click.option(
     "--strict-fingerprint",
     is_flag=True,
     help="Fail when the model or adapter file differs from the recorded one.",
 )
 @click.option("-v", "--verbose", is_flag=True, help="List identical HF tensors too.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@json_option
 @_guard
 def check(
     model: str,
@@ -139,11 +147,11 @@ def check(
 
 @click.command("run")
 @click.option("--model", required=True, type=click.Path(), help="ONNX model (file or folder).")
-@click.option("--adapter", type=click.Path(), default=None, help="An .onnx_adapter to activate.")
+@onnx_adapter_option
 @click.option("--inputs", required=True, type=click.Path(), help="Inputs as an .npz file.")
 @click.option("-o", "--output", "out", type=click.Path(), default=None, help="Write outputs .npz.")
-@click.option("--providers", default="cpu", show_default=True, help=_PROVIDERS_HELP)
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@providers_option
+@json_option
 @_guard
 def run(
     model: str,
@@ -172,7 +180,7 @@ def _run_text(r: dict[str, Any]) -> str:
             else "no finite values"
         )
         lines.append(f"  {o['name']} {o['dtype']}[{shape}]  {stats}")
-    lines += [f"  note: {n}" for n in r["notes"]]
+    lines += _note_lines(r)
     if r["written"]:
         lines.append(f"wrote {r['written']}")
     return "\n".join(lines)

@@ -7,10 +7,29 @@ from typing import Any
 
 import click
 
-from loracc.cli import _emit, _guard
+from loracc.cli import (
+    _binding_lines,
+    _emit,
+    _guard,
+    _note_lines,
+    _step_lines,
+    adapter_option,
+    allow_nonfinite_option,
+    force_option,
+    initial_adapter_option,
+    json_option,
+)
 from loracc.errors import ConfigError
 
 __all__ = ["export", "pack"]
+
+base_weights_option = click.option(
+    "--base-weights",
+    type=click.Path(),
+    default=None,
+    help="Base Hugging Face folder: layer kinds come from the checkpoint (export also binds by "
+    "value where the graph's names say nothing).",
+)
 
 
 @click.command()
@@ -37,27 +56,17 @@ __all__ = ["export", "pack"]
     is_flag=True,
     help="With --keep-lora: rank-0 slot defaults, so the plain model behaves as the base.",
 )
-@click.option(
-    "--base-weights",
-    type=click.Path(),
-    default=None,
-    help="Base Hugging Face folder: bind by value where the graph's names say nothing.",
-)
-@click.option(
-    "--initial-adapter",
-    type=click.Path(),
-    default=None,
-    help="The adapter saved before training (pissa_niter, corda, lora_ga).",
-)
+@base_weights_option
+@initial_adapter_option
 @click.option(
     "--external-data/--no-external-data",
     default=None,
     help="Write weights to OUT.onnx.data (default: as the base, or when over 2 GB).",
 )
-@click.option("--force", is_flag=True, help="Replace existing outputs.")
+@force_option
 @click.option("--dry-run", is_flag=True, help="Bind and show the binding; write nothing.")
-@click.option("--allow-nonfinite", is_flag=True, help="Write edited tensors holding NaN or Inf.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@allow_nonfinite_option
+@json_option
 @_guard
 def export(
     onnx_flag: bool,
@@ -101,25 +110,14 @@ def export(
 
 
 def _export_text(r: dict[str, Any]) -> str:
-    head = f"{'module':<44} {'op':<7} {'initializer':<32} {'T':<2} {'how':<12} nodes"
-    lines = [head, "-" * len(head)]
-    for b in r["bindings"]:
-        init = b["initializer"] or ""
-        how = b["how"] + (f" {b['block'][0]}:{b['block'][1]}" if b["block"] else "")
-        lines.append(
-            f"{b['module']:<44} {b['op']:<7} {init[:32]:<32} {'T' if b['transposed'] else '-':<2} "
-            f"{how:<12} {', '.join(b['nodes'])}"
-        )
+    lines = _binding_lines(r["bindings"])
     for t in r["tensors"]:
         lines.append(f"tensor {t['key']} -> {', '.join(t['initializers'])} ({t['how']})")
     for s in r["slots"]:
         lines.append(
             f"slot {s['key']} ({s['op']}, in {s['in']}, out {s['out']}): {', '.join(s['slots'])}"
         )
-    for step in r["passes"]:
-        for d in step["details"]:
-            lines.append(f"  {step['pass']}: {d}")
-    lines += [f"  note: {n}" for n in r["notes"]]
+    lines += _step_lines(r) + _note_lines(r)
     if r["outputs"]:
         lines.append(
             f"{r['mode']}: {len(r['bindings'])} sites, {len(r['changed'])} initializers "
@@ -134,28 +132,18 @@ def _export_text(r: dict[str, Any]) -> str:
 @click.option(
     "--model", "model", required=True, type=click.Path(), help="ONNX model with adapter slots."
 )
-@click.option("--adapter", "adapter", required=True, type=click.Path(), help="PEFT adapter folder.")
+@adapter_option
 @click.option(
     "-o", "--output", "output", required=True, type=click.Path(), help="NAME.onnx_adapter."
 )
-@click.option(
-    "--base-weights",
-    type=click.Path(),
-    default=None,
-    help="Base Hugging Face folder (decides layer kinds from the checkpoint).",
-)
-@click.option(
-    "--initial-adapter",
-    type=click.Path(),
-    default=None,
-    help="The adapter saved before training (pissa_niter, corda, lora_ga).",
-)
-@click.option("--force", is_flag=True, help="Replace an existing output file.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@base_weights_option
+@initial_adapter_option
+@force_option
+@json_option
 @_guard
 def pack(
     model: str,
-    adapter: str,
+    adapter_dir: str,
     output: str,
     base_weights: str | None,
     initial_adapter: str | None,
@@ -171,7 +159,7 @@ def pack(
 
     report = pack_api(
         model,
-        adapter,
+        adapter_dir,
         output,
         base_weights=base_weights,
         initial_adapter=initial_adapter,
@@ -187,5 +175,4 @@ def _pack_text(r: dict[str, Any]) -> str:
     ]
     if r["empty"]:
         lines.append(f"  rank 0 (not in this adapter): {json.dumps(r['empty'])}")
-    lines += [f"  note: {n}" for n in r["notes"]]
-    return "\n".join(lines)
+    return "\n".join(lines + _note_lines(r))
