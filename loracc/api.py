@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from loracc.errors import ConfigError, UnsupportedError
+from loracc.errors import ConfigError, LoweringError, UnsupportedError
 from loracc.io.checkpoint import BaseWeights, Checkpoint
 from loracc.io.output import atomic_dir
 from loracc.io.peft import load_adapter as _load_adapter
@@ -168,8 +168,14 @@ def _device(name: str) -> str:
 
 
 def inspect(adapter_dir: PathLike, base_dir: PathLike | None = None) -> dict[str, Any]:
-    """The resolved sites of an adapter and what would be refused, as plain data."""
-    adapter = load_adapter(adapter_dir, base_dir)
+    """The resolved sites of an adapter and what would be refused, as plain data.
+
+    ``base_dir`` is the base HF folder, or the base model's ``.onnx`` file: then ``bindings``
+    holds the binding of :func:`loracc.onnx_api.bind_onnx` (site -> nodes, initializer,
+    transposed), and what ``export --onnx`` would refuse is listed with the refusals.
+    """
+    onnx_base = base_dir is not None and Path(base_dir).suffix == ".onnx"
+    adapter = load_adapter(adapter_dir, None if onnx_base else base_dir)
     sites = [
         {
             "module": s.module,
@@ -187,7 +193,7 @@ def inspect(adapter_dir: PathLike, base_dir: PathLike | None = None) -> dict[str
         }
         for s in sorted(adapter.sites, key=lambda s: s.module)
     ]
-    return {
+    out: dict[str, Any] = {
         "adapter": str(adapter_dir),
         "sites": sites,
         "replacements": [
@@ -202,6 +208,17 @@ def inspect(adapter_dir: PathLike, base_dir: PathLike | None = None) -> dict[str
         "notes": list(adapter.notes),
         "params": sum(s.num_params for s in adapter.sites),
     }
+    if onnx_base:
+        assert base_dir is not None
+        out.update(base=str(base_dir), bindings=[])
+        if not adapter.refusals:
+            from loracc.onnx_api import bind_onnx
+
+            try:
+                out["bindings"] = bind_onnx(base_dir, adapter_dir)
+            except (UnsupportedError, LoweringError) as e:
+                out["refusals"].append(f"export --onnx: {e}")
+    return out
 
 
 def emit_ir(

@@ -264,11 +264,21 @@ def compile_(
 
 @main.command()
 @click.argument("adapter_dir", type=click.Path())
-@click.option("--base", "base_dir", type=click.Path(), default=None, help="Base HF folder.")
+@click.option(
+    "--base",
+    "base_dir",
+    type=click.Path(),
+    default=None,
+    help="Base HF folder, or the base model's .onnx file (adds the ONNX binding).",
+)
 @json_option
 @_guard
 def inspect(adapter_dir: str, base_dir: str | None, as_json: bool) -> None:
-    """Show the resolved sites of an adapter and what would be refused."""
+    """Show the resolved sites of an adapter and what would be refused.
+
+    With an .onnx base, also the binding of each site to the graph (node, initializer,
+    transposed), as `export --onnx --dry-run` prints it.
+    """
     _emit(api.inspect(adapter_dir, base_dir), as_json, _inspect_text)
 
 
@@ -295,6 +305,8 @@ def _inspect_text(r: dict[str, Any]) -> str:
         lines.append(f"layer_replication {r['layer_replication']}")
     lines += [f"REFUSED: {x}" for x in r["refusals"]]
     lines += _note_lines(r, indent="")
+    if "bindings" in r:
+        lines += ["", f"ONNX binding ({r['base']}):", *_binding_lines(r["bindings"])]
     return "\n".join(lines)
 
 

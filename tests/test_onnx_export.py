@@ -765,3 +765,40 @@ def test_inspect_binding_lists_every_site(oc: OnnxCases) -> None:
     for r in rows:
         assert r["op"] == "MatMul" and r["transposed"] and r["initializer"].startswith("val_")
         assert r["nodes"] and r["how"] == "scope"
+
+
+def test_cli_inspect_onnx_base_shows_the_binding(oc: OnnxCases) -> None:
+    """``inspect --base BASE.onnx``: each site's MatMul node and weight, as read from the graph."""
+    from loracc.cli import main
+
+    case = oc.case("llama_linear")
+    base = oc.base("ts", "llama_linear")
+    # TorchScript names a Linear's MatMul "/m/<module path, '.' -> '/'>/MatMul" (``m``: the
+    # export wrapper's attribute holding the model)
+    expected = {}
+    for node, init in node_weights(base).items():
+        scope, _, op = node.rpartition("/")
+        if op == "MatMul":
+            expected[scope.strip("/").replace("/", ".").removeprefix("m.")] = (node, init)
+    runner = CliRunner()
+    result = runner.invoke(main, ["inspect", str(case.adapter_dir), "--base", str(base), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    rows = {b["module"]: b for b in data["bindings"]}
+    assert set(rows) == set(case.sites) == {s["module"] for s in data["sites"]}
+    for module, b in rows.items():
+        node, init = expected[module]
+        assert (b["op"], b["nodes"], b["initializer"]) == ("MatMul", [node], init), module
+        assert b["transposed"], module  # stored (in, out): the HF weight transposed
+    text = runner.invoke(main, ["inspect", str(case.adapter_dir), "--base", str(base)])
+    assert text.exit_code == 0, text.output
+    table = text.output.split(f"ONNX binding ({base}):\n", 1)[1].splitlines()
+    for module, b in rows.items():
+        line = next(x for x in table if x.startswith(module + " "))
+        assert b["nodes"][0] in line and b["initializer"] in line and " T " in line, line
+    # what export would refuse is listed, not raised
+    replicated = oc.case("llama_layer_replication").adapter_dir
+    result = runner.invoke(main, ["inspect", str(replicated), "--base", str(base), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["bindings"] == [] and "layer_replication" in data["refusals"][0]
