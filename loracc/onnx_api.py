@@ -380,7 +380,9 @@ def pack(
     compiled, _ = _compile(loaded, base)
     check_fits(group_of, compiled, str(model_path))
     params = pack_params(groups, compiled, base)
-    with atomic_files([out], [model_path, adapter_path], force=force) as (tmp,):
+    with atomic_files([out], _inputs(model_path, [adapter_path], onnx_model), force=force) as (
+        tmp,
+    ):
         _adapter_writer(params)(tmp)
     used = {group_of[s.module].key for s in compiled.sites}
     return PackReport(

@@ -952,10 +952,6 @@ def _adapter_file_bytes(lay: Layout) -> bytes:
     return raw
 
 
-_RUN_ADAPTER_BUG = (
-    "loracc/io/ort.py run_options() puts onnxruntime's exception text, which ends in a "
-    "newline and starts with a C++ source location, into the message: two lines"
-)
 _INF = float("inf")
 _NAN = float("nan")
 
@@ -1286,11 +1282,11 @@ CASES: tuple[Case, ...] = (
     Case("run-adapter-garbage", "run with an .onnx_adapter of 64 garbage bytes",
          _run_with_adapter(lambda lay: b"\x10\x00\x00\x00TORT" + b"\xff" * 56),
          2, "not a readable .onnx_adapter file", "bad.onnx_adapter", needs="onnxruntime",
-         bug=_RUN_ADAPTER_BUG, group="onnx"),
+         group="onnx"),
     Case("run-adapter-truncated", "run with a valid .onnx_adapter cut in half",
          _run_with_adapter(lambda lay: (raw := _adapter_file_bytes(lay))[: len(raw) // 2]),
          2, "not a readable .onnx_adapter file", "bad.onnx_adapter", needs="onnxruntime",
-         bug=_RUN_ADAPTER_BUG, group="onnx"),
+         group="onnx"),
     Case("run-model-not-protobuf", "run a model.onnx that holds text, not a protobuf",
          _run_with_adapter(_adapter_file_bytes, model=b"not an onnx model\n"),
          2, "cannot create a session", "model.onnx", needs="onnxruntime", group="onnx"),
@@ -1318,8 +1314,7 @@ CASES: tuple[Case, ...] = (
     Case("pack-output-is-model-data",
          "pack -o names the model's external-data file (weights.onnx_adapter), with --force",
          _pack_over_model_data, 2, "overlaps the input", "weights.onnx_adapter",
-         needs="onnxruntime", bug="loracc/onnx_api.py pack() protects the model and the "
-         "adapter but not the model's external data: the output replaces it", group="onnx output"),
+         needs="onnxruntime", group="onnx output"),
     Case("pack-output-exists", "pack -o names an existing .onnx_adapter",
          _pack_with(_existing_adapter_file, targets=("q_proj",)),
          2, "already exists (use --force", "a.onnx_adapter", needs="onnxruntime",

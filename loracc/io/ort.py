@@ -315,7 +315,9 @@ def run_options(*adapter_paths: str | os.PathLike[str]) -> Any:
         try:
             adapter.Load(os.fspath(path))
         except Exception as e:  # onnxruntime's own exception classes
-            raise FormatError(f"{path}: not a readable .onnx_adapter file ({e})") from e
+            raise FormatError(
+                f"{path}: not a readable .onnx_adapter file ({_first_line(e)})"
+            ) from e
         options.add_active_adapter(adapter)
         options.adapters.append(adapter)
     return options
