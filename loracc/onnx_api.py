@@ -232,7 +232,7 @@ def export_onnx(
         dry_run: bind and compile only; write nothing.
         allow_nonfinite: write edited tensors holding NaN or Inf.
     """
-    from loracc.io.onnx_model import load_model, write_outputs
+    from loracc.io.onnx_model import load_model, needs_external_data, write_outputs
     from loracc.lower.onnx_bind import GraphIndex, OnnxBase
     from loracc.lower.onnx_lora import insert_slots, pack_params, plan_groups
     from loracc.lower.onnx_merge import apply_edits, merge_edits
@@ -249,6 +249,8 @@ def export_onnx(
     ckpt = _checkpoint(base_weights)
     model = load_model(base_path)
     protected = _inputs(base_path, adapter_paths, model)
+    if external_data is None:  # decided by the base, before edits move tensors into memory
+        external_data = needs_external_data(model)
     loaded = [_load(p, ckpt, initial_adapter) for p in adapter_paths]
     index = GraphIndex(model)
     table, compiled, steps = _bind_all(index, loaded, ckpt, base_path)

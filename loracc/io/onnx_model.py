@@ -33,6 +33,7 @@ __all__ = [
     "PROTO_LIMIT",
     "external_tensors",
     "load_model",
+    "needs_external_data",
     "save_model",
     "tensor_to_torch",
     "torch_dtype",
@@ -135,7 +136,8 @@ def torch_dtype(dtype: ir.DataType) -> torch.dtype:
         raise FormatError(f"element type {dtype.name} is not a float type") from None
 
 
-def _needs_external(model: ir.Model) -> bool:
+def needs_external_data(model: ir.Model) -> bool:
+    """Whether the model stores external data or its weights pass protobuf's 2 GB limit."""
     total = 0
     for graph in model.graphs():
         for value in graph.initializers.values():
@@ -220,7 +222,7 @@ def write_outputs(
     if dest.suffix != ".onnx":
         raise OutputError(f"{dest}: an ONNX model path must end in .onnx")
     if external_data is None:
-        external_data = _needs_external(model)
+        external_data = needs_external_data(model)
     data = dest.with_name(dest.name + ".data") if external_data else None
     dests = [dest] + ([data] if data is not None else []) + [p for p, _ in extra]
     if len(set(dests)) != len(dests):
