@@ -29,6 +29,7 @@ Before each run the dirty pages of the previous one are flushed (``sync``, not t
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import math
 import os
@@ -423,14 +424,17 @@ def machine() -> str:
     except OSError:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    import peft
-    import transformers
-
+    versions = []
+    for name in ("transformers", "peft"):
+        try:
+            versions.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            versions.append(f"{name} missing")
     return (
         f"{platform.node()}: {os.cpu_count()} x {cpu}, {mem:.0f} GiB RAM, "
         f"{platform.system()} {platform.release()}; Python {platform.python_version()}, "
-        f"torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"peft {peft.__version__}; load average before: {os.getloadavg()[0]:.2f}"
+        f"torch {torch.__version__}, {', '.join(versions)}; "
+        f"load average before: {os.getloadavg()[0]:.2f}"
     )
 
 
