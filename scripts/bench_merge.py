@@ -15,10 +15,16 @@ memory is the largest ``RssAnon`` of ``/proc/PID/status`` sampled every ``--samp
 pages only, so page cache and mmap'ed file pages are not counted. Before any timing is reported
 the loracc output is compared tensor by tensor, bytes exactly, with PEFT's.
 
+CPU time (user + sys of the subprocess) and, for loracc, ``merge_into``'s own seconds are shown
+too. ``--paths ...,ref --ref DIR`` adds another loracc tree (e.g. the code before a change).
+
 Usage::
 
     python scripts/bench_merge.py --quick                 # ~0.1B smoke run, a minute
     python scripts/bench_merge.py --sizes 0.5B,2B --repeat 3 --markdown table.md
+    python scripts/bench_merge.py --sizes 2B --profile 40  # startup + per-step CPU of the merge
+
+docs/BENCHMARKS.md ("Merge") has the recorded tables and the exact commands.
 
 Cache state: ``--cache warm`` (default) reads the base once before each timed run so every path
 starts from a warm page cache; ``--cache cold`` drops the page cache before each run (root only).
