@@ -120,6 +120,7 @@ def merge(
     passes: list[Pass] | None = None,
     allow_nonfinite: bool = False,
     progress: Any = None,
+    workers: int | None = None,
 ) -> MergeReport:
     """Merge a PEFT adapter into a Hugging Face checkpoint, streaming one tensor at a time.
 
@@ -133,6 +134,7 @@ def merge(
         device=_device(device),
         allow_nonfinite=allow_nonfinite,
         progress=progress,
+        workers=workers or min(4, os.cpu_count() or 1),
     )
     base = Checkpoint(base_dir)
     adapter = _load_adapter(

@@ -133,6 +133,12 @@ def main(debug: bool) -> None:
     show_default=True,
     help="Where deltas are computed (cuda falls back to cpu when unavailable).",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=None,
+    help="Threads reading, computing and writing tensors [default: min(4, cores)].",
+)
 @initial_adapter_option
 @passes_option("the merge pipeline")
 @allow_nonfinite_option
@@ -146,6 +152,7 @@ def merge(
     max_shard_size: str,
     force: bool,
     device: str,
+    workers: int | None,
     initial_adapter: str | None,
     passes_spec: str | None,
     allow_nonfinite: bool,
@@ -164,6 +171,7 @@ def merge(
         passes=_pipeline(passes_spec),
         allow_nonfinite=allow_nonfinite,
         progress=None if as_json else terminal_progress(),
+        workers=workers,
     )
     _emit(report.to_dict(), as_json, _merge_text)
 
