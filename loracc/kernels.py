@@ -7,12 +7,22 @@ peft's ``get_delta_weight`` (``(B @ A) * s``, matmul first) so fp32 merges are b
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Iterable
+
 import torch
 import torch.nn.functional as F
 
-from loracc.ir import Site, SiteKind
+from loracc.ir import Replacement, Site, SiteKind, TokenRows
 
-__all__ = ["apply_channel_scale", "bias_delta", "channel_norm", "site_delta"]
+__all__ = [
+    "all_finite",
+    "apply_channel_scale",
+    "bias_delta",
+    "channel_norm",
+    "site_delta",
+    "start_weight",
+]
 
 _CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
 
@@ -75,3 +85,29 @@ def apply_channel_scale(site: Site, weight: torch.Tensor, scale: torch.Tensor) -
     axis = 1 if site.kind in (SiteKind.CONV1D, SiteKind.EMBEDDING) else 0
     shape[axis] = -1
     return weight * scale.to(weight).reshape(shape)
+
+
+def start_weight(
+    stored: Callable[[], torch.Tensor],
+    replacement: Replacement | None,
+    rows: Iterable[TokenRows],
+    *,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """The fp32 tensor the deltas add to: the replacement (else the stored tensor), then rows."""
+    if replacement is not None:
+        w = replacement.tensor.to(device=device, dtype=torch.float32, copy=True)
+    else:
+        w = stored().to(device=device, dtype=torch.float32)
+    for r in rows:
+        idx = torch.tensor(r.indices, device=device)
+        w.index_copy_(0, idx, r.rows.to(device=device, dtype=torch.float32))
+    return w
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in ``t``: a finite sum proves it in one pass without a temporary; only a
+    sum that overflows (or a real NaN/Inf) needs the element-wise test."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    return math.isfinite(t.sum().item()) or bool(torch.isfinite(t).all())

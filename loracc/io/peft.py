@@ -18,6 +18,7 @@ from types import MappingProxyType
 
 import torch
 
+from loracc import kernels
 from loracc.errors import FormatError, InputError, NonFiniteError, UnsupportedError
 from loracc.io.checkpoint import BaseWeights, Checkpoint, ExpertSplit, inside, open_safetensors
 from loracc.io.peft_config import (
@@ -123,15 +124,10 @@ def _check_tensors(weights: Path, tensors: dict[str, torch.Tensor], allow_nonfin
                 f"{weights}: '{key}' has dtype {str(t.dtype).removeprefix('torch.')}; LoRA "
                 "tensors need a floating-point dtype"
             )
-        if not allow_nonfinite and t.is_floating_point() and not _finite(t):
+        if not allow_nonfinite and not kernels.all_finite(t):
             raise NonFiniteError(
                 f"{weights}: '{key}' has NaN or Inf (use --allow-nonfinite to merge it anyway)"
             )
-
-
-def _finite(t: torch.Tensor) -> bool:
-    """NaN and Inf propagate through a sum; only an overflowing sum needs the full check."""
-    return math.isfinite(t.sum().item()) or bool(torch.isfinite(t).all())
 
 
 def _check_base_dtypes(adapter: Adapter, base: Checkpoint) -> None:

@@ -197,13 +197,7 @@ def _shards(plan: list[_Out], max_size: int) -> list[list[_Out]]:
 
 def _compute(item: _Out, device: str, allow_nonfinite: bool) -> torch.Tensor:
     e = item.edits
-    if e.replacement is not None:
-        w = e.replacement.tensor.to(device=device, dtype=torch.float32, copy=True)
-    else:
-        w = read_tensor(item.source).to(device=device, dtype=torch.float32)
-    for rows in e.rows:
-        idx = torch.tensor(rows.indices, device=device)
-        w.index_copy_(0, idx, rows.rows.to(device=device, dtype=torch.float32))
+    w = kernels.start_weight(lambda: read_tensor(item.source), e.replacement, e.rows, device=device)
     for site in e.sites:
         w += kernels.site_delta(site, device=device)
         if site.channel_scale is not None:
@@ -219,11 +213,7 @@ def _compute(item: _Out, device: str, allow_nonfinite: bool) -> torch.Tensor:
 def _check_finite(t: torch.Tensor, key: str) -> None:
     """Refuse NaN or Inf in a merged tensor *as written*: after rounding to its output dtype,
     so a finite fp32 value that overflows fp16 is caught too."""
-    if not t.is_floating_point() or t.numel() == 0:
-        return
-    # A finite sum proves every element finite (one fast pass, no temporary); only a sum that
-    # overflows needs the exact element-wise test.
-    if math.isfinite(t.sum().item()) or bool(torch.isfinite(t).all()):
+    if kernels.all_finite(t):
         return
     raise NonFiniteError(
         f"merged tensor '{key}' has NaN or Inf (use --allow-nonfinite to write it anyway)"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from loracc import kernels
 from loracc.errors import PassError
 from loracc.ir import Adapter
 from loracc.passes.base import PassContext
@@ -37,14 +38,11 @@ def start_weight(
     adapter: Adapter, ctx: PassContext, key: str, *, device: str | torch.device = "cpu"
 ) -> torch.Tensor:
     """The fp32 tensor the deltas on ``key`` are added to: replacement or base, then rows."""
-    replacement = next((r for r in adapter.replacements if r.target == key), None)
-    if replacement is not None:
-        w = replacement.tensor.to(device=device, dtype=torch.float32, copy=True)
-    else:
-        assert ctx.base is not None
-        w = ctx.base.read(source_key(adapter, ctx, key)).to(device=device, dtype=torch.float32)
-    for rows in adapter.token_rows:
-        if rows.target == key:
-            idx = torch.tensor(rows.indices, device=device)
-            w.index_copy_(0, idx, rows.rows.to(device=device, dtype=torch.float32))
-    return w
+    base = ctx.base
+    assert base is not None
+    return kernels.start_weight(
+        lambda: base.read(source_key(adapter, ctx, key)),
+        next((r for r in adapter.replacements if r.target == key), None),
+        [t for t in adapter.token_rows if t.target == key],
+        device=device,
+    )
