@@ -47,3 +47,30 @@ def test_bdlora_block_diagonal_factors_merge_like_the_forward(tmp_path) -> None:
     with torch.no_grad():
         got = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")(ids).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_embedding_lora_on_a_classifier_with_tie_flag_adds_no_lm_head(tmp_path) -> None:
+    """A sequence classifier has no LM head, whatever tie_word_embeddings says: nothing to untie."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_labels=3, pad_token_id=0,
+        tie_word_embeddings=True,
+    )
+    model = transformers.LlamaForSequenceClassification(cfg)
+    model.save_pretrained(tmp_path / "base")
+    lora = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False
+    )
+    pm = peft.get_peft_model(model, lora)
+    pm.save_pretrained(tmp_path / "adapter")
+    ids = torch.randint(1, 128, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = pm.eval()(ids).logits
+    report = loracc.merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "out")
+    assert report.config_updates == {}
+    assert not any("lm_head" in k for k in report.changed)
+    out = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        got = out(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -50,6 +50,15 @@ _EMBEDDING_KEYS = (
     "wte.weight",
 )
 _OUTPUT_EMBEDDING_KEYS = ("lm_head.weight",)
+# Class-name endings of transformers models whose output head can share the input embedding.
+_HEAD_ARCHITECTURES = (
+    "ForCausalLM",
+    "LMHeadModel",
+    "ForConditionalGeneration",
+    "ForMaskedLM",
+    "WithLMHead",
+    "ForPreTraining",
+)
 
 # transformers >= 5 models hold MoE experts as fused 3-D parameters but save_pretrained writes the
 # original per-expert tensors (conversion_mapping.py): gate_up_proj[e] = cat(gate[e], up[e]) on
@@ -313,7 +322,7 @@ class Checkpoint:
         tie = self.config.get("tie_word_embeddings")
         if tie is None and isinstance(text, dict):
             tie = text.get("tie_word_embeddings")
-        if tie is False:
+        if tie is False or not self._has_output_head(tie):
             return None
         out = next((k for k in _OUTPUT_EMBEDDING_KEYS if k not in self._info), None)
         if out is None:
@@ -325,6 +334,13 @@ class Checkpoint:
                 None,
             )
         return (out, emb) if emb is not None else None
+
+    def _has_output_head(self, tie: object) -> bool:
+        """Whether the model has an LM head at all (a classifier or a bare encoder has none)."""
+        archs = self.config.get("architectures")
+        if isinstance(archs, list) and archs:
+            return any(isinstance(a, str) and a.endswith(_HEAD_ARCHITECTURES) for a in archs)
+        return tie is True
 
     def shape(self, key: str) -> tuple[int, ...] | None:
         """The shape of ``key``: stored, renamed, a fused expert parameter, or a tied head."""
