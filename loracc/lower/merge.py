@@ -40,8 +40,8 @@ from typing import Any
 import torch
 
 from loracc import kernels
-from loracc.errors import ConfigError, NonFiniteError, UnsupportedError
-from loracc.io.checkpoint import INDEX_NAME, SINGLE_NAME, WEIGHT_SUFFIXES, Checkpoint
+from loracc.errors import ConfigError, InputError, NonFiniteError, UnsupportedError
+from loracc.io.checkpoint import INDEX_NAME, SINGLE_NAME, WEIGHT_SUFFIXES, Checkpoint, inside
 from loracc.io.safetensors import (
     SafetensorsWriter,
     TensorInfo,
@@ -138,7 +138,7 @@ def check_mergeable(adapter: Adapter) -> None:
     """Refuse what no merged weight can express, or what a pass must first rewrite."""
     if adapter.refusals:
         raise UnsupportedError(f"{adapter.name}: cannot merge: {adapter.refusals[0]}")
-    if adapter.layer_replication and not adapter.tensor_sources:
+    if adapter.layer_replication:
         raise UnsupportedError(
             f"{adapter.name}: layer_replication needs the expand-layer-replication pass"
         )
@@ -250,17 +250,17 @@ def _write_config(base: Checkpoint, updates: dict[str, Any], path: Path) -> None
 
 
 def _copy_side_files(base: Checkpoint, out: Path) -> None:
+    """Copy the base's non-weight files (tokenizer, generation config, ...), following links
+    that stay inside the folder or the hub cache's blobs; config.json is written separately."""
     for entry in sorted(base.folder.iterdir()):
         name = entry.name
-        if (
-            entry.is_dir()
-            or entry.is_symlink()
-            or name == "config.json"
-            or name.endswith(WEIGHT_SUFFIXES)
-            or name.endswith(".index.json")
-        ):
+        skip = name == "config.json" or name.endswith((*WEIGHT_SUFFIXES, ".index.json"))
+        if skip or entry.is_dir():
             continue
-        shutil.copyfile(entry, out / name)
+        source = inside(base.folder, name, str(base.folder))
+        if not source.is_file():
+            raise InputError(f"{source}: not a regular file (a named pipe?); cannot copy it")
+        shutil.copyfile(source, out / name)
 
 
 # Row blocks: a block's steps stay in cache, and since the buffers are reused nothing is allocated
