@@ -1,4 +1,4 @@
-"""A deterministic text form of the IR, for golden tests and ``--print-ir``.
+"""A deterministic text form of the IR, for golden tests and ``loracc compile --emit ir``.
 
 Sites are sorted by target then module; tensors print as shape, dtype and the first 12 hex digits
 of the SHA-256 of their bytes, so a golden file changes exactly when the data does.
