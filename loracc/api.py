@@ -95,7 +95,8 @@ class MergeReport:
         return asdict(self)
 
 
-def _steps(result: PipelineResult) -> list[dict[str, Any]]:
+def pass_steps(result: PipelineResult) -> list[dict[str, Any]]:
+    """Each pass of ``result`` as the reports print it: changed, skipped (with why), details."""
     return [
         {
             "pass": name,
@@ -158,7 +159,7 @@ def merge(
         seconds=round(stats.seconds, 3),
         sites=len(result.adapter.sites),
         config_updates=stats.config_updates,
-        passes=_steps(result),
+        passes=pass_steps(result),
         notes=list(result.adapter.notes),
     )
 
@@ -311,6 +312,6 @@ def convert(
             {"module": s.module, "rank_in": before.get(s.module), "rank": s.rank}
             for s in sorted(result.adapter.sites, key=lambda s: s.module)
         ],
-        passes=_steps(result),
+        passes=pass_steps(result),
         notes=list(result.adapter.notes),
     )

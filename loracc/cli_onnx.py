@@ -139,6 +139,7 @@ def _export_text(r: dict[str, Any]) -> str:
 @base_weights_option
 @initial_adapter_option
 @force_option
+@allow_nonfinite_option
 @json_option
 @_guard
 def pack(
@@ -148,6 +149,7 @@ def pack(
     base_weights: str | None,
     initial_adapter: str | None,
     force: bool,
+    allow_nonfinite: bool,
     as_json: bool,
 ) -> None:
     """Write an onnxruntime adapter file for a model exported with --keep-lora.
@@ -164,6 +166,7 @@ def pack(
         base_weights=base_weights,
         initial_adapter=initial_adapter,
         force=force,
+        allow_nonfinite=allow_nonfinite,
     )
     _emit(report.to_dict(), as_json, _pack_text)
 

@@ -87,11 +87,13 @@ def _checkpoint(base_weights: PathLike | None) -> Checkpoint | None:
     return Checkpoint(base_weights)
 
 
-def _load(path: Path, ckpt: Checkpoint | None, initial: PathLike | None) -> Adapter:
+def _load(
+    path: Path, ckpt: Checkpoint | None, initial: PathLike | None, allow_nonfinite: bool
+) -> Adapter:
     from loracc.io.peft import load_adapter
     from loracc.lower.onnx_bind import refuse_structural
 
-    adapter = load_adapter(path, ckpt, initial=initial)
+    adapter = load_adapter(path, ckpt, initial=initial, allow_nonfinite=allow_nonfinite)
     refuse_structural(adapter)
     return adapter
 
@@ -106,23 +108,25 @@ def _check_plain(adapter: Adapter) -> None:
 
 
 def _compile(adapter: Adapter, base: OnnxBase) -> tuple[Adapter, list[dict[str, Any]]]:
-    from loracc.api import compile_adapter
+    from loracc.api import compile_adapter, pass_steps
 
     result = compile_adapter(adapter, base)
-    steps = [
-        {"pass": name, "changed": list(step.changed), "details": list(step.details)}
-        for name, step in result.steps
-        if step.changed or step.details
-    ]
+    steps = [s for s in pass_steps(result) if s["changed"] or s["details"]]
     _check_plain(result.adapter)
     return result.adapter, steps
 
 
-def _inputs(model_path: Path, adapters: Sequence[Path], model: Any) -> list[Path]:
-    """Paths an output may not overwrite: the model, its external data, the adapters."""
+def _inputs(
+    model_path: Path,
+    adapters: Sequence[Path],
+    model: Any,
+    *others: PathLike | None,
+) -> list[Path]:
+    """Paths an output may not overwrite: the model, its external data, the adapters, and
+    ``others`` given (the initial adapter, the base weights)."""
     from loracc.io.onnx_model import external_tensors
 
-    found = [model_path, *adapters]
+    found = [model_path, *adapters, *(Path(p) for p in others if p is not None)]
     found += {Path(t.path) for t in external_tensors(model)}
     return found
 
@@ -230,10 +234,11 @@ def export_onnx(
         external_data: force external data on/off; default: as the base, or when over 2 GB.
         force: replace existing outputs.
         dry_run: bind and compile only; write nothing.
-        allow_nonfinite: write edited tensors holding NaN or Inf.
+        allow_nonfinite: accept NaN or Inf in the adapters' tensors, and write edited
+            initializers (or slot values) holding NaN or Inf.
     """
     from loracc.io.onnx_model import load_model, needs_external_data, write_outputs
-    from loracc.lower.onnx_bind import GraphIndex, OnnxBase
+    from loracc.lower.onnx_bind import GraphIndex
     from loracc.lower.onnx_lora import insert_slots, pack_params, plan_groups
     from loracc.lower.onnx_merge import apply_edits, merge_edits
 
@@ -248,10 +253,10 @@ def export_onnx(
         raise ConfigError("-o/--output is required unless --dry-run")
     ckpt = _checkpoint(base_weights)
     model = load_model(base_path)
-    protected = _inputs(base_path, adapter_paths, model)
+    protected = _inputs(base_path, adapter_paths, model, initial_adapter, base_weights)
     if external_data is None:  # decided by the base, before edits move tensors into memory
         external_data = needs_external_data(model)
-    loaded = [_load(p, ckpt, initial_adapter) for p in adapter_paths]
+    loaded = [_load(p, ckpt, initial_adapter, allow_nonfinite) for p in adapter_paths]
     index = GraphIndex(model)
     table, compiled, steps = _bind_all(index, loaded, ckpt, base_path)
     notes = [n for a in compiled for n in a.notes]
@@ -276,16 +281,15 @@ def export_onnx(
                 "several adapters replace base tensors (modules_to_save, biases, trainable "
                 "tokens); only one adapter's replacements can be baked into the base"
             )
-        onnx_base = OnnxBase.from_table(table, str(base_path))
         groups = plan_groups(table, compiled)
-        defaults = pack_params(groups, None if empty_slots else compiled[0], onnx_base)
+        defaults = pack_params(groups, None if empty_slots else compiled[0])
         files = (
             _adapter_paths(Path(output), adapter_paths)
             if output is not None
             else [Path(f"{p.name}.onnx_adapter") for p in adapter_paths]
         )
         for a, path in zip(compiled, files, strict=True):
-            extra.append((path, _adapter_writer(pack_params(groups, a, onnx_base))))
+            extra.append((path, _adapter_writer(pack_params(groups, a))))
             report.adapter_files.append({"adapter": a.name, "file": str(path)})
         bake = next((a for a in compiled if a.replacements or a.token_rows), None)
         if bake is not None:
@@ -335,13 +339,16 @@ def pack(
     base_weights: PathLike | None = None,
     initial_adapter: PathLike | None = None,
     force: bool = False,
+    allow_nonfinite: bool = False,
 ) -> PackReport:
     """Write an ``.onnx_adapter`` file of ``adapter`` for a model exported with slots.
 
     The adapter is checked against the model's slots: every module it targets must have one,
     with the same input and output sizes (ranks may differ); DoRA and lora_bias need their
     slots. Slots the adapter does not use get rank-0 values, so no other adapter's default
-    stays active. Tensors cast to the slots' dtype.
+    stays active. Tensors cast to the slots' dtype. ``allow_nonfinite`` accepts NaN or Inf in
+    the adapter's tensors (and writes them). The output may not overwrite the model, its
+    external data, the adapter, ``initial_adapter`` or ``base_weights``.
     """
     from loracc.io.onnx_model import load_model
     from loracc.io.output import atomic_files
@@ -354,7 +361,7 @@ def pack(
         raise ConfigError(f"{out}: an adapter file name must end in .onnx_adapter")
     onnx_model = load_model(model_path)
     groups = read_manifest(onnx_model, str(model_path))
-    loaded = _load(adapter_path, _checkpoint(base_weights), initial_adapter)
+    loaded = _load(adapter_path, _checkpoint(base_weights), initial_adapter, allow_nonfinite)
     notes: list[str] = []
     if loaded.replacements:
         index = GraphIndex(onnx_model)
@@ -381,10 +388,9 @@ def pack(
     base = manifest_base(onnx_model, groups, str(model_path))
     compiled, _ = _compile(loaded, base)
     check_fits(group_of, compiled, str(model_path))
-    params = pack_params(groups, compiled, base)
-    with atomic_files([out], _inputs(model_path, [adapter_path], onnx_model), force=force) as (
-        tmp,
-    ):
+    params = pack_params(groups, compiled)
+    inputs = _inputs(model_path, [adapter_path], onnx_model, initial_adapter, base_weights)
+    with atomic_files([out], inputs, force=force) as (tmp,):
         _adapter_writer(params)(tmp)
     used = {group_of[s.module].key for s in compiled.sites}
     return PackReport(

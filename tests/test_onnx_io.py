@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -75,6 +76,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
         "x": x,
         "base": base_out,
         "peft": peft_out,
+        "state": {k: v.detach().clone() for k, v in base.state_dict().items()},
     }
 
 
@@ -140,6 +142,143 @@ def test_outputs_are_atomic_and_refuse_overwrite(tiny: dict, tmp_path: Path) -> 
         loracc.export_onnx(tiny["model"], tiny["adapter"], out_dir / "m.onnx")
     with pytest.raises(OutputError, match="overlaps the input"):
         loracc.export_onnx(tiny["model"], tiny["adapter"], tiny["model"], force=True)
+
+
+def _adapter_like(tiny: dict, folder: Path, edit) -> Path:
+    """A copy of the tiny adapter with ``edit(key, tensor) -> tensor`` applied to its tensors."""
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(
+        (tiny["adapter"] / "adapter_config.json").read_text()
+    )
+    tensors = load_file(str(tiny["adapter"] / "adapter_model.safetensors"))
+    tensors = {k: edit(k, v) for k, v in tensors.items()}
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def _factors(folder: Path) -> tuple[np.ndarray, np.ndarray, float]:
+    """``up``'s A, B (fp64) and peft's scale alpha/r, read from the files (not by loracc)."""
+    import json
+
+    t = load_file(str(folder / "adapter_model.safetensors"))
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    key = "base_model.model.up.lora_{}.weight"
+    A, B = (t[key.format(x)].double().numpy() for x in "AB")
+    return A, B, cfg["lora_alpha"] / cfg["r"]
+
+
+def _find(path: Path, weight: np.ndarray) -> tuple[str, bool]:
+    """The initializer of ``path`` holding ``weight`` (out, in), and whether it is stored
+    transposed: found by value with onnx, independent of loracc's binding."""
+    for init in onnx.load(str(path)).graph.initializer:
+        a = numpy_helper.to_array(init, str(path.parent))
+        for transposed, w in ((False, weight), (True, weight.T)):
+            if a.shape == w.shape and np.array_equal(a, w):
+                return init.name, transposed
+    raise AssertionError(f"{path}: no initializer holds the weight")
+
+
+def _initializer(path: Path, name: str) -> np.ndarray:
+    for init in onnx.load(str(path)).graph.initializer:
+        if init.name == name:
+            return numpy_helper.to_array(init, str(path.parent))
+    raise AssertionError(f"{path}: no initializer '{name}'")
+
+
+def test_fp16_overflow_is_checked_after_rounding(tiny: dict, tmp_path: Path) -> None:
+    """A merged value finite in fp32 but past fp16's max is refused (it would be written Inf)."""
+    base = Tiny().eval()
+    base.load_state_dict(tiny["state"])
+    base = base.half()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            base, (tiny["x"].half(),), str(tmp_path / "fp16.onnx"), dynamo=False,
+            input_names=["x"],
+        )  # fmt: skip
+
+    def big(key: str, t: torch.Tensor) -> torch.Tensor:
+        if "lora_A" in key:
+            return torch.full_like(t, 100.0)
+        t = torch.zeros_like(t)
+        t[3] = 200.0  # row 3 of ΔW: 2 * 2 * 100 * 200 = 80000 > 65504, finite in fp32
+        return t
+
+    bad = _adapter_like(tiny, tmp_path / "big", big)
+    A, B, s = _factors(bad)
+    weight = tiny["state"]["up.weight"].half().numpy()
+    name, transposed = _find(tmp_path / "fp16.onnx", weight)
+    with np.errstate(over="ignore"):  # the overflow is the point
+        ref = (weight.astype(np.float64) + s * (B @ A)).astype(np.float16)  # one rounding
+    if transposed:
+        ref = ref.T
+    inf = np.isinf(ref)
+    assert inf.any() and np.isfinite(weight.astype(np.float64) + s * (B @ A)).all()
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(NonFiniteError, match=rf"'{re.escape(name)}' \(up\).*NaN or Inf"):
+        loracc.export_onnx(tmp_path / "fp16.onnx", bad, out / "m.onnx")
+    assert list(out.iterdir()) == []
+    loracc.export_onnx(tmp_path / "fp16.onnx", bad, out / "m.onnx", allow_nonfinite=True)
+    got = _initializer(out / "m.onnx", name)
+    assert got.dtype == np.float16
+    assert np.array_equal(np.isinf(got), inf)
+    np.testing.assert_allclose(got[~inf], ref[~inf], rtol=1e-3, atol=0)
+
+
+def test_allow_nonfinite_reaches_the_adapter_reader(tiny: dict, tmp_path: Path) -> None:
+    """export/pack --allow-nonfinite accept NaN in the adapter and write it where fp64 says."""
+
+    def nan(key: str, t: torch.Tensor) -> torch.Tensor:
+        if "lora_B" in key:
+            t = t.clone()
+            t[5, 0] = float("nan")
+        return t
+
+    bad = _adapter_like(tiny, tmp_path / "nan", nan)
+    A, B, s = _factors(bad)
+    weight = tiny["state"]["up.weight"].numpy()
+    name, transposed = _find(tiny["model"], weight)
+    ref = weight.astype(np.float64) + s * (B @ A)  # row 5 is NaN
+    ref = ref.T if transposed else ref
+    with pytest.raises(NonFiniteError, match="NaN or Inf"):
+        loracc.export_onnx(tiny["model"], bad, tmp_path / "refused.onnx")
+    out = tmp_path / "m.onnx"
+    loracc.export_onnx(tiny["model"], bad, out, allow_nonfinite=True)
+    got = _initializer(out, name)
+    assert np.isnan(ref).any() and np.array_equal(np.isnan(got), np.isnan(ref))
+    np.testing.assert_allclose(got[~np.isnan(ref)], ref[~np.isnan(ref)], rtol=0, atol=1e-5)
+
+    kept = tmp_path / "kept.onnx"
+    loracc.export_onnx(tiny["model"], tiny["adapter"], kept, keep_lora=True, empty_slots=True)
+    with pytest.raises(NonFiniteError, match="NaN or Inf"):
+        loracc.pack(kept, bad, tmp_path / "refused.onnx_adapter")
+    packed = tmp_path / "nan.onnx_adapter"
+    loracc.pack(kept, bad, packed, allow_nonfinite=True)
+    shape, element_type, raw = lort.read_adapter(packed)["up.lora_B.weight"]
+    assert element_type == TensorProto.FLOAT
+    slot = np.frombuffer(raw, np.float32).reshape(shape)  # (rank, out): (s·B)ᵀ
+    want = (s * B).T
+    assert np.array_equal(np.isnan(slot), np.isnan(want)) and np.isnan(want).any()
+    np.testing.assert_allclose(slot[~np.isnan(want)], want[~np.isnan(want)], rtol=1e-6)
+
+
+def test_outputs_may_not_overwrite_initial_adapter_or_base_weights(
+    tiny: dict, tmp_path: Path
+) -> None:
+    initial = _adapter_like(tiny, tmp_path / "initial", lambda k, t: t)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    save_file(tiny["state"], str(hf / "model.safetensors"), metadata={"format": "pt"})
+    kept = tmp_path / "kept.onnx"
+    loracc.export_onnx(tiny["model"], tiny["adapter"], kept, keep_lora=True)
+    before = {p: sorted(p.iterdir()) for p in (initial, hf)}
+    for folder, kwargs in ((initial, {"initial_adapter": initial}), (hf, {"base_weights": hf})):
+        with pytest.raises(OutputError, match="overlaps the input"):
+            loracc.export_onnx(tiny["model"], tiny["adapter"], folder / "m.onnx", **kwargs)
+        with pytest.raises(OutputError, match="overlaps the input"):
+            loracc.pack(kept, tiny["adapter"], folder / "a.onnx_adapter", **kwargs)
+    assert {p: sorted(p.iterdir()) for p in (initial, hf)} == before
 
 
 def _external_model(folder: Path, location: str) -> Path:

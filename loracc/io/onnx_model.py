@@ -24,7 +24,7 @@ import onnx
 import onnx_ir as ir
 import torch
 
-from loracc.errors import FormatError, InputError, OutputError
+from loracc.errors import FormatError, InputError, LoraccError, OutputError
 from loracc.io.checkpoint import inside
 from loracc.io.output import atomic_files
 
@@ -167,12 +167,21 @@ def save_model(model: ir.Model, path: Path, data_path: Path | None) -> None:
     name given by :func:`write_outputs`, so this is an internal helper.
     """
     _ir_version(model)
-    if data_path is None:
-        ir.save(model, path)
-        return
-    # onnx-ir names the data file in the graph by the path it writes to: write to the
-    # temporary name, then point the graph at the final name.
-    ir.save(model, path, external_data=data_path.name)
+    try:
+        if data_path is None:
+            ir.save(model, path)
+        else:
+            # onnx-ir names the data file in the graph by the path it writes to: write to the
+            # temporary name, then point the graph at the final name.
+            ir.save(model, path, external_data=data_path.name)
+    except Exception as e:
+        # onnx-ir wraps what a lazy tensor raised (NonFiniteError, ...) in SerdeError layers
+        cause: BaseException | None = e
+        while cause is not None and not isinstance(cause, LoraccError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
 
 
 def _point_locations(onnx_path: Path, old: str, new: str) -> None:

@@ -46,7 +46,6 @@ from loracc.errors import FormatError, LoweringError, UnsupportedError
 from loracc.io.onnx_model import tensor_to_torch, torch_dtype, torch_to_tensor
 from loracc.ir import Adapter, Site, SiteKind
 from loracc.lower.onnx_bind import BindingTable, GraphIndex, OnnxBase, WeightUse
-from loracc.lower.onnx_merge import dora_scale
 
 __all__ = [
     "MANIFEST_KEY",
@@ -195,15 +194,14 @@ def _branch_dtype(use: WeightUse) -> int:
 # -- slot values ------------------------------------------------------------------------------
 
 
-def _base_ref(base: OnnxBase, site: Site) -> torch.Tensor:
-    return base.read_ref(site.target, torch.float32)
+def group_params(group: SlotGroup, sites: Mapping[str, Site]) -> dict[str, torch.Tensor]:
+    """Slot values (fp32) of ``group`` for the sites of one compiled adapter (rank 0 where none).
 
-
-def group_params(
-    group: SlotGroup, sites: Mapping[str, Site], base: OnnxBase | None
-) -> dict[str, torch.Tensor]:
-    """Slot values (fp32) of ``group`` for the sites of one adapter (rank 0 where none)."""
+    DoRA sites hold ``channel_scale`` (fold-dora always runs before this lowering).
+    """
     present = [(m, sites[m.module]) for m in group.members if m.module in sites]
+    for _, site in present:
+        assert site.magnitude is None, f"{site.module}: DoRA magnitude not folded (fold-dora)"
     out: dict[str, torch.Tensor] = {}
     rank = sum(s.rank for _, s in present)
     if group.op == "Conv":
@@ -231,10 +229,6 @@ def group_params(
         for m, site in present:
             if site.channel_scale is not None:
                 scale[m.start : m.stop] = site.channel_scale.to(torch.float32).flatten()
-            elif site.magnitude is not None:
-                if base is None:
-                    raise LoweringError(f"{site.module}: DoRA needs the base weight")
-                scale[m.start : m.stop] = dora_scale(site, _base_ref(base, site))
         out[group.scale] = scale.reshape(group.channel_shape)
     if group.bias:
         bias = torch.zeros(group.fan_out)
@@ -260,12 +254,9 @@ def check_fits(group_of: Mapping[str, SlotGroup], adapter: Adapter, where: str) 
         m = group.member(site.module)
         assert m is not None
         A, B = site.lora_A, site.lora_B
-        if group.op == "Gather":
-            fits = A.shape[1] == group.fan_in and B.shape[0] == m.stop - m.start
-        else:
-            fits = A.shape[1] == group.fan_in and B.shape[0] == m.stop - m.start
-            if group.op == "Conv":
-                fits = fits and list(A.shape[2:]) == group.kernel
+        fits = A.shape[1] == group.fan_in and B.shape[0] == m.stop - m.start
+        if group.op == "Conv":
+            fits = fits and list(A.shape[2:]) == group.kernel
         if not fits:
             raise UnsupportedError(
                 f"{adapter.name}: module '{site.module}' has factors {tuple(A.shape)}/"
@@ -285,13 +276,14 @@ def check_fits(group_of: Mapping[str, SlotGroup], adapter: Adapter, where: str) 
 
 
 def pack_params(
-    groups: Sequence[SlotGroup], adapter: Adapter | None, base: OnnxBase | None
+    groups: Sequence[SlotGroup], adapter: Adapter | None
 ) -> dict[str, tuple[torch.Tensor, int]]:
-    """Every slot's value for ``adapter`` (None: empty slots), with its ONNX element type."""
+    """Every slot's value for the compiled ``adapter`` (None: empty slots), with its ONNX
+    element type."""
     sites = {s.module: s for s in adapter.sites} if adapter is not None else {}
     out: dict[str, tuple[torch.Tensor, int]] = {}
     for group in groups:
-        for name, value in group_params(group, sites, base).items():
+        for name, value in group_params(group, sites).items():
             out[name] = (value, group.dtype)
     return out
 

@@ -7,7 +7,8 @@ same order and the same single rounding as the checkpoint merge (:mod:`loracc.lo
 1. a whole replacement (modules_to_save, a trained bias, a replaced embedding),
 2. trainable-token rows (``W[idx] = rows``),
 3. each site's ``ΔW = s·B@A`` (fp32, matmul first, as peft), then its DoRA channel scale
-   ``W ← (m/‖W+ΔW‖) ⊙ (W+ΔW)``, on the site's rows of a fused weight only,
+   ``W ← c ⊙ (W+ΔW)`` (``c = m/‖W+ΔW‖``, computed by the fold-dora pass, which always runs
+   before this lowering), on the site's rows of a fused weight only,
 4. ``lora_bias``: ``b += s·b_B``.
 
 Every edit is written in its own orientation (the site's reference orientation, or the Hugging
@@ -16,7 +17,8 @@ way round. Nodes that read one initializer but need different edits get their ow
 (:func:`~loracc.lower.onnx_bind.privatize`); a reader no edit concerns keeps the original.
 
 Edited tensors are :class:`onnx_ir.LazyTensor` objects: nothing is read or computed until the
-model is written, one tensor at a time.
+model is written, one tensor at a time. NaN or Inf is refused in the tensor *as written*, after
+rounding to the initializer's dtype (a finite fp32 value that overflows fp16 is caught too).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 
 from loracc import kernels
 from loracc.errors import NonFiniteError, UnsupportedError
-from loracc.io.onnx_model import tensor_to_torch, torch_to_tensor
+from loracc.io.onnx_model import tensor_to_torch, torch_dtype, torch_to_tensor
 from loracc.ir import Adapter, Site, SiteKind
 from loracc.lower.onnx_bind import (
     BindingTable,
@@ -40,7 +42,7 @@ from loracc.lower.onnx_bind import (
     with_tied,
 )
 
-__all__ = ["Edit", "EditPlan", "apply_edits", "dora_scale", "merge_edits", "ref_delta"]
+__all__ = ["Edit", "EditPlan", "apply_edits", "merge_edits", "ref_delta"]
 
 
 def ref_delta(site: Site) -> torch.Tensor:
@@ -51,21 +53,6 @@ def ref_delta(site: Site) -> torch.Tensor:
 
 def _out_axis(site: Site) -> int:
     return 1 if site.kind is SiteKind.EMBEDDING else 0
-
-
-def dora_scale(site: Site, weight_ref: torch.Tensor) -> torch.Tensor:
-    """DoRA's per-channel ``m / ‖W + ΔW‖`` from the raw magnitude (when fold-dora did not run).
-
-    ``weight_ref`` is the base weight in the reference orientation, fp32.
-    """
-    assert site.magnitude is not None
-    merged = weight_ref + ref_delta(site)
-    axis = _out_axis(site)
-    dims = tuple(d for d in range(merged.dim()) if d != axis)
-    norm = torch.linalg.vector_norm(merged, dim=dims)
-    if not bool((norm > 0).all()):
-        raise NonFiniteError(f"{site.module}: DoRA norm ‖W + ΔW‖ is zero for some channel")
-    return site.magnitude.to(torch.float32).flatten() / norm
 
 
 @dataclass(eq=False)
@@ -123,13 +110,13 @@ def _rows(indices: tuple[int, ...], rows: torch.Tensor, transposed: bool) -> Cal
 
 
 def _delta(site: Site, transposed: bool, block: tuple[int, int] | None) -> Callable:
+    assert site.magnitude is None, f"{site.module}: DoRA magnitude not folded (fold-dora)"
+
     def run(w: torch.Tensor) -> torch.Tensor:
         view = _view(w, transposed)
         if block is not None:
             view = view[block[0] : block[1]]
         scale = site.channel_scale
-        if site.magnitude is not None:
-            scale = dora_scale(site, view.clone())
         view += ref_delta(site)
         if scale is not None:
             shape = [1] * view.dim()
@@ -231,9 +218,12 @@ def _lazy(
         w = tensor_to_torch(source, torch.float64 if dtype == ir.DataType.DOUBLE else torch.float32)
         for edit in edits:
             w = edit.apply(w)
-        if not allow_nonfinite and not bool(torch.isfinite(w).all()):
+        w = w.to(torch_dtype(dtype))  # the one rounding; checked as written
+        if not allow_nonfinite and not kernels.all_finite(w):
+            labels = ", ".join(dict.fromkeys(e.label for e in edits))
             raise NonFiniteError(
-                f"edited initializer '{name}' has NaN or Inf (allow_nonfinite writes it anyway)"
+                f"edited initializer '{name}' ({labels}) has NaN or Inf as "
+                f"{dtype.name} (use --allow-nonfinite to write it anyway)"
             )
         return torch_to_tensor(w, dtype, name=name)
 
