@@ -26,9 +26,21 @@ from typing import Any
 
 import torch
 
-__all__ = ["EMPTY_MAPPING", "Adapter", "Replacement", "Site", "SiteKind", "TokenRows"]
+__all__ = [
+    "EMPTY_MAPPING",
+    "PLAIN_INITS",
+    "Adapter",
+    "Replacement",
+    "Site",
+    "SiteKind",
+    "TokenRows",
+]
 
 EMPTY_MAPPING: Mapping[str, Any] = MappingProxyType({})
+
+# init_lora_weights values (as ``Site.init`` strings) whose delta is plain ``s·B@A`` on the
+# unchanged base: nothing to reconstruct.
+PLAIN_INITS = frozenset({"true", "false", "gaussian", "orthogonal", "mica", "eva"})
 
 
 class SiteKind(str, enum.Enum):
@@ -96,7 +108,7 @@ class Site:
             return "dora"
         if self.channel_scale is not None:
             return "dora-folded"
-        if self.init not in ("true", "false", "gaussian", "orthogonal", "mica", "eva"):
+        if self.init not in PLAIN_INITS:
             return self.init
         return "lora"
 

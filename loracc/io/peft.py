@@ -28,6 +28,7 @@ from loracc.io.peft_config import (
     read_config,
     resolve_pattern,
 )
+from loracc.io.replicated import ReplicatedCheckpoint
 from loracc.ir import Adapter, Replacement, Site, SiteKind, TokenRows
 
 __all__ = ["CONV1D_MODEL_TYPES", "adapter_files", "load_adapter"]
@@ -163,11 +164,11 @@ def _attach_initial(adapter: Adapter, init: Adapter) -> Adapter:
 class _Reader:
     def __init__(self, folder: Path, weights: Path, cfg: LoraConfig, base: BaseWeights | None):
         if base is not None and cfg["layer_replication"]:  # keys use the expanded layer indices
-            from loracc.passes.expand_layer_replication import ReplicatedCheckpoint
-
             base = ReplicatedCheckpoint(base, cfg["layer_replication"])
         self.folder, self.weights, self.cfg, self.base = folder, weights, cfg, base
         self.notes: list[str] = []
+        self.replaced: dict[str, tuple[int, ...]] = {}  # target -> shape of a whole replacement
+        self.out_dims: set[int] = set()  # lora_B out-dims of every module (QALoRA check)
         self.refusals: list[str] = list(cfg.refusals)
         self.notes += [
             f"{cfg.path.name}: unknown field '{k}' ignored (not a peft "
@@ -183,7 +184,7 @@ class _Reader:
     def build(self, tensors: dict[str, torch.Tensor]) -> Adapter:
         groups: dict[str, _Group] = defaultdict(_Group)
         replacements: list[Replacement] = []
-        token_rows: list[TokenRows] = []
+        tokens: list[tuple[str, str, torch.Tensor]] = []
         for raw_key, tensor in tensors.items():
             key = raw_key.removeprefix(_PREFIX)
             m = _KEY.match(key)
@@ -199,7 +200,7 @@ class _Reader:
             if m["extra"]:
                 self.notes.append(f"{raw_key}: training-only tensor ignored")
             elif m["tok"]:
-                token_rows.append(self.tokens(raw_key, module, tensor))
+                tokens.append((raw_key, module, tensor))
             else:
                 g = groups[module]
                 g.keys.append(raw_key)
@@ -210,6 +211,9 @@ class _Reader:
                     g.bias = tensor
                 else:
                     g.magnitude = tensor
+        # A resized embedding (or head) saved whole gives its target's new shape.
+        self.replaced = {r.target: tuple(r.tensor.shape) for r in replacements}
+        token_rows = [self.tokens(*t) for t in tokens]
         sites = self.sites(groups)
         self.cross_check(sites)
         layer_replication = tuple(tuple(p) for p in self.cfg["layer_replication"] or [])
@@ -268,13 +272,20 @@ class _Reader:
                 f"{self.where(raw_key)}: shape {tuple(rows.shape)}, expected "
                 f"({len(indices)}, dim) for {len(indices)} indices"
             )
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
+            raise FormatError(f"{self.cfg.path}: trainable_token_indices must be integers")
+        if min(indices) < 0:
+            raise FormatError(
+                f"{self.cfg.path}: trainable_token_indices has the negative index "
+                f"{min(indices)} for '{module}'"
+            )
         target = f"{module}.weight"
         if self.base is not None:
-            shape = self.base.shape(target)
+            shape = self._shape(target)
             if shape is None or shape[1] != rows.shape[1] or max(indices) >= shape[0]:
                 raise FormatError(
-                    f"{self.where(raw_key)}: rows {tuple(rows.shape)} at indices up to "
-                    f"{max(indices)} do not fit base '{target}' {shape}"
+                    f"{self.where(raw_key)}: rows {tuple(rows.shape)} at trainable_token_indices "
+                    f"up to {max(indices)} do not fit base '{target}' {shape}"
                 )
             target = self.base.resolve(target) or target
         return TokenRows(target, tuple(indices), rows)
@@ -290,6 +301,7 @@ class _Reader:
                     f"{self.weights}: module '{raw}' has {present} but not both factors"
                 )
             by_owner[raw.replace(".base_layer", "")].append((raw, g))
+        self.out_dims = {g.B.shape[0] for g in groups.values() if g.B is not None and g.B.dim()}
         sites: list[Site] = []
         for owner, members in by_owner.items():
             params = self.target_parameters(owner)
@@ -300,6 +312,13 @@ class _Reader:
             else:
                 sites.append(self.module_site(owner, members[0][1]))
         return tuple(sites)
+
+    def _shape(self, target: str) -> tuple[int, ...] | None:
+        """The base shape of ``target``, or the shape of the adapter's whole replacement of it."""
+        assert self.base is not None
+        shape = self.base.shape(target)
+        stored = self.base.resolve(target) or target
+        return self.replaced.get(stored, shape) if shape is not None else None
 
     def scale_for(self, name: str, rank: int) -> tuple[float, float]:
         alpha = float(resolve_pattern(self.cfg["alpha_pattern"], name, self.cfg["lora_alpha"]))
@@ -325,8 +344,10 @@ class _Reader:
             )
         target = f"{module}.weight"
         expected = _logical_shape(kind, A, B)
+        if self.cfg["use_qalora"] and kind is SiteKind.LINEAR:
+            self._check_qalora(module, key, A, B)
         if self.base is not None:
-            shape = self.base.shape(target)
+            shape = self._shape(target)
             if shape is None:
                 if f"{module}.in_proj_weight" in self.base:
                     raise UnsupportedError(
@@ -350,7 +371,8 @@ class _Reader:
                 )
             target = self.base.resolve(target) or target
         elif kind is SiteKind.LINEAR and self.cfg["fan_in_fan_out"]:
-            kind = SiteKind.CONV1D
+            kind = SiteKind.CONV1D  # no base to decide from: the config's flag is all there is
+            expected = expected[::-1]
         if self.cfg["use_qalora"] and kind is SiteKind.LINEAR:
             self.notes.append(f"{module}: use_qalora ignored on a dense layer, as peft does")
         alpha, scale = self.scale_for(module, rank)
@@ -387,6 +409,24 @@ class _Reader:
             magnitude=magnitude,
             init=self.cfg.init,
         )
+
+    def _check_qalora(self, module: str, key: str, A: torch.Tensor, B: torch.Tensor) -> None:
+        """Refuse QALoRA factors of a GPTQ layer: lora_A is (r, in/group), pooled inputs."""
+        group = self.cfg["qalora_group_size"] or 16
+        n_in = A.shape[1]
+        if self.base is not None:
+            shape = self.base.shape(f"{module}.weight")
+            gptq = shape is None and f"{module}.qweight" in self.base
+            grouped = gptq or (shape is not None and len(shape) == 2 and n_in not in shape)
+        else:  # no base: A's in-dim times the group is an out-dim of the adapter, A's is not
+            grouped = n_in * group in self.out_dims and n_in not in self.out_dims
+        if grouped:
+            raise UnsupportedError(
+                f"{self.where(key)}: QALoRA factors for a GPTQ layer: peft never merges GPTQ "
+                f"layers (its QALoRA variant has no delta weight); lora_A {tuple(A.shape)} "
+                f"takes inputs pooled in groups of {group}, so no dense delta of '{module}' "
+                "is equivalent"
+            )
 
     def expand_block_diagonal(
         self, module: str, A: torch.Tensor, B: torch.Tensor
@@ -433,10 +473,12 @@ class _Reader:
             [*self.base.keys(), *self.base.expert_splits] if self.base is not None else None
         )
         for t in names:
-            if candidates is None:
-                t_owner, param = t.rsplit(".", 1)
-                if owner == t_owner or owner.endswith("." + t_owner):
+            if candidates is None:  # a "."-suffix of "<owner>.<param>", as peft matches
+                t_owner, _, param = t.rpartition(".")
+                if t_owner and (owner == t_owner or owner.endswith("." + t_owner)):
                     found.append(f"{owner}.{param}")
+                elif not t_owner and not is_targeted(owner, self.cfg):
+                    found.append(f"{owner}.{param}")  # a bare name: any module's parameter
                 continue
             found.extend(
                 k

@@ -9,11 +9,13 @@ the original base cannot express ``m/‖W + ΔW‖``.
 Config: ``r`` and ``lora_alpha`` are the largest rank; ``rank_pattern`` and ``alpha_pattern``
 give every other module its own rank as both r and alpha (escaped full module names, which
 peft's ``(.*\\.)?(K)$`` lookup matches exactly), so every scale is 1; ``use_rslora`` false,
-``init_lora_weights`` true, ``use_dora`` false; ``target_modules`` is the exact list of adapted
-modules (peft targets an exact name without the layer filters, so ``layers_to_transform``,
-``layers_pattern`` and ``exclude_modules`` are dropped). Other fields (``modules_to_save``,
-``trainable_token_indices``, ``bias``, ``lora_bias``, ``layer_replication``, ``task_type``,
-``target_parameters``, ...) are carried through.
+``init_lora_weights`` true, ``use_dora`` false, ``use_bdlora`` null (the reader expanded
+BD-LoRA's block-diagonal factors to dense ones, which peft would misread as compact blocks);
+``target_modules`` is the exact list of adapted modules (peft targets an exact name without the
+layer filters, so ``layers_to_transform``, ``layers_pattern`` and ``exclude_modules`` are
+dropped). Other fields (``modules_to_save``, ``trainable_token_indices``, ``bias``,
+``lora_bias``, ``layer_replication``, ``task_type``, ``target_parameters``, ...) are carried
+through.
 
 Keys: ``<module>.lora_A.weight`` / ``lora_B.weight`` (``lora_B.bias``), Embedding
 ``<module>.lora_embedding_A`` / ``_B``; a whole-tensor replacement (modules_to_save copy, bias,
@@ -133,6 +135,8 @@ def adapter_config(adapter: Adapter) -> dict[str, Any]:
         ensure_weight_tying=False,
         inference_mode=True,
     )
+    if "use_bdlora" in config:
+        config["use_bdlora"] = None  # the factors are dense now
     if not any(s.kind is SiteKind.PARAMETER for s in adapter.sites):
         config["target_parameters"] = None
     return config

@@ -28,10 +28,9 @@ import torch
 
 from loracc import kernels
 from loracc.errors import NonFiniteError, PassError
-from loracc.ir import Adapter
+from loracc.ir import PLAIN_INITS, Adapter
 from loracc.passes._weights import start_weight
 from loracc.passes.base import Pass, PassContext, PassResult, Skip
-from loracc.passes.reconstruct_residual import PLAIN_INITS
 
 __all__ = ["FoldDora"]
 

@@ -46,13 +46,12 @@ from typing import ClassVar
 import torch
 
 from loracc.errors import InputError, UnsupportedError
-from loracc.ir import Adapter, Site, SiteKind
+from loracc.ir import PLAIN_INITS, Adapter, Site, SiteKind
 from loracc.passes._weights import source_key, start_weight
 from loracc.passes.base import Pass, PassContext, PassResult, Skip
 
-__all__ = ["PLAIN_INITS", "ReconstructResidual"]
+__all__ = ["ReconstructResidual"]
 
-PLAIN_INITS = frozenset({"true", "false", "gaussian", "orthogonal", "mica", "eva"})
 _RECOMPUTABLE = ("pissa", "olora")
 _NEED_INITIAL = {
     "pissa_niter": "a randomized SVD (torch.svd_lowrank) drawn from the global RNG",

@@ -33,9 +33,8 @@ from typing import ClassVar
 
 import torch
 
-from loracc.ir import Adapter, Site, SiteKind
+from loracc.ir import PLAIN_INITS, Adapter, Site, SiteKind
 from loracc.passes.base import Pass, PassContext, PassResult, Skip
-from loracc.passes.reconstruct_residual import PLAIN_INITS
 
 __all__ = ["TruncateRank", "Truncation", "truncate_factors"]
 
