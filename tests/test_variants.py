@@ -74,3 +74,35 @@ def test_embedding_lora_on_a_classifier_with_tie_flag_adds_no_lm_head(tmp_path) 
     with torch.no_grad():
         got = out(ids).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_resized_tied_vocab_with_trainable_tokens_keeps_the_tie(tmp_path) -> None:
+    """GPT-2 (tied) resized 128 -> 136 with trainable tokens: peft saves the resized table and the
+    rows for both wte and lm_head (identical); the merge applies them once and keeps the tie."""
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    model = transformers.GPT2LMHeadModel(cfg)
+    model.save_pretrained(tmp_path / "base")
+    model.resize_token_embeddings(136)
+    with torch.no_grad():
+        model.transformer.wte.weight[128:] = torch.randn(8, 32) * 0.02
+    lora = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn"], init_lora_weights=False,
+        trainable_token_indices=[3, 130],
+    )
+    pm = peft.get_peft_model(model, lora)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "trainable_tokens_delta" in name:
+                p.normal_()
+    pm.save_pretrained(tmp_path / "adapter", save_embedding_layers=True)
+    ids = torch.tensor([[3, 130, 135, 7, 1], [0, 131, 3, 64, 2]])
+    with torch.no_grad():
+        want = pm.eval()(ids).logits
+    report = loracc.merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "out")
+    assert report.config_updates == {"vocab_size": 136}
+    out = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        got = out(ids).logits
+    assert got.shape[-1] == 136
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -232,7 +232,7 @@ class _Reader:
 
     def replacement(self, raw_key: str, key: str, tensor: torch.Tensor) -> Replacement:
         target = key.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
-        target = target.replace(".original_module.", ".")
+        target = target.replace(".original_module.", ".").replace(".token_adapter.", ".")
         origin = "modules_to_save"
         if target.endswith(".bias") and self.cfg["bias"] != "none":
             origin = "bias"

@@ -22,7 +22,7 @@ from typing import ClassVar
 import torch
 
 from loracc.errors import PassError
-from loracc.ir import Adapter, Site, SiteKind
+from loracc.ir import Adapter, Replacement, Site, SiteKind, TokenRows
 from loracc.passes.base import Pass, PassContext, PassResult, Skip
 
 __all__ = ["UntieEmbeddings"]
@@ -56,32 +56,29 @@ class UntieEmbeddings(Pass):
         if tied is None:
             return PassResult(adapter, skipped=(Skip("*", "the base has no tied embeddings"),))
         head_key, emb_key = tied
-        head = [s for s in adapter.sites if s.target == head_key]
-        emb = [s for s in adapter.sites if s.target == emb_key]
-        emb_own = [
-            r for r in adapter.replacements if r.target == emb_key and r.origin == "modules_to_save"
-        ]
-        if not head and not emb and not emb_own:
+        head, emb = _Edits.on(adapter, head_key), _Edits.on(adapter, emb_key)
+        if not head and not emb.differs_alone():
             return PassResult(
                 adapter, skipped=(Skip(head_key, "no edit differs between the tied pair"),)
             )
-        if len(head) == 1 and len(emb) == 1 and not emb_own and _mirrors(head[0], emb[0]):
-            sites = tuple(s for s in adapter.sites if s is not head[0])
+        if head.same_as(emb):
+            dropped = {id(x) for x in (*head.sites, *head.rows, *head.replacements)}
             return PassResult(
-                replace(adapter, sites=sites),
-                changed=(head_key,),
-                details=(
-                    f"{head_key}: mirrors {emb_key} (ensure_weight_tying); applied once, tie kept",
+                replace(
+                    adapter,
+                    sites=tuple(x for x in adapter.sites if id(x) not in dropped),
+                    token_rows=tuple(x for x in adapter.token_rows if id(x) not in dropped),
+                    replacements=tuple(x for x in adapter.replacements if id(x) not in dropped),
                 ),
+                changed=(head_key,),
+                details=(f"{head_key}: edited like {emb_key}; applied once, tie kept",),
             )
-        shared_rows = tuple(
-            replace(t, target=head_key) for t in adapter.token_rows if t.target == emb_key
-        )
-        shared_resize = tuple(
-            replace(r, target=head_key)
-            for r in adapter.replacements
-            if r.target == emb_key and r.origin == "embedding"
-        )
+        # The forward sees two tensors. Edits saved for the embedding alone that act on the
+        # shared weight (trainable tokens, a resized vocabulary) reach the head too, unless the
+        # adapter saved the head's own.
+        rows = () if head.rows else tuple(replace(t, target=head_key) for t in emb.rows)
+        shared = [r for r in emb.replacements if r.origin == "embedding"]
+        resize = () if head.replacements else tuple(replace(r, target=head_key) for r in shared)
         sources = dict(adapter.tensor_sources)
         sources[head_key] = emb_key
         updates = dict(adapter.config_updates)
@@ -89,11 +86,56 @@ class UntieEmbeddings(Pass):
         return PassResult(
             replace(
                 adapter,
-                token_rows=adapter.token_rows + shared_rows,
-                replacements=adapter.replacements + shared_resize,
+                token_rows=adapter.token_rows + rows,
+                replacements=adapter.replacements + resize,
                 tensor_sources=MappingProxyType(sources),
                 config_updates=MappingProxyType(updates),
             ),
             changed=(head_key,),
             details=(f"{head_key}: untied from {emb_key}; the adapter edits them differently",),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _Edits:
+    """What an adapter saved for one tensor of the tied pair."""
+
+    sites: tuple[Site, ...]
+    rows: tuple[TokenRows, ...]
+    replacements: tuple[Replacement, ...]
+
+    @classmethod
+    def on(cls, adapter: Adapter, key: str) -> _Edits:
+        return cls(
+            tuple(s for s in adapter.sites if s.target == key),
+            tuple(t for t in adapter.token_rows if t.target == key),
+            tuple(r for r in adapter.replacements if r.target == key),
+        )
+
+    def __bool__(self) -> bool:
+        return bool(self.sites or self.rows or self.replacements)
+
+    def differs_alone(self) -> bool:
+        """Whether these embedding edits change the lookup but not the shared weight."""
+        return bool(self.sites) or any(r.origin != "embedding" for r in self.replacements)
+
+    def same_as(self, emb: _Edits) -> bool:
+        """Whether the head, as the forward sees it, equals the embedding after these edits."""
+        sites = (not self.sites and not emb.sites) or (
+            len(self.sites) == len(emb.sites) == 1 and _mirrors(self.sites[0], emb.sites[0])
+        )
+        rows = not self.rows or (
+            len(self.rows) == len(emb.rows)
+            and all(
+                h.indices == e.indices and torch.equal(h.rows, e.rows)
+                for h, e in zip(self.rows, emb.rows, strict=True)
+            )
+        )
+        if self.replacements:
+            reps = len(self.replacements) == len(emb.replacements) and all(
+                torch.equal(h.tensor, e.tensor)
+                for h, e in zip(self.replacements, emb.replacements, strict=True)
+            )
+        else:
+            reps = all(r.origin == "embedding" for r in emb.replacements)
+        return sites and rows and reps
