@@ -3,8 +3,10 @@
 Identity: the adapted model's forward. With ``tie_word_embeddings`` the checkpoint stores one
 tensor W for the input embedding E and the output head H. peft's unmerged forward uses
 ``E(W) + ΔE`` for token lookup and ``H(W) + ΔH`` for logits; trainable tokens and a resized
-embedding change the shared W for both. So the tie survives the merge only when ΔE == ΔH:
-no LoRA on either, or ``ensure_weight_tying`` mirrors (H's A = E's Bᵀ, H's B = E's Aᵀ). Otherwise
+embedding change the shared W for both (peft may also save the head's copies of those). So the
+tie survives the merge only when ΔE == ΔH: no LoRA on either, or ``ensure_weight_tying`` mirrors
+(H's A = E's Bᵀ, H's B = E's Aᵀ), and the head's saved rows or table equal the embedding's; the
+head's copies are then dropped so each edit applies once. Otherwise
 peft's merge_and_unload adds both deltas into W (wrong by up to 2Δ); this pass instead adds an
 output tensor ``lm_head.weight`` copied from W, moves H's edits there, and sets
 ``tie_word_embeddings=false``.
