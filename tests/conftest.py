@@ -20,6 +20,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Every pipeline the tests run verifies the IR before and after each pass (loracc.verify).
+os.environ.setdefault("LORACC_VERIFY", "1")
 
 
 def _quiet_transformers() -> None:
