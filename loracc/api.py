@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from loracc.errors import ConfigError, LoweringError, UnsupportedError
+from loracc.errors import ConfigError, LoweringError, NonFiniteError, UnsupportedError
 from loracc.io.checkpoint import BaseWeights, Checkpoint
 from loracc.io.output import atomic_dir
 from loracc.io.peft import load_adapter as _load_adapter
@@ -173,12 +173,15 @@ def _device(name: str) -> str:
 def inspect(adapter_dir: PathLike, base_dir: PathLike | None = None) -> dict[str, Any]:
     """The resolved sites of an adapter and what would be refused, as plain data.
 
-    ``base_dir`` is the base HF folder, or the base model's ``.onnx`` file: then ``bindings``
-    holds the binding of :func:`loracc.onnx_api.bind_onnx` (site -> nodes, initializer,
-    transposed), and what ``export --onnx`` would refuse is listed with the refusals.
+    ``base_dir`` is the base HF folder: the merge pipeline then runs as ``merge`` would (reading
+    the base tensors DoRA and PiSSA/OLoRA sites need), and what it would refuse is listed. Or it is
+    the base model's ``.onnx`` file: then ``bindings`` holds the binding of
+    :func:`loracc.onnx_api.bind_onnx` (site -> nodes, initializer, transposed), and what
+    ``export --onnx`` would refuse is listed with the refusals.
     """
     onnx_base = base_dir is not None and Path(base_dir).suffix == ".onnx"
-    adapter = load_adapter(adapter_dir, None if onnx_base else base_dir)
+    base = Checkpoint(base_dir) if base_dir is not None and not onnx_base else None
+    adapter = _load_adapter(Path(adapter_dir), base)
     sites = [
         {
             "module": s.module,
@@ -221,6 +224,11 @@ def inspect(adapter_dir: PathLike, base_dir: PathLike | None = None) -> dict[str
                 out["bindings"] = bind_onnx(base_dir, adapter_dir)
             except (UnsupportedError, LoweringError) as e:
                 out["refusals"].append(f"export --onnx: {e}")
+    elif base is not None and not adapter.refusals:
+        try:
+            check_mergeable(compile_adapter(adapter, base).adapter)
+        except (UnsupportedError, NonFiniteError) as e:
+            out["refusals"].append(f"merge: {e}")
     return out
 
 

@@ -135,6 +135,8 @@ def test_pissa_niter_needs_initial_adapter(tmp_path, tmp_path_factory):
     with pytest.raises(UnsupportedError, match=r"pissa_niter_4.*--initial-adapter"):
         loracc.merge(str(nc.base_dir), str(nc.adapter_dir), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+    refusals = loracc.inspect(str(nc.adapter_dir), str(nc.base_dir))["refusals"]
+    assert any("pissa_niter_4" in r and "--initial-adapter" in r for r in refusals)
 
 
 def test_pissa_niter_with_initial_adapter(tmp_path, tmp_path_factory):
