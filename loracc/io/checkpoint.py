@@ -70,6 +70,21 @@ _FUSED_EXPERTS = {
     "down_proj": (("down_proj",), ("w2",)),
 }
 _MODULE_RENAMES = ((".mlp.", ".block_sparse_moe."),)
+# transformers >= 5 also renames whole module layouts in memory while save_pretrained keeps the
+# checkpoint's names, and PEFT saves adapters under the in-memory paths. Each layout maps a module
+# path to its stored key (all substitutions together); a result counts only if it is stored.
+# ViT family: conversion_mapping.py's "ViTModel" renames, reversed.
+_STORED_LAYOUTS: tuple[tuple[tuple[re.Pattern[str], str], ...], ...] = (
+    (
+        (re.compile(r"\.layers\.(\d+)\."), r".encoder.layer.\1."),
+        (re.compile(r"\.attention\.q_proj\."), ".attention.attention.query."),
+        (re.compile(r"\.attention\.k_proj\."), ".attention.attention.key."),
+        (re.compile(r"\.attention\.v_proj\."), ".attention.attention.value."),
+        (re.compile(r"\.attention\.o_proj\."), ".attention.output.dense."),
+        (re.compile(r"\.mlp\.fc1\."), ".intermediate.dense."),
+        (re.compile(r"\.mlp\.fc2\."), ".output.dense."),
+    ),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,6 +274,12 @@ class Checkpoint:
             return key
         for module_name, stored_name in _MODULE_RENAMES:
             renamed = key.replace(module_name, stored_name)
+            if renamed in self._info:
+                return renamed
+        for layout in _STORED_LAYOUTS:
+            renamed = key
+            for pattern, stored in layout:
+                renamed = pattern.sub(stored, renamed)
             if renamed in self._info:
                 return renamed
         return None
