@@ -1,0 +1,300 @@
+#!/usr/bin/env python
+"""onnxruntime overhead of loracc's keep-LoRA graphs, on the CPU execution provider.
+
+A stack of ``--layers`` chained ``nn.Linear(D, D)`` (no bias) is exported with
+``torch.onnx.export`` (TorchScript), an r=16 LoRA adapter is made with peft on every layer, and
+loracc writes three graphs from it: the adapter merged, keep-LoRA with the adapter in the defaults
+(not timed) and keep-LoRA with ``--empty-slots`` plus the ``.onnx_adapter`` file. In one process it
+then measures
+
+(a) base graph vs keep-LoRA ``--empty-slots`` graph, no adapter active (goal: <= 1% overhead),
+(b) merged graph vs keep-LoRA graph with the adapter active via ``RunOptions`` (goal: <= 5%),
+(c) activating an adapter (``LoraAdapter.Load`` + ``RunOptions.add_active_adapter``, through
+    ``loracc.io.ort.run_options``) vs creating a new ``InferenceSession`` of the merged graph
+    (goal: >= 1000x cheaper).
+
+Outputs are checked first: keep-LoRA with the adapter active against the merged graph and against
+peft's forward, keep-LoRA without an adapter against the base graph.
+
+Timing: for each thread count (``--threads``, intra-op threads fixed, inter-op 1), every round runs
+each graph once, in a fresh random order, after ``--warmup`` rounds. Reported: medians per graph,
+the ratio of medians (the figure compared with the goal), the median of the per-round ratios
+(paired, so slow phases of a busy machine hit both sides) and the ratio of the fastest runs (the
+least disturbed by other jobs). ``--quick`` shrinks everything for the smoke test.
+
+Usage: python scripts/bench_onnx.py [--threads 1,2] [--rounds 100] [--quick] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+GOALS = {"a": 1.01, "b": 1.05, "c": 1000.0}
+
+
+def build(work: Path, d: int, layers: int, tokens: int, rank: int) -> dict[str, Any]:
+    """Export the base, make the adapter with peft, write merged and keep-LoRA graphs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    import loracc
+
+    torch.manual_seed(0)
+
+    class Stack(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = torch.nn.ModuleList(
+                torch.nn.Linear(d, d, bias=False) for _ in range(layers)
+            )
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    base = Stack().eval()
+    x = torch.randn(1, tokens, d)
+    base_path = work / "base.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            base, (x,), str(base_path), dynamo=False, opset_version=17,
+            input_names=["x"], output_names=["y"], do_constant_folding=True,
+        )  # fmt: skip
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=[f"layers.{i}" for i in range(layers)],
+        init_lora_weights=False,  # random B: the adapter really changes the output
+    )
+    peft_model = get_peft_model(base, config)
+    # init_lora_weights=False draws B like A; shrink it to a realistic update size
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(0.05)
+    adapter = work / "adapter"
+    peft_model.save_pretrained(str(adapter))
+    with torch.no_grad():
+        y_peft = peft_model(x).numpy()
+
+    merged = work / "merged.onnx"
+    loracc.export_onnx(base_path, adapter, merged)
+    keep = work / "keep.onnx"
+    report = loracc.export_onnx(base_path, adapter, keep, keep_lora=True, empty_slots=True)
+    adapter_file = Path(report.adapter_files[0]["file"])  # keep.onnx_adapter
+    return {
+        "base": base_path,
+        "merged": merged,
+        "keep": keep,
+        "adapter_file": adapter_file,
+        "x": x.numpy(),
+        "y_peft": y_peft,
+        "adapter_mib": adapter_file.stat().st_size / 2**20,
+        "model_mib": base_path.stat().st_size / 2**20,
+    }
+
+
+def make_session(path: Path, threads: int) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3  # slots are inputs with initializers: one warning each otherwise
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def check(m: dict[str, Any]) -> dict[str, float]:
+    """keep-LoRA + adapter == merged == peft; keep-LoRA without adapter == base."""
+    import onnxruntime as ort
+
+    from loracc.io.ort import run_options
+
+    feeds = {"x": m["x"]}
+    s_base, s_merged, s_keep = (make_session(m[k], 1) for k in ("base", "merged", "keep"))
+    y_base = s_base.run(None, feeds)[0]
+    y_merged = s_merged.run(None, feeds)[0]
+    y_empty = s_keep.run(None, feeds, ort.RunOptions())[0]
+    y_active = s_keep.run(None, feeds, run_options(m["adapter_file"]))[0]
+    scale = float(np.abs(y_merged).max())
+    errs = {
+        "keep_active_vs_merged": float(np.abs(y_active - y_merged).max()) / scale,
+        "keep_active_vs_peft": float(np.abs(y_active - m["y_peft"]).max()) / scale,
+        "merged_vs_peft": float(np.abs(y_merged - m["y_peft"]).max()) / scale,
+        "keep_empty_vs_base": float(np.abs(y_empty - y_base).max()) / scale,
+        "adapter_effect": float(np.abs(y_merged - y_base).max()) / scale,
+    }
+    ok = (
+        np.allclose(y_active, y_merged, rtol=1e-4, atol=1e-4 * scale)
+        and np.allclose(y_active, m["y_peft"], rtol=1e-4, atol=1e-4 * scale)
+        and np.allclose(y_empty, y_base, rtol=1e-5, atol=1e-5 * scale)
+        and errs["adapter_effect"] > 1e-3  # the adapter must change something
+    )
+    if not ok:
+        sys.exit(f"bench_onnx: outputs disagree, not timing: {errs}")
+    return errs
+
+
+def time_runs(m: dict[str, Any], threads: int, rounds: int, warmup: int) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    from loracc.io.ort import run_options
+
+    feeds = {"x": m["x"]}
+    plain = ort.RunOptions()
+    active = run_options(m["adapter_file"])
+    sessions = {k: make_session(m[k], threads) for k in ("base", "merged", "keep")}
+    variants = {
+        "base": (sessions["base"], plain),
+        "keep_empty": (sessions["keep"], plain),
+        "merged": (sessions["merged"], plain),
+        "keep_active": (sessions["keep"], active),
+    }
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    rng = random.Random(threads)
+    for i in range(warmup + rounds):
+        order = list(variants)
+        rng.shuffle(order)
+        for k in order:
+            sess, ro = variants[k]
+            t0 = time.perf_counter()
+            sess.run(None, feeds, ro)
+            dt = time.perf_counter() - t0
+            if i >= warmup:
+                times[k].append(dt)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    best = {k: min(v) for k, v in times.items()}
+
+    def paired(num: str, den: str) -> float:
+        return statistics.median(a / b for a, b in zip(times[num], times[den], strict=True))
+
+    # (c) activation vs a new session
+    n_act = max(20, rounds * 5)
+    for _ in range(5):
+        run_options(m["adapter_file"])
+    act = []
+    for _ in range(n_act):
+        t0 = time.perf_counter()
+        ro = run_options(m["adapter_file"])
+        act.append(time.perf_counter() - t0)
+        del ro
+    n_sess = 3 if rounds < 50 else 7
+    sess_t = []
+    for _ in range(n_sess):
+        t0 = time.perf_counter()
+        s = make_session(m["merged"], threads)
+        sess_t.append(time.perf_counter() - t0)
+        del s
+    return {
+        "threads": threads,
+        "rounds": rounds,
+        "ms": {k: v * 1e3 for k, v in med.items()},
+        "min_ms": {k: v * 1e3 for k, v in best.items()},
+        "a_min": best["keep_empty"] / best["base"],
+        "b_min": best["keep_active"] / best["merged"],
+        "a": med["keep_empty"] / med["base"],
+        "a_paired": paired("keep_empty", "base"),
+        "b": med["keep_active"] / med["merged"],
+        "b_paired": paired("keep_active", "merged"),
+        "activate_ms": statistics.median(act) * 1e3,
+        "session_ms": statistics.median(sess_t) * 1e3,
+        "c": statistics.median(sess_t) / statistics.median(act),
+    }
+
+
+def mark(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dim", type=int, default=2048)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--threads", default="1,2", help="intra-op thread counts, comma-separated")
+    ap.add_argument("--rounds", type=int, default=100)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--quick", action="store_true", help="tiny model, few runs (smoke test)")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.dim, args.layers, args.tokens, args.rounds, args.warmup = 128, 2, 16, 10, 2
+    threads = [int(t) for t in args.threads.split(",") if t.strip()]
+
+    import onnxruntime as ort
+    import torch
+
+    torch.set_num_threads(max(threads))
+    with tempfile.TemporaryDirectory(prefix="bench_onnx_") as tmp:
+        m = build(Path(tmp), args.dim, args.layers, args.tokens, args.rank)
+        errs = check(m)
+        results = [time_runs(m, t, args.rounds, args.warmup) for t in threads]
+
+    load = os.getloadavg()
+    print(
+        f"model: {args.layers} x Linear({args.dim}, {args.dim}), {args.tokens} tokens, fp32, "
+        f"r={args.rank} on every layer ({m['model_mib']:.0f} MiB model, "
+        f"{m['adapter_mib']:.2f} MiB adapter file)"
+    )
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"onnxruntime {ort.__version__} CPUExecutionProvider, load average now "
+        f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+    )
+    print(
+        "correctness (max abs err / max |y|): keep+adapter vs merged "
+        f"{errs['keep_active_vs_merged']:.1e}, vs peft {errs['keep_active_vs_peft']:.1e}; "
+        f"keep empty vs base {errs['keep_empty_vs_base']:.1e} (adapter changes y by "
+        f"{errs['adapter_effect']:.1e})"
+    )
+    print()
+    print(
+        "| threads | base ms | keep empty ms | (a) keep empty / base | merged ms | "
+        "keep + adapter ms | (b) keep + adapter / merged | activate ms | new session ms | "
+        "(c) session / activate |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        ms = r["ms"]
+        print(
+            f"| {r['threads']} | {ms['base']:.2f} | {ms['keep_empty']:.2f} | "
+            f"{r['a']:.4f} (paired {r['a_paired']:.4f}, min {r['a_min']:.4f}) | "
+            f"{ms['merged']:.2f} | {ms['keep_active']:.2f} | "
+            f"{r['b']:.4f} (paired {r['b_paired']:.4f}, min {r['b_min']:.4f}) | "
+            f"{r['activate_ms']:.3f} | {r['session_ms']:.1f} | {r['c']:.0f}x |"
+        )
+    print()
+    for r in results:
+        print(
+            f"threads={r['threads']}: ratio (a) keep-empty/base = {r['a']:.4f} "
+            f"[goal <= {GOALS['a']}: {mark(r['a'] <= GOALS['a'])}]; "
+            f"ratio (b) keep-active/merged = {r['b']:.4f} "
+            f"[goal <= {GOALS['b']}: {mark(r['b'] <= GOALS['b'])}]; "
+            f"ratio (c) session/activate = {r['c']:.0f}x "
+            f"[goal >= {GOALS['c']:.0f}x: {mark(r['c'] >= GOALS['c'])}]"
+        )
+    if args.json:
+        data = {"args": vars(args) | {"json": str(args.json)}, "errors": errs}
+        data |= {"results": results, "loadavg": load}
+        args.json.write_text(json.dumps(data, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+#!/usr/bin/env python
+"""loracc's merged and keep-LoRA fp16 graphs on the CUDA execution provider, against the CPU.
+
+Self-contained, for one call on a machine with a GPU: it builds its own tiny model (``--layers``
+chained ``nn.Linear(D, D)`` in fp16, exported with ``torch.onnx.export``), an r=16 peft adapter
+on every layer, and with loracc the merged graph and the keep-LoRA graph (``--empty-slots``, plus
+the ``.onnx_adapter`` file). Then, on CUDA and on the CPU:
+
+* merged graph, no adapter;
+* keep-LoRA graph with the adapter active through ``RunOptions`` (``loracc.io.ort.run_options``);
+* keep-LoRA graph without an adapter (must equal the base graph).
+
+It prints the max abs / max rel error of CUDA against the CPU for each graph, of keep-LoRA+adapter
+against merged on each provider, and the median run time of each (after warm-up), plus the cost of
+activating the adapter. Exit status: 0 when every comparison is within ``--atol``/``--rtol`` (fp16
+defaults), 1 when one is not, 2 when the CUDA execution provider is not usable here (the message
+says why; nothing is built).
+
+``--provider cpu`` runs the same flow with the CPU in place of CUDA (a self-check of the script on
+a machine without a GPU).
+
+Usage: python scripts/check_cuda.py [--dim 1024] [--layers 4] [--tokens 128] [--runs 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PROVIDERS = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+
+
+def cuda_problem() -> str | None:
+    """None when a session really runs on the CUDA EP, else why not."""
+    import onnxruntime as ort
+
+    from loracc.io import ort as lort
+
+    if lort.cuda_usable():
+        return None
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        have = ", ".join(ort.get_available_providers())
+        return f"this onnxruntime {ort.__version__} build has no CUDAExecutionProvider ({have})"
+    return lort._cuda_reason(ort)
+
+
+def build(work: Path, d: int, layers: int, tokens: int, rank: int) -> dict[str, Any]:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    import loracc
+
+    torch.manual_seed(0)
+
+    class Stack(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = torch.nn.ModuleList(
+                torch.nn.Linear(d, d, bias=False) for _ in range(layers)
+            )
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    model = Stack().eval()
+    x = torch.randn(1, tokens, d)
+    base = work / "base.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model.half(), (x.half(),), str(base), dynamo=False, opset_version=17,
+            input_names=["x"], output_names=["y"], do_constant_folding=True,
+        )  # fmt: skip
+    model.float()
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=[f"layers.{i}" for i in range(layers)],
+        init_lora_weights=False,
+    )
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(0.05)
+    adapter = work / "adapter"
+    peft_model.save_pretrained(str(adapter))
+    merged = work / "merged.onnx"
+    loracc.export_onnx(base, adapter, merged)
+    keep = work / "keep.onnx"
+    report = loracc.export_onnx(base, adapter, keep, keep_lora=True, empty_slots=True)
+    return {
+        "base": base,
+        "merged": merged,
+        "keep": keep,
+        "adapter_file": Path(report.adapter_files[0]["file"]),
+        "x": x.half().numpy(),
+    }
+
+
+def session(path: Path, provider: str) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), so, providers=[PROVIDERS[provider]])
+    if sess.get_providers()[0] != PROVIDERS[provider]:
+        raise SystemExit(f"check_cuda: {path.name} did not start on {PROVIDERS[provider]}")
+    return sess
+
+
+def timed(sess: Any, feeds: dict[str, np.ndarray], ro: Any, runs: int) -> tuple[np.ndarray, float]:
+    for _ in range(max(3, runs // 10)):
+        y = sess.run(None, feeds, ro)[0]
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        y = sess.run(None, feeds, ro)[0]
+        times.append(time.perf_counter() - t0)
+    return np.asarray(y, dtype=np.float32), statistics.median(times) * 1e3
+
+
+def errors(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """Max abs error, and max rel error (|b| floored at 1% of max |b|, so zeros do not blow up)."""
+    diff = np.abs(a - b)
+    floor = 1e-2 * float(np.abs(b).max()) or 1.0
+    return float(diff.max()), float((diff / np.maximum(np.abs(b), floor)).max())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--provider", choices=sorted(PROVIDERS), default="cuda")
+    ap.add_argument("--dim", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--atol", type=float, default=2e-2, help="max abs error allowed (fp16)")
+    ap.add_argument("--rtol", type=float, default=2e-2, help="times max |y|, added to --atol")
+    args = ap.parse_args(argv)
+
+    if args.provider == "cuda":
+        why = cuda_problem()
+        if why is not None:
+            print(f"check_cuda: the CUDA execution provider is not usable here: {why}")
+            print("check_cuda: nothing was run; run this script on a machine with a GPU")
+            return 2
+
+    import onnxruntime as ort
+
+    from loracc.io.ort import run_options
+
+    dev = args.provider
+    print(
+        f"onnxruntime {ort.__version__}; model {args.layers} x Linear({args.dim}, {args.dim}) "
+        f"fp16, {args.tokens} tokens, r={args.rank}; {PROVIDERS[dev]} vs CPUExecutionProvider"
+    )
+    rows: list[tuple[str, float, float, float, float]] = []
+    bad = []
+    with tempfile.TemporaryDirectory(prefix="check_cuda_") as tmp:
+        m = build(Path(tmp), args.dim, args.layers, args.tokens, args.rank)
+        feeds = {"x": m["x"]}
+        t0 = time.perf_counter()
+        active = run_options(m["adapter_file"])
+        activate_ms = (time.perf_counter() - t0) * 1e3
+        plain = ort.RunOptions()
+        out: dict[tuple[str, str], np.ndarray] = {}
+        for name, graph, ro in (
+            ("base", "base", plain),
+            ("merged", "merged", plain),
+            ("keep+adapter", "keep", active),
+            ("keep, no adapter", "keep", plain),
+        ):
+            ys, ms = {}, {}
+            for p in dict.fromkeys((dev, "cpu")):
+                ys[p], ms[p] = timed(session(m[graph], p), feeds, ro, args.runs)
+                out[name, p] = ys[p]
+            abs_err, rel_err = errors(ys[dev], ys["cpu"])
+            rows.append((name, abs_err, rel_err, ms[dev], ms["cpu"]))
+        scale = float(np.abs(out["merged", "cpu"]).max())
+        tol = args.atol + args.rtol * scale
+        print()
+        print(f"| graph | max abs err {dev} vs cpu | max rel err | {dev} ms | cpu ms |")
+        print("|---|---|---|---|---|")
+        for name, a, r, t_dev, t_cpu in rows:
+            print(f"| {name} | {a:.3e} | {r:.3e} | {t_dev:.3f} | {t_cpu:.3f} |")
+            if not a <= tol:
+                bad.append(f"{name}: {dev} vs cpu max abs err {a:.3e} > {tol:.3e}")
+        print()
+        for p in dict.fromkeys((dev, "cpu")):
+            a, r = errors(out["keep+adapter", p], out["merged", p])
+            print(f"{p}: keep+adapter vs merged max abs err {a:.3e}, max rel err {r:.3e}")
+            if not a <= tol:
+                bad.append(f"{p}: keep+adapter vs merged max abs err {a:.3e} > {tol:.3e}")
+            a, _ = errors(out["keep, no adapter", p], out["base", p])
+            print(f"{p}: keep without adapter vs base max abs err {a:.3e}")
+            if not a <= tol:
+                bad.append(f"{p}: keep without adapter vs base max abs err {a:.3e} > {tol:.3e}")
+        effect, _ = errors(out["merged", "cpu"], out["base", "cpu"])
+        if effect <= tol:
+            bad.append(f"the adapter changes the output by only {effect:.3e}: not a test")
+        print(f"activating the adapter (Load + add_active_adapter): {activate_ms:.3f} ms")
+    if bad:
+        print("check_cuda: FAILED\n  " + "\n  ".join(bad))
+        return 1
+    print("check_cuda: OK")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
