@@ -316,8 +316,15 @@ def test_bert_case_shape(arch_cases):
 
 
 def test_qwen2_bias_cases_move_biases(arch_cases):
-    for name in ("qwen2_lora_bias", "qwen2_bias_lora_only"):
+    saved_bias = {
+        "qwen2_lora_bias": ".lora_B.bias",
+        "qwen2_bias_lora_only": "_proj.base_layer.bias",
+    }
+    for name, suffix in saved_bias.items():
         case, _ = arch_cases(name)
+        assert sum(k.endswith(suffix) for k in case.adapter_tensors) == 6, sorted(
+            case.adapter_tensors
+        )
         base = case.base_tensors
         for i in (0, 1):
             for p in ("q_proj", "k_proj", "v_proj"):
