@@ -10,9 +10,10 @@ and GPT-2 (Conv1D, tied head), each exported by torch three ways:
 
 Every arch x mode gets plain LoRA (merged and keep-lora with default slots, run by onnxruntime's
 CPU provider); the variants (rsLoRA on every arch; DoRA, lora_bias, trainable tokens, PiSSA and
-OLoRA on Qwen2 / Llama) run on the ``ts`` graphs only, to keep the matrix cheap. The hot-swap
-scenario runs one session over an ``--empty-slots`` export: base, adapter A, adapter B (subset
-of A's targets, other rank), base again.
+OLoRA on Qwen2 / Llama) run on the ``ts`` graphs, and Qwen2's on all three. lora_bias on a
+module without a base bias (Qwen2's o_proj) is refused, as PEFT cannot merge it either. The
+hot-swap scenario runs one session over an ``--empty-slots`` export: base, adapter A, adapter B
+(subset of A's targets, other rank), base again.
 
 References come from torch/PEFT only (reloaded from disk), never from loracc. The CLI refusals
 (unbound module, pack without slot, shape mismatch) are corpus cases of ``test_bad_inputs.py``
@@ -22,6 +23,7 @@ References come from torch/PEFT only (reloaded from disk), never from loracc. Th
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -201,6 +203,7 @@ class ArchCase:
     base_logits: torch.Tensor
     peft_logits: torch.Tensor
     disabled_logits: torch.Tensor  # the PeftModel with its adapters disabled
+    sites: dict[str, dict[str, Any]]  # PEFT's LoRA layers (po._peft_sites)
 
 
 class Cases:
@@ -252,9 +255,11 @@ class Cases:
                 peft_logits = _forward(ref, arch, inputs)
                 with ref.disable_adapter():
                     disabled = _forward(ref, arch, inputs)
+                sites = po._peft_sites(ref)
             self._cases[key] = ArchCase(
-                arch, variant, base_dir, adapter_dir, inputs, base_logits, peft_logits, disabled
-            )
+                arch, variant, base_dir, adapter_dir, inputs, base_logits, peft_logits, disabled,
+                sites,
+            )  # fmt: skip
         return self._cases[key]
 
     def onnx_base(self, arch: str, mode: str) -> Path:
@@ -300,8 +305,11 @@ class Cases:
 
 
 @pytest.fixture(scope="session")
-def cases(tmp_path_factory: pytest.TempPathFactory) -> Cases:
-    return Cases(tmp_path_factory)
+def cases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cases]:
+    yield Cases(tmp_path_factory)
+    # the largest errors seen (pytest -s shows them)
+    for what, err in sorted(MAX_ERR.items(), key=lambda kv: -kv[1])[:5]:
+        print(f"\nmax abs err {err:.3g}: {what}", end="")
 
 
 class _Feed:
@@ -357,6 +365,13 @@ MATRIX = [(a, m, "lora") for a in ARCHS for m in MODES] + [
     for arch in ARCHS
     if arch in VARIANTS[v]
 ]
+# Qwen2's variants on the other two graphs too: biases are an Add after the MatMul (dynamo) or
+# a parameter behind a Transpose (no folding), and the embedding is Gather either way
+MATRIX += [
+    ("qwen2", m, v)
+    for m in ("ts_nofold", "dyn")
+    for v in ("dora", "lora_bias", "trainable_tokens", "pissa", "olora")
+]
 
 
 @pytest.mark.parametrize("arch,mode,variant", MATRIX, ids=["-".join(t) for t in MATRIX])
@@ -364,9 +379,16 @@ def test_export_matches_unmerged_peft(cases: Cases, arch: str, mode: str, varian
     case = cases.case(arch, variant)
     _assert_effect(case)
     merged, report = cases.export(arch, mode, variant)
-    assert report.bindings, "nothing bound"
+    bound = {b["module"]: b for b in report.bindings}
+    assert set(case.sites) <= set(bound), sorted(set(case.sites) - set(bound))
+    assert {bound[m]["how"] for m in case.sites} == {"scope"}  # the graph's names, no fallback
+    if arch == "vit":
+        assert bound["vit.embeddings.patch_embeddings.projection"]["op"] == "Conv"
     _check(_run(merged, case), case.peft_logits, f"{arch}/{mode}/{variant} merged")
     kept, _ = cases.export(arch, mode, variant, keep_lora=True)
+    slots = {i.name for i in session(kept).get_overridable_initializers()}
+    for module in case.sites:
+        assert {f"{module}.lora_A.weight", f"{module}.lora_B.weight"} <= slots, module
     _check(_run(kept, case), case.peft_logits, f"{arch}/{mode}/{variant} keep-lora")
 
 
@@ -384,6 +406,16 @@ def test_hot_swap_one_session(cases: Cases, tmp_path: Path) -> None:
     file_a = Path(report.adapter_files[0]["file"])
     file_b = tmp_path / "b.onnx_adapter"
     loracc.pack(out, b.adapter_dir, file_b)
+    import onnxruntime as ort
+
+    ranks = {
+        k.removesuffix(".lora_A.weight"): v.shape()[1]
+        for k, v in ort.AdapterFormat.read_adapter(str(file_b)).get_parameters().items()
+        if k.endswith(".lora_A.weight")
+    }
+    assert set(ranks) == set(a.sites)  # every slot is named, the untargeted ones at rank 0
+    assert {m for m, r in ranks.items() if r} == set(b.sites)
+    assert set(ranks.values()) == {0, 2}
     sess = session(out)
     _check(_run(sess, a), a.disabled_logits, "hot-swap plain (before)")
     _check(_run(sess, a, file_a), a.peft_logits, "hot-swap A")
@@ -402,9 +434,3 @@ def test_lora_bias_without_base_bias_is_refused(cases: Cases, tmp_path: Path) ->
         with pytest.raises(LoweringError, match=r"model\.layers\.0\.self_attn\.o_proj: lora_bias"):
             loracc.export_onnx(base, case.adapter_dir, tmp_path / "x.onnx", keep_lora=keep)
     assert list(tmp_path.iterdir()) == []
-
-
-def test_zz_report_max_errors() -> None:
-    """Prints the largest errors seen (run with -s to read them)."""
-    for what, err in sorted(MAX_ERR.items(), key=lambda kv: -kv[1])[:10]:
-        print(f"{err:.3g}  {what}")
