@@ -392,6 +392,17 @@ def test_export_matches_unmerged_peft(cases: Cases, arch: str, mode: str, varian
     _check(_run(kept, case), case.peft_logits, f"{arch}/{mode}/{variant} keep-lora")
 
 
+@pytest.mark.parametrize("arch,mode", [(a, m) for a in ARCHS for m in MODES])
+def test_empty_slots_then_adapter_file(cases: Cases, arch: str, mode: str) -> None:
+    """--empty-slots on every arch x graph: the plain model is the base, the file is the adapter."""
+    case = cases.case(arch, "lora")
+    out, report = cases.export(arch, mode, "lora", keep_lora=True, empty_slots=True)
+    sess = session(out)
+    _check(_run(sess, case), case.disabled_logits, f"{arch}/{mode} empty slots vs base")
+    adapter = Path(report.adapter_files[0]["file"])
+    _check(_run(sess, case, adapter), case.peft_logits, f"{arch}/{mode} empty slots + file")
+
+
 def test_hot_swap_one_session(cases: Cases, tmp_path: Path) -> None:
     """Empty slots from adapter A (Qwen2, r=4, all projections); adapter B packed (r=2, a subset
     of A's modules). One session: plain = base, A, B, plain = base."""
