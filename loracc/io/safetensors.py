@@ -48,7 +48,6 @@ DTYPES: Mapping[str, torch.dtype] = {
 }
 _NAMES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
-_COPY_CHUNK = 64 * 1024 * 1024
 _MAP_MIN = 64 * 1024
 
 
@@ -240,15 +239,9 @@ class SafetensorsWriter:
         self._take(name, data.nbytes)
         _write_all(self._file, memoryview(data))
 
-    def copy_from(self, name: str, info: TensorInfo) -> None:
-        """Append the raw bytes of a tensor of another safetensors file, without decoding."""
-        self._take(name, info.nbytes)
-        with open(info.path, "rb") as src:
-            copy_range(src, self._file, info.offset, info.nbytes)
-
     # Random access: tensors filled by ``write_at``/``copy_into`` from any thread (positional
     # writes: the descriptor's position is not used), then ``commit``-ed in table order, which
-    # checks the order and moves the position past them for ``write``/``copy_from``.
+    # checks the order and moves the position past them for ``write``.
 
     def slot(self, name: str) -> tuple[int, int]:
         """(absolute file offset, byte size) of tensor ``name``'s data."""
@@ -300,30 +293,6 @@ class SafetensorsWriter:
             self._file.close()
             raise FormatError(f"writer: closed before tensor '{missing}' was written")
         self._file.close()
-
-
-def copy_range(src: BinaryIO, dst: BinaryIO, offset: int, nbytes: int) -> None:
-    """Copy ``nbytes`` from ``src`` at ``offset`` to the current position of ``dst``.
-
-    ``os.copy_file_range`` keeps the bytes in the kernel (and lets a copy-on-write filesystem
-    share extents); plain reads and writes are the fallback where it is not supported.
-    """
-    done = 0
-    try:
-        while done < nbytes:
-            n = os.copy_file_range(src.fileno(), dst.fileno(), nbytes - done, offset + done)
-            if n == 0:
-                break
-            done += n
-    except OSError:
-        pass
-    src.seek(offset + done)
-    while done < nbytes:
-        chunk = src.read(min(_COPY_CHUNK, nbytes - done))
-        if not chunk:
-            raise FormatError(f"{src.name}: file ended during copy; truncated?")
-        _write_all(dst, chunk)
-        done += len(chunk)
 
 
 _FALLBACK_CHUNK = 8 * 1024 * 1024
