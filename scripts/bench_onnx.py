@@ -45,8 +45,11 @@ import numpy as np
 GOALS = {"a": 1.01, "b": 1.05, "c": 1000.0}
 
 
-def build(work: Path, d: int, layers: int, tokens: int, rank: int) -> dict[str, Any]:
-    """Export the base, make the adapter with peft, write merged and keep-LoRA graphs."""
+def build(
+    work: Path, d: int, layers: int, tokens: int, rank: int, *, half: bool = False
+) -> dict[str, Any]:
+    """Export the base (fp16 with ``half``), make the adapter with peft, write merged and
+    keep-LoRA graphs. ``scripts/check_cuda.py`` builds its fp16 model here too."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -72,9 +75,11 @@ def build(work: Path, d: int, layers: int, tokens: int, rank: int) -> dict[str, 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            base, (x,), str(base_path), dynamo=False, opset_version=17,
-            input_names=["x"], output_names=["y"], do_constant_folding=True,
+            base.half() if half else base, (x.half() if half else x,), str(base_path),
+            dynamo=False, opset_version=17, input_names=["x"], output_names=["y"],
+            do_constant_folding=True,
         )  # fmt: skip
+    base.float()
     config = LoraConfig(
         r=rank,
         lora_alpha=2 * rank,
@@ -102,7 +107,7 @@ def build(work: Path, d: int, layers: int, tokens: int, rank: int) -> dict[str, 
         "merged": merged,
         "keep": keep,
         "adapter_file": adapter_file,
-        "x": x.numpy(),
+        "x": x.half().numpy() if half else x.numpy(),
         "y_peft": y_peft,
         "adapter_mib": adapter_file.stat().st_size / 2**20,
         "model_mib": base_path.stat().st_size / 2**20,

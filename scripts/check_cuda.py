@@ -29,11 +29,13 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_onnx import build
 
 PROVIDERS = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 
@@ -50,62 +52,6 @@ def cuda_problem() -> str | None:
         have = ", ".join(ort.get_available_providers())
         return f"this onnxruntime {ort.__version__} build has no CUDAExecutionProvider ({have})"
     return lort._cuda_reason(ort)
-
-
-def build(work: Path, d: int, layers: int, tokens: int, rank: int) -> dict[str, Any]:
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    import loracc
-
-    torch.manual_seed(0)
-
-    class Stack(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.layers = torch.nn.ModuleList(
-                torch.nn.Linear(d, d, bias=False) for _ in range(layers)
-            )
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            for layer in self.layers:
-                x = layer(x)
-            return x
-
-    model = Stack().eval()
-    x = torch.randn(1, tokens, d)
-    base = work / "base.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model.half(), (x.half(),), str(base), dynamo=False, opset_version=17,
-            input_names=["x"], output_names=["y"], do_constant_folding=True,
-        )  # fmt: skip
-    model.float()
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=2 * rank,
-        target_modules=[f"layers.{i}" for i in range(layers)],
-        init_lora_weights=False,
-    )
-    peft_model = get_peft_model(model, config)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.mul_(0.05)
-    adapter = work / "adapter"
-    peft_model.save_pretrained(str(adapter))
-    merged = work / "merged.onnx"
-    loracc.export_onnx(base, adapter, merged)
-    keep = work / "keep.onnx"
-    report = loracc.export_onnx(base, adapter, keep, keep_lora=True, empty_slots=True)
-    return {
-        "base": base,
-        "merged": merged,
-        "keep": keep,
-        "adapter_file": Path(report.adapter_files[0]["file"]),
-        "x": x.half().numpy(),
-    }
 
 
 def session(path: Path, provider: str) -> Any:
@@ -168,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[tuple[str, float, float, float, float]] = []
     bad = []
     with tempfile.TemporaryDirectory(prefix="check_cuda_") as tmp:
-        m = build(Path(tmp), args.dim, args.layers, args.tokens, args.rank)
+        m = build(Path(tmp), args.dim, args.layers, args.tokens, args.rank, half=True)
         feeds = {"x": m["x"]}
         t0 = time.perf_counter()
         active = run_options(m["adapter_file"])
