@@ -28,19 +28,7 @@ def _llama3() -> Any:
 def _qwen2_3() -> Any:
     from transformers import Qwen2Config
 
-    return Qwen2Config(
-        vocab_size=po.VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
+    return Qwen2Config(**{**po.TINY_DECODER, "num_hidden_layers": 3})
 
 
 po.ARCHS.setdefault("llama3", po.Arch("llama3", _llama3, "causal"))

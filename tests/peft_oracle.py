@@ -73,26 +73,29 @@ def seed_all(seed: int) -> None:
 # Tiny models
 
 
+# The sizes every tiny decoder (Llama, Qwen2, Mistral, ...) shares; callers override by keyword.
+TINY_DECODER: dict[str, Any] = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+
 def llama_config(*, tie: bool = False, num_labels: int | None = None) -> Any:
     from transformers import LlamaConfig
 
     kw: dict[str, Any] = {}
     if num_labels is not None:
         kw["num_labels"] = num_labels
-    return LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        **kw,
-    )
+    return LlamaConfig(**{**TINY_DECODER, "tie_word_embeddings": tie, **kw})
 
 
 def gpt2_config(*, tie: bool = True) -> Any:

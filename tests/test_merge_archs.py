@@ -50,31 +50,13 @@ def _bert_seqcls() -> Any:
 def _qwen2_bias() -> Any:
     from transformers import Qwen2Config
 
-    return Qwen2Config(
-        vocab_size=po.VOCAB,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        **_TINY,
-    )
+    return Qwen2Config(**po.TINY_DECODER)
 
 
 def _mistral() -> Any:
     from transformers import MistralConfig
 
-    return MistralConfig(
-        vocab_size=po.VOCAB,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        **_TINY,
-    )
+    return MistralConfig(**po.TINY_DECODER)
 
 
 def _vit() -> Any:
