@@ -32,6 +32,14 @@ def invoke(*args: str) -> Any:
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
+def record_seeded(model: Path, out: Path) -> Any:
+    """``golden record`` of the embedding model with seeded inputs of batch 2, sequence 6."""
+    return invoke(
+        "golden", "record", "--model", model, "--seed", 3,
+        "--dim", "batch=2", "--dim", "seq=6", "-o", out,
+    )  # fmt: skip
+
+
 def _save(model: Any, path: Path) -> Path:
     model.ir_version = 10  # onnx 1.23 writes IR 14; this onnxruntime reads <= 13
     onnx.save(model, str(path))
@@ -127,20 +135,7 @@ def embed(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
 def recorded(tmp_path: Path, embed: tuple[Path, dict[str, np.ndarray]]) -> Path:
     model, _ = embed
     golden = tmp_path / "golden.npz"
-    r = invoke(
-        "golden",
-        "record",
-        "--model",
-        model,
-        "--seed",
-        3,
-        "--dim",
-        "batch=2",
-        "--dim",
-        "seq=6",
-        "-o",
-        golden,
-    )
+    r = record_seeded(model, golden)
     assert r.exit_code == 0, r.output
     return golden
 
@@ -261,20 +256,7 @@ def test_bad_input_exits_2(tmp_path, embed, recorded):
         tmp_path / "g.npz",
     )
     assert r.exit_code == 2 and "--dim heads" in r.stderr
-    r = invoke(
-        "golden",
-        "record",
-        "--model",
-        model,
-        "--seed",
-        3,
-        "--dim",
-        "batch=2",
-        "--dim",
-        "seq=6",
-        "-o",
-        recorded,
-    )
+    r = record_seeded(model, recorded)
     assert r.exit_code == 2 and "--force" in r.stderr
     r = invoke("golden", "check", "--model", model, "--golden", tmp_path / "nope.npz")
     assert r.exit_code == 2 and "not found" in r.stderr
