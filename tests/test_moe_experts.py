@@ -7,6 +7,7 @@ is PEFT's unmerged forward on the fused model.
 
 from __future__ import annotations
 
+import peft_oracle as po
 import pytest
 import torch
 
@@ -20,16 +21,7 @@ peft = pytest.importorskip("peft")
 def moe(tmp_path_factory: pytest.TempPathFactory):
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("moe")
-    cfg = transformers.MixtralConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        num_local_experts=3,
-        num_experts_per_tok=2,
-    )
+    cfg = transformers.MixtralConfig(**po.TINY_DECODER, num_local_experts=3, num_experts_per_tok=2)
     model = transformers.MixtralForCausalLM(cfg)
     model.save_pretrained(d / "base")
     lora = peft.LoraConfig(

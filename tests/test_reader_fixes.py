@@ -28,15 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _tiny_llama(path: Path, *, vocab: int = 128):
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
+    cfg = transformers.LlamaConfig(**{**po.TINY_DECODER, "vocab_size": vocab})
     model = transformers.LlamaForCausalLM(cfg)
     model.save_pretrained(path)
     return model

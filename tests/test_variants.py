@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import peft_oracle as po
 import pytest
 import torch
 
@@ -13,15 +14,7 @@ peft = pytest.importorskip("peft")
 
 def _tiny_llama(path):
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    model = transformers.LlamaForCausalLM(cfg)
+    model = transformers.LlamaForCausalLM(po.llama_config())
     model.save_pretrained(path)
     return model
 
@@ -52,11 +45,7 @@ def test_bdlora_block_diagonal_factors_merge_like_the_forward(tmp_path) -> None:
 def test_embedding_lora_on_a_classifier_with_tie_flag_adds_no_lm_head(tmp_path) -> None:
     """A sequence classifier has no LM head, whatever tie_word_embeddings says: nothing to untie."""
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, num_labels=3, pad_token_id=0,
-        tie_word_embeddings=True,
-    )
+    cfg = po.llama_config(tie=True, num_labels=3)
     model = transformers.LlamaForSequenceClassification(cfg)
     model.save_pretrained(tmp_path / "base")
     lora = peft.LoraConfig(
@@ -87,7 +76,10 @@ def test_resized_tied_vocab_with_trainable_tokens_keeps_the_tie(tmp_path) -> Non
     with torch.no_grad():
         model.transformer.wte.weight[128:] = torch.randn(8, 32) * 0.02
     lora = peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["c_attn"], init_lora_weights=False,
+        r=4,
+        lora_alpha=8,
+        target_modules=["c_attn"],
+        init_lora_weights=False,
         trainable_token_indices=[3, 130],
     )
     pm = peft.get_peft_model(model, lora)
