@@ -17,7 +17,14 @@ from loracc.io.peft_writer import write_peft_adapter
 from loracc.ir import Adapter
 from loracc.lower.merge import MergeOptions, check_mergeable, merge_into, parse_size
 from loracc.passes import Pass, PassContext
-from loracc.pipeline import PipelineResult, convert_pipeline, merge_pipeline, run_pipeline
+from loracc.pipeline import (
+    PipelineResult,
+    convert_pipeline,
+    in_order,
+    merge_pipeline,
+    pipeline_spec,
+    run_pipeline,
+)
 from loracc.printer import print_ir
 
 __all__ = [
@@ -125,8 +132,10 @@ def merge(
 ) -> MergeReport:
     """Merge a PEFT adapter into a Hugging Face checkpoint, streaming one tensor at a time.
 
-    The output folder is written under a temporary name and renamed at the end; an existing
-    ``out_dir`` is refused unless ``force``.
+    ``passes`` are optional passes added to the required ones of :func:`merge_pipeline` (or
+    configuring them); the pipeline runs in the canonical order. The output folder is written
+    under a temporary name and renamed at the end; an existing ``out_dir`` is refused unless
+    ``force``.
     """
     out = Path(out_dir)
     options = MergeOptions(
@@ -143,7 +152,7 @@ def merge(
     )
     if adapter.refusals:  # decided by the config alone: refuse before any pass reads the base
         check_mergeable(adapter)
-    result = compile_adapter(adapter, base, passes, device=options.device)
+    result = compile_adapter(adapter, base, merge_pipeline(passes or ()), device=options.device)
     inputs = [Path(base_dir), Path(adapter_dir)] + (
         [Path(initial_adapter)] if initial_adapter else []
     )
@@ -241,26 +250,28 @@ def emit_ir(
     after_all: bool = False,
     device: str = "cpu",
 ) -> str:
-    """The printed IR after ``passes`` (default: the merge pipeline with a base, none without).
+    """The printed IR after the pipeline, under a ``// pipeline: <spec>`` line naming the passes
+    that ran.
 
-    With ``after_all`` the input and the IR after every pass are printed, each under a
-    ``// <pass>`` header.
+    With a base that is the merge pipeline with ``passes`` added (the IR a merge lowers); without
+    one nothing is lowered, so only ``passes`` run (in the canonical order). With ``after_all``
+    the input and the IR after every pass are printed, each under a ``// <pass>`` header.
     """
     base = Checkpoint(base_dir) if base_dir is not None else None
     adapter = _load_adapter(Path(adapter_dir), base, initial=initial_adapter)
-    if passes is None:
-        passes = merge_pipeline() if base is not None else []
+    pipeline = merge_pipeline(passes or ()) if base is not None else in_order([], passes or ())
     dumps = [("input", print_ir(adapter))] if after_all else []
     result = run_pipeline(
         adapter,
-        passes,
+        pipeline,
         PassContext(base=base, device=_device(device)),
         check=True,
         after=(lambda name, a: dumps.append((name, print_ir(a)))) if after_all else None,
     )
+    head = f"// pipeline: {pipeline_spec(pipeline) or '(none)'}\n"
     if not after_all:
-        return print_ir(result.adapter)
-    return "".join(f"// {name}\n{text}" for name, text in dumps)
+        return head + print_ir(result.adapter)
+    return head + "".join(f"// {name}\n{text}" for name, text in dumps)
 
 
 @dataclass

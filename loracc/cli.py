@@ -49,6 +49,50 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
+class RepeatedOptionError(click.UsageError):
+    """An option that takes one value was given more than once (exit 2, one line)."""
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"loracc: error: {self.format_message()}", err=True)
+
+
+def _repeatable(option: click.Option) -> bool:
+    """Whether giving ``option`` twice is meaningful or harmless: lists, counters, plain flags."""
+    plain_flag = option.is_flag and not option.secondary_opts
+    return option.multiple or option.count or plain_flag
+
+
+class OnceCommand(click.Command):
+    """A command whose single-valued options may be given once.
+
+    click keeps the last value of a repeated option, so ``merge --adapter A --adapter B`` would
+    merge B alone with exit 0. Every loracc command refuses that instead (lists, counters and plain
+    flags excepted), so no option can silently lose a value.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not ctx.resilient_parsing:
+            _, _, order = self.make_parser(ctx).parse_args(args=list(args))
+            for param in dict.fromkeys(order):
+                times = order.count(param)
+                if isinstance(param, click.Option) and times > 1 and not _repeatable(param):
+                    raise RepeatedOptionError(
+                        f"{ctx.command_path.split(' ', 1)[-1]}: "
+                        f"{'/'.join(param.opts + param.secondary_opts)} "
+                        f"given {times} times; it takes one value and loracc will not keep only "
+                        "the last",
+                        ctx,
+                    )
+        return super().parse_args(ctx, args)
+
+
+class LoraccGroup(click.Group):
+    """A group whose commands (and sub-groups' commands) are :class:`OnceCommand`."""
+
+    command_class = OnceCommand
+    group_class = type  # sub-groups are LoraccGroups too
+
+
 def _emit(data: dict[str, Any], as_json: bool, text: Callable[[dict[str, Any]], str]) -> None:
     click.echo(json.dumps(data, indent=2, default=str) if as_json else text(data))
 
@@ -79,8 +123,9 @@ def passes_option(default: str) -> Callable[[Callable[..., Any]], Callable[..., 
         "--passes",
         "passes_spec",
         default=None,
-        help="Passes to run instead of the default, e.g. "
-        f"'untie-embeddings,truncate-rank{{rank=8}}' (default: {default}).",
+        help="Optional passes to add, or required ones to configure, e.g. "
+        "'truncate-rank{rank=8}'; the required passes always run and everything runs in the "
+        f"canonical order (docs/PASSES.md) (default: {default}).",
     )
 
 
@@ -111,7 +156,7 @@ def _binding_lines(bindings: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LoraccGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @click.version_option(package_name="loracc")
 def main(debug: bool) -> None:
@@ -140,7 +185,7 @@ def main(debug: bool) -> None:
     help="Threads reading, computing and writing tensors [default: min(4, cores)].",
 )
 @initial_adapter_option
-@passes_option("the merge pipeline")
+@passes_option("the required merge passes")
 @allow_nonfinite_option
 @json_option
 @_guard
@@ -241,7 +286,7 @@ def _convert_text(r: dict[str, Any]) -> str:
 @adapter_option
 @click.option("--base", "base_dir", type=click.Path(), default=None, help="Base HF folder.")
 @initial_adapter_option
-@passes_option("the merge pipeline with --base, none without")
+@passes_option("the required merge passes with --base, none without")
 @click.option(
     "--emit",
     type=click.Choice(["ir"]),

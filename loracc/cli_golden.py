@@ -13,7 +13,15 @@ import click
 
 from loracc import golden as golden_lib
 from loracc import runner
-from loracc.cli import _emit, _guard, _note_lines, force_option, json_option
+from loracc.cli import (
+    LoraccGroup,
+    OnceCommand,
+    _emit,
+    _guard,
+    _note_lines,
+    force_option,
+    json_option,
+)
 
 __all__ = ["golden", "run"]
 
@@ -32,7 +40,7 @@ providers_option = click.option(
 )
 
 
-@click.group()
+@click.group(cls=LoraccGroup)
 def golden() -> None:
     """Record a compiled artifact's outputs and check them later (regression tests in CI)."""
 
@@ -145,7 +153,7 @@ def check(
     sys.exit(0 if report.passed else 1)
 
 
-@click.command("run")
+@click.command("run", cls=OnceCommand)
 @click.option("--model", required=True, type=click.Path(), help="ONNX model (file or folder).")
 @onnx_adapter_option
 @click.option("--inputs", required=True, type=click.Path(), help="Inputs as an .npz file.")

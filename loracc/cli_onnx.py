@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from loracc.cli import (
+    OnceCommand,
     _binding_lines,
     _emit,
     _guard,
@@ -32,7 +33,7 @@ base_weights_option = click.option(
 )
 
 
-@click.command()
+@click.command(cls=OnceCommand)
 @click.option("--onnx", "onnx_flag", is_flag=True, help="Export to ONNX (the only target so far).")
 @click.option("--base", "base_onnx", required=True, type=click.Path(), help="Base model ONNX file.")
 @click.option(
@@ -128,7 +129,7 @@ def _export_text(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@click.command()
+@click.command(cls=OnceCommand)
 @click.option(
     "--model", "model", required=True, type=click.Path(), help="ONNX model with adapter slots."
 )

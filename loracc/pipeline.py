@@ -1,16 +1,24 @@
-"""The pass order, written once.
+"""The pass order, written once, and the pipelines built from it.
 
-``merge_pipeline`` is what ``loracc merge`` and the ONNX lowerings run before lowering; the order
-matters: layer replication renames targets before anything reads the base for them, residual
-reconstruction needs the original base weights, untying must see the final targets, DoRA's norm
-needs the final delta.
+Every pipeline runs its passes in :data:`ORDER`. The order matters: layer replication renames
+targets before anything reads the base for them; residual reconstruction needs the original base
+weights; untying must see the final targets and decides on the factors as saved; truncation needs
+plain (reconstructed) factors and runs before DoRA's norm, which needs the final delta; folding the
+scale into B comes last.
+
+Each pipeline has required passes, those its output needs to be correct, and takes optional ones
+(``--passes``): the user's passes are added to the required ones, or configure them, and the
+result runs in :data:`ORDER`. A spec cannot drop a required pass, and one that lists passes out of
+:data:`ORDER` or names a pass twice is refused rather than reordered.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from itertools import pairwise
 
+from loracc.errors import ConfigError
 from loracc.ir import Adapter
 from loracc.passes import Pass, PassContext, PassResult
 from loracc.passes.expand_layer_replication import ExpandLayerReplication
@@ -21,17 +29,56 @@ from loracc.passes.truncate_rank import TruncateRank
 from loracc.passes.untie_embeddings import UntieEmbeddings
 from loracc.verify import verify
 
-__all__ = ["PipelineResult", "convert_pipeline", "merge_pipeline", "run_pipeline"]
+__all__ = [
+    "MERGE_REQUIRED",
+    "ORDER",
+    "PipelineResult",
+    "convert_pipeline",
+    "in_order",
+    "merge_pipeline",
+    "pipeline_spec",
+    "run_pipeline",
+]
+
+ORDER: tuple[type[Pass], ...] = (
+    ExpandLayerReplication,
+    ReconstructResidual,
+    UntieEmbeddings,
+    TruncateRank,
+    FoldDora,
+    FoldScaling,
+)
+
+# What every lowering of a merged model needs: without one of them the merged tensors are wrong
+# (or the lowering cannot place an edit) for the adapters that use the feature.
+MERGE_REQUIRED: tuple[type[Pass], ...] = (
+    ExpandLayerReplication,
+    ReconstructResidual,
+    UntieEmbeddings,
+    FoldDora,
+)
 
 
-def merge_pipeline() -> list[Pass]:
-    """The passes every lowering runs, in order."""
-    return [
-        ExpandLayerReplication(),
-        ReconstructResidual(),
-        UntieEmbeddings(),
-        FoldDora(),
-    ]
+def in_order(required: Sequence[Pass], requested: Sequence[Pass]) -> list[Pass]:
+    """``required`` with ``requested`` added (a requested pass configures a required one of its
+    kind), in :data:`ORDER`; a requested list out of that order or with a pass twice is refused."""
+    names = [p.name for p in requested]
+    for name in dict.fromkeys(names):
+        if names.count(name) > 1:
+            raise ConfigError(f"--passes: '{name}' is given {names.count(name)} times")
+    for before, after in pairwise(requested):
+        if ORDER.index(type(before)) > ORDER.index(type(after)):
+            raise ConfigError(
+                f"--passes: '{before.name}' is listed before '{after.name}', but passes always "
+                f"run in the order {', '.join(cls.name for cls in ORDER)}; list them in that order"
+            )
+    chosen = {type(p): p for p in required} | {type(p): p for p in requested}
+    return [chosen[cls] for cls in ORDER if cls in chosen]
+
+
+def merge_pipeline(requested: Sequence[Pass] = ()) -> list[Pass]:
+    """The passes every lowering runs (:data:`MERGE_REQUIRED`), plus ``requested``, in order."""
+    return in_order([cls() for cls in MERGE_REQUIRED], requested)
 
 
 def convert_pipeline(
@@ -43,12 +90,15 @@ def convert_pipeline(
     tensors; the written adapter keeps ``layer_replication`` and peft replicates again when it
     loads it. Truncation sees the reconstructed rank-2r delta; the scale is folded last.
     """
-    passes: list[Pass] = [ExpandLayerReplication()] if base else []
-    passes.append(ReconstructResidual())
-    if rank is not None or energy is not None:
-        passes.append(TruncateRank(rank=rank, energy=energy))
-    passes.append(FoldScaling())
-    return passes
+    required: list[Pass] = [ExpandLayerReplication()] if base else []
+    required += [ReconstructResidual(), FoldScaling()]
+    truncate = [TruncateRank(rank=rank, energy=energy)] if (rank, energy) != (None, None) else []
+    return in_order(required, truncate)
+
+
+def pipeline_spec(passes: Sequence[Pass]) -> str:
+    """``passes`` as a pipeline string, options included (what ``compile --emit ir`` shows)."""
+    return ",".join(p.spec() for p in passes)
 
 
 @dataclass(frozen=True, slots=True)

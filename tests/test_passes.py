@@ -304,7 +304,7 @@ def test_truncate_at_full_rank_is_exact(peft_cases, tmp_path):
     out = _merge(
         (case.base_dir, case.adapter_dir),
         tmp_path / "out",
-        passes=parse_pipeline("truncate-rank{rank=8},untie-embeddings"),
+        passes=parse_pipeline("truncate-rank{rank=8}"),
     )
     _assert_like_peft_merge(case, out, exact=True)
 
@@ -358,7 +358,14 @@ def test_compile_emit_ir_cli(peft_cases):
     steps = CliRunner().invoke(main, [*args, "--passes", spec, "--print-after-all"])
     assert steps.exit_code == 0, steps.output
     headers = [line for line in steps.output.splitlines() if line.startswith("// ")]
-    assert headers == ["// input", "// expand-layer-replication", "// truncate-rank{rank=2}"]
+    ran = [
+        "expand-layer-replication",
+        "reconstruct-residual",
+        "untie-embeddings",
+        "truncate-rank{rank=2}",
+        "fold-dora",
+    ]  # --passes adds to the required passes (tests/test_pipeline_required.py)
+    assert headers == [f"// pipeline: {','.join(ran)}", "// input", *(f"// {p}" for p in ran)]
     assert "rank=2 " in steps.output.split("// truncate-rank{rank=2}")[1]
     bad = CliRunner().invoke(main, [*args, "--passes", "no-such-pass"])
     assert bad.exit_code == 2 and "unknown pass" in bad.output

@@ -25,6 +25,7 @@ from loracc.io.peft_config import (
     KNOWN_PEFT,
     LoraConfig,
     is_targeted,
+    pattern_overlap_notes,
     read_config,
     resolve_pattern,
 )
@@ -322,6 +323,7 @@ class _Reader:
 
     def scale_for(self, name: str, rank: int) -> tuple[float, float]:
         alpha = float(resolve_pattern(self.cfg["alpha_pattern"], name, self.cfg["lora_alpha"]))
+        self.notes += pattern_overlap_notes(self.cfg, name, rank)
         scale = alpha / math.sqrt(rank) if self.cfg["use_rslora"] else alpha / rank
         return alpha, scale
 

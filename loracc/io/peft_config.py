@@ -23,6 +23,7 @@ __all__ = [
     "LoraConfig",
     "is_targeted",
     "layer_index",
+    "pattern_overlap_notes",
     "read_config",
     "resolve_pattern",
 ]
@@ -266,6 +267,44 @@ def resolve_pattern(patterns: Mapping[str, Any] | None, name: str, default: Any)
         if re.match(rf"(.*\.)?({key})$", name):
             return value
     return default
+
+
+def matching_pattern_keys(patterns: Mapping[str, Any] | None, name: str) -> list[str]:
+    """Every key of ``patterns`` that matches ``name``, in file order (peft uses the first)."""
+    return [key for key in patterns or {} if resolve_pattern({key: True}, name, False)]
+
+
+def pattern_overlap_notes(cfg: LoraConfig, name: str, rank: int) -> list[str]:
+    """A note for each of rank_pattern / alpha_pattern where several keys with different values
+    match module ``name``.
+
+    peft takes the first matching key in its config's key order. At training that is the order
+    the user wrote; ``save_pretrained`` writes the keys sorted and a reload follows the file, so
+    the reload (and loracc, which follows the file as peft does) may pick another key than
+    training did. The rank is read from the tensor shapes and is the trained one regardless; the
+    trained alpha is not recorded anywhere in the file.
+    """
+    notes = []
+    for field_name in ("rank_pattern", "alpha_pattern"):
+        patterns = cfg[field_name] or {}
+        keys = matching_pattern_keys(patterns, name)
+        if len({patterns[k] for k in keys}) < 2:
+            continue
+        listed = ", ".join(f"'{k}' ({patterns[k]})" for k in keys)
+        head = f"{name}: {field_name} keys {listed} all match"
+        if field_name == "rank_pattern":
+            notes.append(
+                f"{head}; rank {rank} is read from the tensor shapes (the trained rank), "
+                f"whatever the key order; peft's reload takes '{keys[0]}' ({patterns[keys[0]]})"
+            )
+        else:
+            notes.append(
+                f"{head}; lora_alpha {patterns[keys[0]]} from '{keys[0]}' is used, the first in "
+                "the file, as peft's reload picks it; training picked the first in the order the "
+                "keys were written then, which peft does not save (it writes them sorted), so "
+                "the trained alpha cannot be known from the file"
+            )
+    return notes
 
 
 def layer_index(name: str, layers_pattern: str | list[str] | None) -> int | None:
