@@ -76,7 +76,8 @@ def compile_adapter(
     device: str = "cpu",
     check: bool = False,
 ) -> PipelineResult:
-    """Run the merge pipeline (or ``passes``) over ``adapter``."""
+    """Run the merge pipeline over ``adapter``, or exactly ``passes`` (nothing added: a lowering
+    takes ``merge_pipeline(extra)``, which keeps the required passes)."""
     ctx = PassContext(base=base, device=device)
     check = check or os.environ.get("LORACC_VERIFY") == "1"
     return run_pipeline(adapter, merge_pipeline() if passes is None else passes, ctx, check=check)

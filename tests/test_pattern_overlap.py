@@ -169,3 +169,17 @@ def test_overlapping_rank_keys_say_the_rank_comes_from_the_shapes(tmp_path):
     assert note.startswith("blk.lin0: rank_pattern keys 'blk.lin0' (1), 'lin0' (2) all match")
     assert "rank 2 is read from the tensor shapes" in note
     assert "peft's reload takes 'blk.lin0' (1)" in note
+
+
+def test_export_carries_the_note(overlap, tmp_path):
+    pytest.importorskip("onnx")
+    onnx_path = tmp_path / "base.onnx"
+    torch.onnx.export(
+        _base(overlap["base"]), (torch.randn(2, 6),), str(onnx_path), dynamo=False, opset_version=17
+    )
+    args = ["export", "--onnx", "--base", str(onnx_path), "--adapter", str(overlap["adapter"])]
+    res = CliRunner().invoke(main, [*args, "--dry-run", "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    assert sorted(b["module"] for b in report["bindings"]) == ["blk.lin0", "lin0"]
+    _check_alpha_note(_one_note(report["notes"], "alpha_pattern"))
