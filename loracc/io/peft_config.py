@@ -269,7 +269,7 @@ def resolve_pattern(patterns: Mapping[str, Any] | None, name: str, default: Any)
     return default
 
 
-def matching_pattern_keys(patterns: Mapping[str, Any] | None, name: str) -> list[str]:
+def _matching_pattern_keys(patterns: Mapping[str, Any] | None, name: str) -> list[str]:
     """Every key of ``patterns`` that matches ``name``, in file order (peft uses the first)."""
     return [key for key in patterns or {} if resolve_pattern({key: True}, name, False)]
 
@@ -287,7 +287,7 @@ def pattern_overlap_notes(cfg: LoraConfig, name: str, rank: int) -> list[str]:
     notes = []
     for field_name in ("rank_pattern", "alpha_pattern"):
         patterns = cfg[field_name] or {}
-        keys = matching_pattern_keys(patterns, name)
+        keys = _matching_pattern_keys(patterns, name)
         if len({patterns[k] for k in keys}) < 2:
             continue
         listed = ", ".join(f"'{k}' ({patterns[k]})" for k in keys)
