@@ -43,9 +43,12 @@ def site_delta(
     if kind in (SiteKind.CONV1D, SiteKind.EMBEDDING):
         return (B @ A).T * s
     if kind is SiteKind.CONV:
-        if A.shape[2:] == (1,) * (A.dim() - 2):
-            core = B.flatten(1) @ A.flatten(1)
-            return core.reshape(core.shape + (1,) * (A.dim() - 2)) * s
+        # peft's _ConvNd.get_delta_weight takes the matmul shortcut when the weight's
+        # shape[2:4] == (1, 1): only Conv2d 1x1 gets there (on Conv3d (1, 1, k) that shortcut
+        # crashes, so peft's merge has no result to match). Every other kernel, Conv1d's (1,)
+        # included, goes through the conv, whose rounding differs from the matmul's.
+        if A.shape[2:] == (1, 1):
+            return (B.flatten(1) @ A.flatten(1))[:, :, None, None] * s
         return _CONV[A.dim()](A.transpose(0, 1), B).transpose(0, 1) * s
     if kind is SiteKind.PARAMETER:
         if not site.experts:

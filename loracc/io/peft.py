@@ -15,6 +15,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
+from typing import NoReturn
 
 import torch
 
@@ -339,6 +340,10 @@ class _Reader:
             kind = SiteKind.LINEAR
         A, B = self.expand_block_diagonal(module, A, B)
         rank = A.shape[0]
+        # peft gives lora_B the base's groups: (out, r/groups, 1, ...)
+        grouped = kind is SiteKind.CONV and B.dim() == A.dim() and 0 < B.shape[1] < rank
+        if grouped and rank % B.shape[1] == 0:
+            self._refuse_grouped(key, rank // B.shape[1])
         if A.dim() < 2 or B.dim() != A.dim() or B.shape[1] != rank:
             raise FormatError(
                 f"{self.where(key)}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not "
@@ -362,11 +367,9 @@ class _Reader:
                 expected = expected[::-1]
             if kind is SiteKind.CONV and tuple(shape[2:]) != tuple(A.shape[2:]):
                 raise FormatError(f"{self.where(key)}: kernel {tuple(A.shape[2:])}, base {shape}")
-            if kind is SiteKind.CONV and shape[1] != A.shape[1]:
-                raise UnsupportedError(
-                    f"{self.where(key)}: base conv '{target}' has groups > 1; its LoRA delta has "
-                    "no merged form with the base's groups (peft refuses this merge too)"
-                )
+            grouped = kind is SiteKind.CONV and 0 < shape[1] < A.shape[1]
+            if grouped and A.shape[1] % shape[1] == 0:  # the base is (out, in/groups, *k)
+                self._refuse_grouped(key, A.shape[1] // shape[1])
             if tuple(shape[:2]) != expected[:2]:
                 raise FormatError(
                     f"{self.where(key)}: factors give {expected[:2]}, base '{target}' is {shape}"
@@ -410,6 +413,16 @@ class _Reader:
             bias_target=bias_target,
             magnitude=magnitude,
             init=self.cfg.init,
+        )
+
+    def _refuse_grouped(self, key: str, groups: int) -> NoReturn:
+        """peft's LoRA branch of a grouped conv reads every input channel (lora_A is not grouped),
+        so its delta is not a grouped kernel and the base's (out, in/groups, *k) weight cannot
+        hold it; peft's _ConvNd.merge raises for groups > 1."""
+        raise UnsupportedError(
+            f"{self.where(key)}: grouped convolution (groups={groups}) is not supported by "
+            "PEFT's merge either: the LoRA branch mixes all input channels, which the grouped "
+            "base weight cannot hold"
         )
 
     def _check_qalora(self, module: str, key: str, A: torch.Tensor, B: torch.Tensor) -> None:
