@@ -35,6 +35,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from onnx import numpy_helper
+from peft.tuners.lora.config import KasaConfig
 
 import loracc
 from loracc.errors import LoweringError, UnsupportedError
@@ -74,6 +75,11 @@ SPECS = {
     "llama_olora": po.CaseSpec(
         "llama",
         dict(r=4, lora_alpha=8, init_lora_weights="olora", target_modules=["v_proj", "up_proj"]),
+    ),
+    # KaSA: lora_diag between the factors, the base truncated by its r smallest singular values.
+    "llama_kasa": po.CaseSpec(
+        "llama",
+        dict(r=4, lora_alpha=8, kasa_config=KasaConfig(), target_modules=["q_proj", "down_proj"]),
     ),
 }
 
@@ -545,9 +551,9 @@ def test_dora_conv_and_gemm_bias(oc: OnnxCases, tmp_path: Path) -> None:
     assert_close(run(empty, case, empty.with_name("out.onnx_adapter")), case.peft_logits, "act.")
 
 
-@pytest.mark.parametrize("name", ["llama_pissa", "llama_olora"])
+@pytest.mark.parametrize("name", ["llama_pissa", "llama_olora", "llama_kasa"])
 def test_residual_inits_rank_2r(oc: OnnxCases, name: str) -> None:
-    """PiSSA/OLoRA adapters apply to the residual base; on the original ONNX base they become
+    """PiSSA/OLoRA/KaSA adapters apply to a residual base; on the original ONNX base they become
     plain LoRA of rank 2r (reconstruct-residual reads the ONNX weights)."""
     case = oc.case(name)
     assert_effect(case)

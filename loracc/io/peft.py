@@ -31,13 +31,15 @@ from loracc.io.peft_config import (
     resolve_pattern,
 )
 from loracc.io.replicated import ReplicatedCheckpoint
-from loracc.ir import Adapter, Replacement, Site, SiteKind, TokenRows
+from loracc.ir import PLAIN_INITS, Adapter, Replacement, Site, SiteKind, TokenRows
 
 __all__ = ["CONV1D_MODEL_TYPES", "adapter_files", "load_adapter"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
+# peft's MultiheadAttention wrapper saves its out_proj's factors under this suffix of its own path
+_MHA_OUT_PROJ = ".base_layer.out_proj"
 
 # Architectures whose c_attn/c_proj/c_fc/q_attn layers are transformers' Conv1D (stored in, out).
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"})
@@ -49,6 +51,7 @@ _KEY = re.compile(
     r"|lora_B\.(?P<bias>bias)"
     r"|lora_embedding_(?P<emb>[AB])"
     r"|(?P<mag>lora_magnitude_vector)(?:\.weight)?"
+    r"|(?P<diag>lora_diag)"
     r"|token_adapter\.(?P<tok>trainable_tokens_delta)"
     r"|(?P<extra>lora_velora_embed|lora_monteclora_sampler\..+)"
     r")$"
@@ -82,6 +85,7 @@ class _Group:
     B: torch.Tensor | None = None
     bias: torch.Tensor | None = None
     magnitude: torch.Tensor | None = None
+    diag: torch.Tensor | None = None  # KaSA's singular values, between lora_A and lora_B
     embedding: bool = False
     keys: list[str] = field(default_factory=list)
 
@@ -211,6 +215,8 @@ class _Reader:
                     g.embedding = g.embedding or bool(m["emb"])
                 elif m["bias"]:
                     g.bias = tensor
+                elif m["diag"]:
+                    g.diag = tensor
                 else:
                     g.magnitude = tensor
         # A resized embedding (or head) saved whole gives its target's new shape.
@@ -302,6 +308,9 @@ class _Reader:
                 raise FormatError(
                     f"{self.weights}: module '{raw}' has {present} but not both factors"
                 )
+            attention = raw.removesuffix(_MHA_OUT_PROJ)
+            if attention != raw and attention in groups:  # peft's MultiheadAttention wrapper
+                self._refuse_mha(groups[attention].keys[0], attention)
             by_owner[raw.replace(".base_layer", "")].append((raw, g))
         self.out_dims = {g.B.shape[0] for g in groups.values() if g.B is not None and g.B.dim()}
         sites: list[Site] = []
@@ -357,10 +366,7 @@ class _Reader:
             shape = self._shape(target)
             if shape is None:
                 if f"{module}.in_proj_weight" in self.base:
-                    raise UnsupportedError(
-                        f"{self.where(key)}: LoRA on nn.MultiheadAttention '{module}' is not "
-                        "supported (peft applies its out_proj delta twice)"
-                    )
+                    self._refuse_mha(key, module)
                 raise FormatError(f"{self.where(key)}: the base has no tensor '{target}'")
             kind = self._decide_kind(module, kind, shape, expected, key)
             if kind is SiteKind.CONV1D:
@@ -381,6 +387,9 @@ class _Reader:
         if self.cfg["use_qalora"] and kind is SiteKind.LINEAR:
             self.notes.append(f"{module}: use_qalora ignored on a dense layer, as peft does")
         alpha, scale = self.scale_for(module, rank)
+        init = self.cfg.init
+        if self._is_kasa(g):
+            B, init = self._kasa(module, key, kind, g.diag, A, B), "kasa"
         bias_target = None
         if g.bias is not None:
             bias_target = f"{module}.bias"
@@ -412,7 +421,60 @@ class _Reader:
             lora_bias=g.bias,
             bias_target=bias_target,
             magnitude=magnitude,
-            init=self.cfg.init,
+            init=init,
+        )
+
+    def _is_kasa(self, g: _Group) -> bool:
+        # peft turns any non-null kasa_config, even {}, into a KasaConfig that enables KaSA
+        return self.cfg["kasa_config"] is not None or g.diag is not None
+
+    def _kasa(
+        self,
+        module: str,
+        key: str,
+        kind: SiteKind,
+        diag: torch.Tensor | None,
+        A: torch.Tensor,
+        B: torch.Tensor,
+    ) -> torch.Tensor:
+        """KaSA's ``lora_B · diag(lora_diag)``, computed as peft's ``(B * diag)`` in fp32.
+
+        The base truncation KaSA trains against is left to reconstruct-residual (``init``
+        "kasa"). peft's KaSA variant exists for nn.Linear only and raises elsewhere.
+        """
+        if self.cfg["kasa_config"] is None:
+            raise FormatError(
+                f"{self.where(key)}: lora_diag without kasa_config in {self.cfg.path.name}; "
+                "peft would load this adapter as plain LoRA and drop lora_diag"
+            )
+        if kind is not SiteKind.LINEAR:
+            raise UnsupportedError(
+                f"{self.where(key)}: KaSA on a {kind.value} layer; peft applies KaSA to "
+                "nn.Linear only"
+            )
+        if diag is None:
+            raise FormatError(
+                f"{self.where(key)}: kasa_config is set but '{module}' has no lora_diag (peft "
+                "would draw it at random on load)"
+            )
+        if self.cfg.init not in PLAIN_INITS or self.cfg["use_dora"]:
+            what = "use_dora" if self.cfg["use_dora"] else f"init_lora_weights='{self.cfg.init}'"
+            raise UnsupportedError(
+                f"{self.where(key)}: KaSA combined with {what} is not supported (peft's KaSA "
+                "truncates the base the other option already changed)"
+            )
+        if tuple(diag.shape) != (A.shape[0],):
+            raise FormatError(
+                f"{self.where(key)}: lora_diag has shape {tuple(diag.shape)}, expected "
+                f"({A.shape[0]},) for rank {A.shape[0]}"
+            )
+        return B.float() * diag.float()
+
+    def _refuse_mha(self, key: str, module: str) -> NoReturn:
+        raise UnsupportedError(
+            f"{self.where(key)}: LoRA on nn.MultiheadAttention '{module}' is refused: peft "
+            "0.15-0.21 adds its out_proj delta twice (in training and in merge_and_unload), a "
+            "pending peft fix adds it once, so the same file means two models (docs/FORMATS.md)"
         )
 
     def _refuse_grouped(self, key: str, groups: int) -> NoReturn:
@@ -543,9 +605,10 @@ class _Reader:
         name = f"{owner}.{param.rsplit('.', 1)[1]}"
         rank = g.A.shape[0] // experts if experts else g.A.shape[0]
         alpha, scale = self.scale_for(name, rank)
-        if g.magnitude is not None or g.bias is not None:
+        if g.magnitude is not None or g.bias is not None or self._is_kasa(g):
             raise UnsupportedError(
-                f"{self.weights}: '{name}': DoRA or lora_bias on target_parameters (peft has none)"
+                f"{self.weights}: '{name}': DoRA, lora_bias or KaSA on target_parameters (peft "
+                "has none)"
             )
         site = Site(
             module=name,

@@ -76,7 +76,8 @@ FIELDS: Mapping[str, str] = {
     "use_bdlora": "applied: block-diagonal factors expanded",
     "velora_config": "training only",
     "monteclora_config": "training only",
-    "kasa_config": "refused: KaSA changes the base by an SVD truncation loracc does not implement",
+    "kasa_config": "applied: lora_diag folded into lora_B; the base's r smallest singular "
+    "components dropped (reconstruct-residual, fp32 SVD as peft's load); nn.Linear only",
 }
 
 _INT = (int,)
@@ -162,6 +163,7 @@ _CHECKS: Mapping[str, tuple[Callable[[object], bool], str]] = {
         "null or a list of [start, end) pairs with 0 <= start < end",
     ),
     "target_parameters": (lambda v: v is None or _is_str_list(v), "null or a list of strings"),
+    "kasa_config": (lambda v: v is None or isinstance(v, dict), "null or an object"),
 }
 
 _DEFAULTS: Mapping[str, Any] = {
@@ -239,7 +241,7 @@ def read_config(path: Path) -> LoraConfig:
                 f"'{key}' = {data[key]!r} comes from peft {data['peft_version']}, newer than "
                 f"loracc knows ({KNOWN_PEFT[0]}.{KNOWN_PEFT[1]}); it may change the merge"
             )
-    for key in ("alora_invocation_tokens", "arrow_config", "kasa_config", "enable_lora"):
+    for key in ("alora_invocation_tokens", "arrow_config", "enable_lora"):
         if data.get(key):
             refusals.append(f"'{key}': {FIELDS.get(key) or _LEGACY[key]}")
     return LoraConfig(path, dict(data), unknown, tuple(refusals))

@@ -49,6 +49,7 @@ _DROPPED = (
     "eva_config",
     "corda_config",
     "lora_ga_config",
+    "kasa_config",  # the truncation is reconstructed as rank-2r factors on the original base
     "runtime_config",
 )
 

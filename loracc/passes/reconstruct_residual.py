@@ -22,6 +22,13 @@ Where ``B0·A0`` comes from:
   onto the span of its first r columns, so it too is unique. Recomputed factors get a sign
   convention (largest entry of each column of B0 positive, zeros +0) so the IR does not depend on
   the LAPACK build.
+- ``kasa`` (``kasa_config``; peft ``variants.py`` KasaLinearVariant): every load of the adapter
+  truncates the base to its rank-(k − r) SVD approximation, ``W_res = W − U_d·S_d·Vh_d`` with
+  the r *smallest* singular components (k = min(out, in)); the reader already folded
+  ``lora_diag`` into ``lora_B``. So ``A0 = Vh_d`` and ``B0 = U_d·S_d / s``, from one fp32
+  ``torch.linalg.svd`` of the (out, in) weight, as peft's. The dropped part is unique (signs
+  cancel) unless ``S[k−r−1] = S[k−r]``, where the split between kept and dropped is arbitrary:
+  refused. The initial adapter plays no part.
 - ``pissa_niter_K`` (a randomized ``svd_lowrank``), ``corda`` (activation covariances) and
   ``lora_ga`` (gradients) cannot be recomputed: the pass refuses and asks for the initial
   adapter. peft itself re-runs these inits when it reloads the adapter, so a reloaded
@@ -45,14 +52,14 @@ from typing import ClassVar
 
 import torch
 
-from loracc.errors import InputError, UnsupportedError
+from loracc.errors import FormatError, InputError, UnsupportedError
 from loracc.ir import PLAIN_INITS, Adapter, Site, SiteKind
 from loracc.passes._weights import source_key, start_weight
 from loracc.passes.base import Pass, PassContext, PassResult, Skip
 
 __all__ = ["ReconstructResidual"]
 
-_RECOMPUTABLE = ("pissa", "olora")
+_RECOMPUTABLE = ("pissa", "olora", "kasa")
 _NEED_INITIAL = {
     "pissa_niter": "a randomized SVD (torch.svd_lowrank) drawn from the global RNG",
     "corda": "activation covariances collected on training data",
@@ -62,6 +69,11 @@ _NEED_INITIAL = {
 
 def _family(init: str) -> str:
     return "pissa_niter" if init.startswith("pissa_niter_") else init
+
+
+def _origin(site: Site) -> str:
+    """The config field that made the site a residual one, for messages."""
+    return "kasa_config" if site.init == "kasa" else f"init_lora_weights='{site.init}'"
 
 
 def _canonical(A0: torch.Tensor, B0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,6 +91,24 @@ def _pissa(weight: torch.Tensor, r: int, s: float) -> tuple[torch.Tensor, torch.
     U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
     Sr = S[:r] / s
     return _canonical(torch.diag(torch.sqrt(Sr)) @ Vh[:r], U[:, :r] @ torch.diag(torch.sqrt(Sr)))
+
+
+def _kasa(module: str, weight: torch.Tensor, r: int, s: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The r smallest singular components peft's KaSA drops: ``s·B0·A0 = U_d·S_d·Vh_d``."""
+    k = min(weight.shape)
+    if r >= k:
+        raise FormatError(
+            f"{module}: KaSA rank {r} is not below min(out, in) = {k} (peft refuses to create it)"
+        )
+    U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
+    keep = k - r
+    if S[keep - 1] == S[keep]:
+        raise UnsupportedError(
+            f"{module}: KaSA truncation is ambiguous: singular values {keep} and {keep + 1} of "
+            f"the base weight are equal ({float(S[keep]):.6g}), so which components peft drops "
+            "depends on its LAPACK build"
+        )
+    return _canonical(Vh[keep:], U[:, keep:] * (S[keep:] / s))
 
 
 def _olora(stored: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,7 +172,7 @@ class ReconstructResidual(Pass):
             n = readers[key] + int(itself)
             if n > 1:
                 raise UnsupportedError(
-                    f"{site.module}: init_lora_weights='{site.init}' on base tensor '{key}', "
+                    f"{site.module}: {_origin(site)} on base tensor '{key}', "
                     f"which {n} layers share (layer_replication); peft re-initializes the shared "
                     "weight in place for every copy, which no merged weight reproduces"
                 )
@@ -160,7 +190,7 @@ class ReconstructResidual(Pass):
                 f"{site.module}: init_lora_weights='{init}' on a {site.kind.value} site is not "
                 "supported (peft's residual inits act on Linear and Conv1D weights)"
             )
-        if site.initial is not None:
+        if site.initial is not None and init != "kasa":  # KaSA's B0·A0 is the base's alone
             A0, B0 = site.initial
             how = "the initial adapter"
         elif family in _RECOMPUTABLE:
@@ -189,11 +219,13 @@ class ReconstructResidual(Pass):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if ctx.base is None:
             raise InputError(
-                f"{site.module}: init_lora_weights='{site.init}' needs the original base "
+                f"{site.module}: {_origin(site)} needs the original base "
                 "checkpoint (--base) to recompute B0·A0"
             )
         stored = start_weight(adapter, ctx, site.target)
         r, s = site.rank, site.scale
+        if site.init == "kasa":
+            return _kasa(site.module, stored, r, s)  # peft's KaSA exists for nn.Linear only
         if site.init == "olora":
             if site.kind is SiteKind.CONV1D:
                 raise UnsupportedError(
