@@ -191,6 +191,7 @@ def _mlp() -> nn.Module:
     )
 
 
+KASA_KEYS = ("lora_A.weight", "lora_B.weight", "lora_diag")
 KASA = dict(r=3, lora_alpha=6, target_modules=["0", "2", "4"], kasa_config=KasaConfig())
 
 
@@ -209,6 +210,24 @@ def test_kasa_merges_like_peft(tmp_path: Path) -> None:
     err = max_diff(got, b.peft_merged)
     assert err <= KASA_WEIGHT_ATOL, f"KaSA merge vs PEFT: {err:.3g}"
     assert_forward_matches(b, got)
+    # Against KaSA's formula in fp64, loracc is as close as PEFT's own fp32 merge.
+    adapter = load_file(str(b.adapter / "adapter_model.safetensors"))
+    for module in ("0", "2", "4"):
+        ref = _kasa_fp64(base[f"{module}.weight"], adapter, module, r=3, scale=2.0)
+        mine = float((got[f"{module}.weight"].double() - ref).abs().max())
+        peft_err = float((b.peft_merged[f"{module}.weight"].double() - ref).abs().max())
+        assert mine <= peft_err, f"{module}: loracc {mine:.3g} vs fp64, PEFT {peft_err:.3g}"
+
+
+def _kasa_fp64(
+    weight: torch.Tensor, adapter: dict[str, torch.Tensor], module: str, *, r: int, scale: float
+) -> torch.Tensor:
+    """peft's KaSA layer in fp64: rank-(k − r) SVD truncation + s·(B·diag)@A."""
+    U, S, Vh = torch.linalg.svd(weight.double(), full_matrices=False)
+    keep = min(weight.shape) - r
+    factor = {n: adapter[f"base_model.model.{module}.{n}"].double() for n in KASA_KEYS}
+    delta = (factor["lora_B.weight"] * factor["lora_diag"]) @ factor["lora_A.weight"] * scale
+    return (U[:, :keep] * S[:keep]) @ Vh[:keep] + delta
 
 
 def test_kasa_rsLoRA_and_alpha_pattern(tmp_path: Path) -> None:
