@@ -71,7 +71,8 @@ class Site:
         magnitude: DoRA's stored ``lora_magnitude_vector``; needs the base weight to apply.
         channel_scale: DoRA folded: ``W' = channel_scale ⊙ (W + ΔW)`` per output channel
             (per embedding dim for EMBEDDING), computed by the fold-dora pass.
-        init: ``init_lora_weights`` as a string ("true", "pissa", "olora", "pissa_niter_4", ...).
+        init: ``init_lora_weights`` as a string ("true", "pissa", "olora", "pissa_niter_4", ...),
+            or "kasa" for a ``kasa_config`` site (its base truncation not yet reconstructed).
         initial: (A0, B0) from the adapter saved before training, when the init is not
             reproducible from the base.
         experts: E for a 3-D PARAMETER target, else 0.
