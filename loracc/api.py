@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,8 @@ __all__ = [
 ]
 
 PathLike = str | os.PathLike[str]
+# --layout choices: "MODULE_PATTERN=LAYOUT" strings or {pattern: layout} (loracc.io.layout).
+LayoutChoices = Sequence[str] | Mapping[str, str] | None
 
 DTYPES = {
     "float32": torch.float32,
@@ -61,11 +64,15 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def load_adapter(
-    adapter_dir: PathLike, base_dir: PathLike | None = None, *, initial: PathLike | None = None
+    adapter_dir: PathLike,
+    base_dir: PathLike | None = None,
+    *,
+    initial: PathLike | None = None,
+    layout: LayoutChoices = None,
 ) -> Adapter:
     """Read a PEFT adapter folder into the IR (with the base, kinds and shapes are checked)."""
     base = Checkpoint(base_dir) if base_dir is not None else None
-    return _load_adapter(Path(adapter_dir), base, initial=initial)
+    return _load_adapter(Path(adapter_dir), base, initial=initial, layout=layout)
 
 
 def compile_adapter(
@@ -130,13 +137,14 @@ def merge(
     allow_nonfinite: bool = False,
     progress: Any = None,
     workers: int | None = None,
+    layout: LayoutChoices = None,
 ) -> MergeReport:
     """Merge a PEFT adapter into a Hugging Face checkpoint, streaming one tensor at a time.
 
     ``passes`` are optional passes added to the required ones of :func:`merge_pipeline` (or
     configuring them); the pipeline runs in the canonical order. The output folder is written
     under a temporary name and renamed at the end; an existing ``out_dir`` is refused unless
-    ``force``.
+    ``force``. ``layout`` holds ``--layout`` choices (docs/FORMATS.md "Layer layouts").
     """
     out = Path(out_dir)
     options = MergeOptions(
@@ -149,7 +157,11 @@ def merge(
     )
     base = Checkpoint(base_dir)
     adapter = _load_adapter(
-        Path(adapter_dir), base, initial=initial_adapter, allow_nonfinite=allow_nonfinite
+        Path(adapter_dir),
+        base,
+        initial=initial_adapter,
+        allow_nonfinite=allow_nonfinite,
+        layout=layout,
     )
     if adapter.refusals:  # decided by the config alone: refuse before any pass reads the base
         check_mergeable(adapter)
@@ -180,7 +192,9 @@ def _device(name: str) -> str:
     return name
 
 
-def inspect(adapter_dir: PathLike, base_dir: PathLike | None = None) -> dict[str, Any]:
+def inspect(
+    adapter_dir: PathLike, base_dir: PathLike | None = None, *, layout: LayoutChoices = None
+) -> dict[str, Any]:
     """The resolved sites of an adapter and what would be refused, as plain data.
 
     ``base_dir`` is the base HF folder: the merge pipeline then runs as ``merge`` would (reading
@@ -191,7 +205,7 @@ def inspect(adapter_dir: PathLike, base_dir: PathLike | None = None) -> dict[str
     """
     onnx_base = base_dir is not None and Path(base_dir).suffix == ".onnx"
     base = Checkpoint(base_dir) if base_dir is not None and not onnx_base else None
-    adapter = _load_adapter(Path(adapter_dir), base)
+    adapter = _load_adapter(Path(adapter_dir), base, layout=layout)
     sites = [
         {
             "module": s.module,
@@ -205,6 +219,7 @@ def inspect(adapter_dir: PathLike, base_dir: PathLike | None = None) -> dict[str
             "variant": s.variant,
             "lora_bias": s.lora_bias is not None,
             "experts": s.experts,
+            "layout": s.layout_source,
             "params": s.num_params,
         }
         for s in sorted(adapter.sites, key=lambda s: s.module)
@@ -231,7 +246,7 @@ def inspect(adapter_dir: PathLike, base_dir: PathLike | None = None) -> dict[str
             from loracc.onnx_api import bind_onnx
 
             try:
-                out["bindings"] = bind_onnx(base_dir, adapter_dir)
+                out["bindings"] = bind_onnx(base_dir, adapter_dir, layout=layout)
             except (UnsupportedError, LoweringError) as e:
                 out["refusals"].append(f"export --onnx: {e}")
     elif base is not None and not adapter.refusals:
@@ -250,6 +265,7 @@ def emit_ir(
     passes: list[Pass] | None = None,
     after_all: bool = False,
     device: str = "cpu",
+    layout: LayoutChoices = None,
 ) -> str:
     """The printed IR after the pipeline, under a ``// pipeline: <spec>`` line naming the passes
     that ran.
@@ -259,7 +275,7 @@ def emit_ir(
     the input and the IR after every pass are printed, each under a ``// <pass>`` header.
     """
     base = Checkpoint(base_dir) if base_dir is not None else None
-    adapter = _load_adapter(Path(adapter_dir), base, initial=initial_adapter)
+    adapter = _load_adapter(Path(adapter_dir), base, initial=initial_adapter, layout=layout)
     pipeline = merge_pipeline(passes or ()) if base is not None else in_order([], passes or ())
     dumps = [("input", print_ir(adapter))] if after_all else []
     result = run_pipeline(
@@ -299,6 +315,7 @@ def convert(
     energy: float | None = None,
     force: bool = False,
     device: str = "cpu",
+    layout: LayoutChoices = None,
 ) -> ConvertReport:
     """Write ``adapter_dir`` as a plain PEFT LoRA adapter: scales folded, residual inits
     reconstructed on the original base, optionally rank-truncated.
@@ -309,7 +326,7 @@ def convert(
     if rank is not None and energy is not None:
         raise ConfigError("convert: give --rank or --energy, not both")
     base = Checkpoint(base_dir) if base_dir is not None else None
-    adapter = _load_adapter(Path(adapter_dir), base, initial=initial_adapter)
+    adapter = _load_adapter(Path(adapter_dir), base, initial=initial_adapter, layout=layout)
     if adapter.refusals:
         raise UnsupportedError(f"{adapter.name}: cannot convert: {adapter.refusals[0]}")
     passes = convert_pipeline(base=base is not None, rank=rank, energy=energy)

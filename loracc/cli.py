@@ -115,6 +115,14 @@ allow_nonfinite_option = click.option(
     "--allow-nonfinite", is_flag=True, help="Write edited tensors holding NaN or Inf."
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+layout_option = click.option(
+    "--layout",
+    "layout",
+    multiple=True,
+    metavar="MODULE_PATTERN=LAYOUT",
+    help="Layout of the matching sites when nothing else decides it (repeatable): linear, "
+    "conv1d, experts-out-in or experts-in-out. MODULE_PATTERN is a module path suffix or a regex.",
+)
 
 
 def passes_option(default: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -187,6 +195,7 @@ def main(debug: bool) -> None:
 @initial_adapter_option
 @passes_option("the required merge passes")
 @allow_nonfinite_option
+@layout_option
 @json_option
 @_guard
 def merge(
@@ -201,6 +210,7 @@ def merge(
     initial_adapter: str | None,
     passes_spec: str | None,
     allow_nonfinite: bool,
+    layout: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """Merge a PEFT LoRA adapter into a Hugging Face checkpoint (streamed, bounded memory)."""
@@ -217,6 +227,7 @@ def merge(
         allow_nonfinite=allow_nonfinite,
         progress=None if as_json else terminal_progress(),
         workers=workers,
+        layout=layout,
     )
     _emit(report.to_dict(), as_json, _merge_text)
 
@@ -252,6 +263,7 @@ def _merge_text(r: dict[str, Any]) -> str:
 )
 @output_dir_option
 @force_option
+@layout_option
 @json_option
 @_guard
 def convert(
@@ -262,6 +274,7 @@ def convert(
     energy: float | None,
     out_dir: str,
     force: bool,
+    layout: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """Write a plain PEFT LoRA adapter (scales folded, PiSSA/OLoRA converted, truncated)."""
@@ -273,6 +286,7 @@ def convert(
         rank=rank,
         energy=energy,
         force=force,
+        layout=layout,
     )
     _emit(report.to_dict(), as_json, _convert_text)
 
@@ -295,6 +309,7 @@ def _convert_text(r: dict[str, Any]) -> str:
     help="What to print: the IR as deterministic text.",
 )
 @click.option("--print-after-all", is_flag=True, help="Print the IR before and after every pass.")
+@layout_option
 @_guard
 def compile_(
     adapter_dir: str,
@@ -303,6 +318,7 @@ def compile_(
     passes_spec: str | None,
     emit: str,
     print_after_all: bool,
+    layout: tuple[str, ...],
 ) -> None:
     """Run passes over an adapter and print the resulting IR."""
     text = api.emit_ir(
@@ -311,6 +327,7 @@ def compile_(
         initial_adapter=initial_adapter,
         passes=_pipeline(passes_spec),
         after_all=print_after_all,
+        layout=layout,
     )
     click.echo(text, nl=False)
 
@@ -324,28 +341,29 @@ def compile_(
     default=None,
     help="Base HF folder, or the base model's .onnx file (adds the ONNX binding).",
 )
+@layout_option
 @json_option
 @_guard
-def inspect(adapter_dir: str, base_dir: str | None, as_json: bool) -> None:
+def inspect(adapter_dir: str, base_dir: str | None, layout: tuple[str, ...], as_json: bool) -> None:
     """Show the resolved sites of an adapter and what would be refused.
 
     With an .onnx base, also the binding of each site to the graph (node, initializer,
     transposed), as `export --onnx --dry-run` prints it.
     """
-    _emit(api.inspect(adapter_dir, base_dir), as_json, _inspect_text)
+    _emit(api.inspect(adapter_dir, base_dir, layout=layout), as_json, _inspect_text)
 
 
 def _inspect_text(r: dict[str, Any]) -> str:
     head = (
         f"{'module':<48} {'kind':<9} {'shape':>12} {'r':>4} {'alpha':>7} {'scale':>8} "
-        f"{'variant':<10} {'params':>9}"
+        f"{'variant':<10} {'params':>9}  layout"
     )
     lines = [head, "-" * len(head)]
     for s in r["sites"]:
         shape = "x".join(map(str, s["shape"]))
         lines.append(
             f"{s['module']:<48} {s['kind']:<9} {shape:>12} {s['rank']:>4} {s['alpha']:>7g} "
-            f"{s['scale']:>8.4g} {s['variant']:<10} {s['params']:>9}"
+            f"{s['scale']:>8.4g} {s['variant']:<10} {s['params']:>9}  {s['layout']}"
         )
     lines.append(f"{len(r['sites'])} sites, {r['params']} parameters")
     for rep in r["replacements"]:

@@ -19,6 +19,7 @@ from loracc.cli import (
     force_option,
     initial_adapter_option,
     json_option,
+    layout_option,
 )
 from loracc.errors import ConfigError
 
@@ -67,6 +68,7 @@ base_weights_option = click.option(
 @force_option
 @click.option("--dry-run", is_flag=True, help="Bind and show the binding; write nothing.")
 @allow_nonfinite_option
+@layout_option
 @json_option
 @_guard
 def export(
@@ -82,6 +84,7 @@ def export(
     force: bool,
     dry_run: bool,
     allow_nonfinite: bool,
+    layout: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """Merge an adapter into an existing ONNX model, or keep it as hot-swappable slots.
@@ -106,6 +109,7 @@ def export(
         force=force,
         dry_run=dry_run,
         allow_nonfinite=allow_nonfinite,
+        layout=layout,
     )
     _emit(report.to_dict(), as_json, _export_text)
 
@@ -141,6 +145,7 @@ def _export_text(r: dict[str, Any]) -> str:
 @initial_adapter_option
 @force_option
 @allow_nonfinite_option
+@layout_option
 @json_option
 @_guard
 def pack(
@@ -151,6 +156,7 @@ def pack(
     initial_adapter: str | None,
     force: bool,
     allow_nonfinite: bool,
+    layout: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """Write an onnxruntime adapter file for a model exported with --keep-lora.
@@ -168,6 +174,7 @@ def pack(
         initial_adapter=initial_adapter,
         force=force,
         allow_nonfinite=allow_nonfinite,
+        layout=layout,
     )
     _emit(report.to_dict(), as_json, _pack_text)
 

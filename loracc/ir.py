@@ -77,6 +77,8 @@ class Site:
             reproducible from the base.
         experts: E for a 3-D PARAMETER target, else 0.
         transposed: a 3-D PARAMETER target whose owner has ``is_transposed=True``.
+        layout_source: how the reader decided the layout (linear or conv1d, transposed experts):
+            "architecture gpt2", "shape", "--layout c_proj=conv1d", ... (loracc.io.layout).
     """
 
     module: str
@@ -95,6 +97,7 @@ class Site:
     initial: tuple[torch.Tensor, torch.Tensor] | None = None
     experts: int = 0
     transposed: bool = False
+    layout_source: str = ""
 
     @property
     def rank(self) -> int:

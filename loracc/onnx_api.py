@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 __all__ = ["OnnxReport", "PackReport", "bind_onnx", "export_onnx", "pack"]
 
 PathLike = str | os.PathLike[str]
+# --layout choices: "MODULE_PATTERN=LAYOUT" strings or {pattern: layout} (loracc.io.layout).
+LayoutChoices = Sequence[str] | Mapping[str, str] | None
 _PLAIN = ("lora", "dora", "dora-folded")
 
 
@@ -88,12 +90,18 @@ def _checkpoint(base_weights: PathLike | None) -> Checkpoint | None:
 
 
 def _load(
-    path: Path, ckpt: Checkpoint | None, initial: PathLike | None, allow_nonfinite: bool
+    path: Path,
+    ckpt: Checkpoint | None,
+    initial: PathLike | None,
+    allow_nonfinite: bool,
+    layout: LayoutChoices = None,
 ) -> Adapter:
     from loracc.io.peft import load_adapter
     from loracc.lower.onnx_bind import refuse_structural
 
-    adapter = load_adapter(path, ckpt, initial=initial, allow_nonfinite=allow_nonfinite)
+    adapter = load_adapter(
+        path, ckpt, initial=initial, allow_nonfinite=allow_nonfinite, layout=layout
+    )
     refuse_structural(adapter)
     return adapter
 
@@ -136,9 +144,12 @@ def bind_onnx(
     adapters: PathLike | Sequence[PathLike],
     *,
     base_weights: PathLike | None = None,
+    layout: LayoutChoices = None,
 ) -> list[dict[str, Any]]:
     """The binding table (site -> node, initializer, orientation, rule) without writing."""
-    report = export_onnx(base_onnx, adapters, None, base_weights=base_weights, dry_run=True)
+    report = export_onnx(
+        base_onnx, adapters, None, base_weights=base_weights, dry_run=True, layout=layout
+    )
     return report.bindings
 
 
@@ -218,6 +229,7 @@ def export_onnx(
     force: bool = False,
     dry_run: bool = False,
     allow_nonfinite: bool = False,
+    layout: LayoutChoices = None,
 ) -> OnnxReport:
     """Merge ``adapters`` into ``base_onnx``, or add them as adapter slots (``keep_lora``).
 
@@ -236,6 +248,7 @@ def export_onnx(
         dry_run: bind and compile only; write nothing.
         allow_nonfinite: accept NaN or Inf in the adapters' tensors, and write edited
             initializers (or slot values) holding NaN or Inf.
+        layout: ``--layout`` choices for sites nothing else decides (docs/FORMATS.md).
     """
     from loracc.io.onnx_model import load_model, needs_external_data, write_outputs
     from loracc.lower.onnx_bind import GraphIndex
@@ -256,7 +269,7 @@ def export_onnx(
     protected = _inputs(base_path, adapter_paths, model, initial_adapter, base_weights)
     if external_data is None:  # decided by the base, before edits move tensors into memory
         external_data = needs_external_data(model)
-    loaded = [_load(p, ckpt, initial_adapter, allow_nonfinite) for p in adapter_paths]
+    loaded = [_load(p, ckpt, initial_adapter, allow_nonfinite, layout) for p in adapter_paths]
     index = GraphIndex(model)
     table, compiled, steps = _bind_all(index, loaded, ckpt, base_path)
     notes = [n for a in compiled for n in a.notes]
@@ -340,6 +353,7 @@ def pack(
     initial_adapter: PathLike | None = None,
     force: bool = False,
     allow_nonfinite: bool = False,
+    layout: LayoutChoices = None,
 ) -> PackReport:
     """Write an ``.onnx_adapter`` file of ``adapter`` for a model exported with slots.
 
@@ -353,7 +367,12 @@ def pack(
     from loracc.io.onnx_model import load_model
     from loracc.io.output import atomic_files
     from loracc.ir import SiteKind
-    from loracc.lower.onnx_bind import GraphIndex, bind_adapter, drop_noop_replacements
+    from loracc.lower.onnx_bind import (
+        GraphIndex,
+        bind_adapter,
+        drop_noop_replacements,
+        graph_layout,
+    )
     from loracc.lower.onnx_lora import check_fits, manifest_base, pack_params, read_manifest
 
     model_path, adapter_path, out = Path(model), Path(adapter), Path(output)
@@ -361,7 +380,9 @@ def pack(
         raise ConfigError(f"{out}: an adapter file name must end in .onnx_adapter")
     onnx_model = load_model(model_path)
     groups = read_manifest(onnx_model, str(model_path))
-    loaded = _load(adapter_path, _checkpoint(base_weights), initial_adapter, allow_nonfinite)
+    loaded = _load(
+        adapter_path, _checkpoint(base_weights), initial_adapter, allow_nonfinite, layout
+    )
     notes: list[str] = []
     if loaded.replacements:
         index = GraphIndex(onnx_model)
@@ -375,7 +396,7 @@ def pack(
         )
     kinds = {m.module: SiteKind(m.kind) for g in groups for m in g.members}
     sites = tuple(
-        replace(s, kind=kinds[s.module])
+        graph_layout(s, kinds[s.module], f"slot manifest of {model_path}")
         if s.module in kinds
         and s.kind in (SiteKind.LINEAR, SiteKind.CONV1D)
         and kinds[s.module] in (SiteKind.LINEAR, SiteKind.CONV1D)

@@ -36,6 +36,8 @@ def _site(site: Site) -> list[str]:
         f"  lora_A {tensor_summary(site.lora_A)}",
         f"  lora_B {tensor_summary(site.lora_B)}",
     ]
+    if site.layout_source:
+        lines.append(f"  layout: {site.layout_source}")
     if site.experts:
         lines.append(f"  experts={site.experts} transposed={str(site.transposed).lower()}")
     if site.lora_bias is not None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -19,6 +18,16 @@ from typing import Any, Protocol
 
 import torch
 
+from loracc.arch import (
+    EMBEDDING_KEYS,
+    EMBEDDING_SUFFIXES,
+    EXPERT_KEY,
+    FUSED_EXPERTS,
+    HEAD_ARCHITECTURES,
+    MODULE_RENAMES,
+    OUTPUT_EMBEDDING_KEYS,
+    STORED_LAYOUTS,
+)
 from loracc.errors import ConfigError, FormatError, InputError
 from loracc.io.safetensors import SafetensorsFile, TensorInfo, read_tensor
 
@@ -37,54 +46,6 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
-
-# Input-embedding keys of common architectures, tried when lm_head is tied and absent.
-_EMBEDDING_KEYS = (
-    "model.embed_tokens.weight",
-    "transformer.wte.weight",
-    "model.decoder.embed_tokens.weight",
-    "model.language_model.embed_tokens.weight",
-    "transformer.word_embeddings.weight",
-    "gpt_neox.embed_in.weight",
-    "embed_tokens.weight",
-    "wte.weight",
-)
-_OUTPUT_EMBEDDING_KEYS = ("lm_head.weight",)
-# Class-name endings of transformers models whose output head can share the input embedding.
-_HEAD_ARCHITECTURES = (
-    "ForCausalLM",
-    "LMHeadModel",
-    "ForConditionalGeneration",
-    "ForMaskedLM",
-    "WithLMHead",
-    "ForPreTraining",
-)
-
-# transformers >= 5 models hold MoE experts as fused 3-D parameters but save_pretrained writes the
-# original per-expert tensors (conversion_mapping.py): gate_up_proj[e] = cat(gate[e], up[e]) on
-# rows, down_proj[e] = down[e]. Module paths can also differ from stored names (Mixtral's
-# block_sparse_moe is the model's mlp).
-_EXPERT_KEY = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<e>\d+)\.(?P<proj>[^.]+)\.weight$")
-_FUSED_EXPERTS = {
-    "gate_up_proj": (("gate_proj", "up_proj"), ("w1", "w3")),
-    "down_proj": (("down_proj",), ("w2",)),
-}
-_MODULE_RENAMES = ((".mlp.", ".block_sparse_moe."),)
-# transformers >= 5 also renames whole module layouts in memory while save_pretrained keeps the
-# checkpoint's names, and PEFT saves adapters under the in-memory paths. Each layout maps a module
-# path to its stored key (all substitutions together); a result counts only if it is stored.
-# ViT family: conversion_mapping.py's "ViTModel" renames, reversed.
-_STORED_LAYOUTS: tuple[tuple[tuple[re.Pattern[str], str], ...], ...] = (
-    (
-        (re.compile(r"\.layers\.(\d+)\."), r".encoder.layer.\1."),
-        (re.compile(r"\.attention\.q_proj\."), ".attention.attention.query."),
-        (re.compile(r"\.attention\.k_proj\."), ".attention.attention.key."),
-        (re.compile(r"\.attention\.v_proj\."), ".attention.attention.value."),
-        (re.compile(r"\.attention\.o_proj\."), ".attention.output.dense."),
-        (re.compile(r"\.mlp\.fc1\."), ".intermediate.dense."),
-        (re.compile(r"\.mlp\.fc2\."), ".output.dense."),
-    ),
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,15 +208,15 @@ class Checkpoint:
     def _scan_experts(self) -> dict[str, ExpertSplit]:
         found: dict[str, dict[str, dict[int, str]]] = defaultdict(lambda: defaultdict(dict))
         for key in self._info:
-            m = _EXPERT_KEY.match(key)
+            m = EXPERT_KEY.match(key)
             if m:
                 found[m["prefix"]][m["proj"]][int(m["e"])] = key
         splits = {}
         for prefix, projs in found.items():
             logical = prefix
-            for module_name, stored_name in _MODULE_RENAMES:
+            for module_name, stored_name in MODULE_RENAMES:
                 logical = logical.replace(stored_name, module_name)
-            for fused, options in _FUSED_EXPERTS.items():
+            for fused, options in FUSED_EXPERTS.items():
                 names = next((o for o in options if all(n in projs for n in o)), None)
                 if names is None:
                     continue
@@ -272,11 +233,11 @@ class Checkpoint:
         """The stored name of a module-path key (renamed modules), or None."""
         if key in self._info:
             return key
-        for module_name, stored_name in _MODULE_RENAMES:
+        for module_name, stored_name in MODULE_RENAMES:
             renamed = key.replace(module_name, stored_name)
             if renamed in self._info:
                 return renamed
-        for layout in _STORED_LAYOUTS:
+        for layout in STORED_LAYOUTS:
             renamed = key
             for pattern, stored in layout:
                 renamed = pattern.sub(stored, renamed)
@@ -345,13 +306,13 @@ class Checkpoint:
             tie = text.get("tie_word_embeddings")
         if tie is False or not self._has_output_head(tie):
             return None
-        out = next((k for k in _OUTPUT_EMBEDDING_KEYS if k not in self._info), None)
+        out = next((k for k in OUTPUT_EMBEDDING_KEYS if k not in self._info), None)
         if out is None:
             return None
-        emb = next((k for k in _EMBEDDING_KEYS if k in self._info), None)
+        emb = next((k for k in EMBEDDING_KEYS if k in self._info), None)
         if emb is None:
             emb = next(
-                (k for k in self._info if k.endswith(("embed_tokens.weight", "wte.weight"))),
+                (k for k in self._info if k.endswith(EMBEDDING_SUFFIXES)),
                 None,
             )
         return (out, emb) if emb is not None else None
@@ -360,7 +321,7 @@ class Checkpoint:
         """Whether the model has an LM head at all (a classifier or a bare encoder has none)."""
         archs = self.config.get("architectures")
         if isinstance(archs, list) and archs:
-            return any(isinstance(a, str) and a.endswith(_HEAD_ARCHITECTURES) for a in archs)
+            return any(isinstance(a, str) and a.endswith(HEAD_ARCHITECTURES) for a in archs)
         return tie is True
 
     def shape(self, key: str) -> tuple[int, ...] | None:

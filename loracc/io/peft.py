@@ -2,9 +2,10 @@
 
 The saved keys are the ground truth for what was adapted; the config supplies alpha, rsLoRA and
 flags. Ranks come from tensor shapes (rank_pattern precedence is unreliable after a peft
-save/load round trip). With a base checkpoint the reader also decides each site's layer kind from
-the base tensor's shape and architecture (never from ``fan_in_fan_out``, which peft saves
-unreliably), checks every shape, and resolves tied output embeddings.
+save/load round trip). With a base checkpoint the reader also decides each site's layout
+(:mod:`loracc.io.layout`: ``--layout``, the architecture table, the shape, ``fan_in_fan_out`` only
+for a base without a model_type, else a refusal), checks every shape, and resolves tied output
+embeddings.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import math
 import re
 from collections import defaultdict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -20,8 +22,10 @@ from typing import NoReturn
 import torch
 
 from loracc import kernels
+from loracc.arch import Layout
 from loracc.errors import FormatError, InputError, NonFiniteError, UnsupportedError
 from loracc.io.checkpoint import BaseWeights, Checkpoint, ExpertSplit, inside, open_safetensors
+from loracc.io.layout import LayoutRule, parse_layouts
 from loracc.io.peft_config import (
     KNOWN_PEFT,
     LoraConfig,
@@ -33,17 +37,13 @@ from loracc.io.peft_config import (
 from loracc.io.replicated import ReplicatedCheckpoint
 from loracc.ir import PLAIN_INITS, Adapter, Replacement, Site, SiteKind, TokenRows
 
-__all__ = ["CONV1D_MODEL_TYPES", "adapter_files", "load_adapter"]
+__all__ = ["adapter_files", "load_adapter"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 # peft's MultiheadAttention wrapper saves its out_proj's factors under this suffix of its own path
 _MHA_OUT_PROJ = ".base_layer.out_proj"
-
-# Architectures whose c_attn/c_proj/c_fc/q_attn layers are transformers' Conv1D (stored in, out).
-CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"})
-_CONV1D_LEAVES = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
 
 _KEY = re.compile(
     r"^(?P<module>.+?)\.(?:"
@@ -96,6 +96,7 @@ def load_adapter(
     *,
     initial: str | Path | None = None,
     allow_nonfinite: bool = False,
+    layout: Iterable[str] | Mapping[str, str] | None = None,
 ) -> Adapter:
     """Read a PEFT LoRA adapter folder into an :class:`Adapter`.
 
@@ -104,18 +105,20 @@ def load_adapter(
         base: the base checkpoint; without it, layer kinds and targets are taken from names.
         initial: the adapter saved before training, for inits that cannot be recomputed.
         allow_nonfinite: accept NaN or Inf in the adapter's tensors.
+        layout: ``--layout`` choices, ``"MODULE_PATTERN=LAYOUT"`` strings or a mapping, for
+            sites whose layout nothing else decides (docs/FORMATS.md "Layer layouts").
     """
     folder = Path(folder)
     config_path, weights_path = adapter_files(folder)
     cfg = read_config(config_path)
     tensors = open_safetensors(weights_path).read_all()
     _check_tensors(weights_path, tensors, allow_nonfinite)
-    reader = _Reader(folder, weights_path, cfg, base)
+    reader = _Reader(folder, weights_path, cfg, base, layout)
     adapter = reader.build(tensors)
     if base is not None:
         _check_base_dtypes(adapter, base)
     if initial is not None:
-        init = load_adapter(initial, base, allow_nonfinite=allow_nonfinite)
+        init = load_adapter(initial, base, allow_nonfinite=allow_nonfinite, layout=layout)
         adapter = _attach_initial(adapter, init)
     return adapter
 
@@ -168,7 +171,14 @@ def _attach_initial(adapter: Adapter, init: Adapter) -> Adapter:
 
 
 class _Reader:
-    def __init__(self, folder: Path, weights: Path, cfg: LoraConfig, base: BaseWeights | None):
+    def __init__(
+        self,
+        folder: Path,
+        weights: Path,
+        cfg: LoraConfig,
+        base: BaseWeights | None,
+        layout: Iterable[str] | Mapping[str, str] | None = None,
+    ):
         if base is not None and cfg["layer_replication"]:  # keys use the expanded layer indices
             base = ReplicatedCheckpoint(base, cfg["layer_replication"])
         self.folder, self.weights, self.cfg, self.base = folder, weights, cfg, base
@@ -181,8 +191,13 @@ class _Reader:
             f"<= {'.'.join(map(str, KNOWN_PEFT))} LoraConfig field)"
             for k in cfg.unknown
         ]
-        model_type = base.config.get("model_type") if base else None
-        self.conv1d_arch = model_type in CONV1D_MODEL_TYPES
+        flag = cfg.fields.get("fan_in_fan_out")
+        self.layout = LayoutRule(
+            base.config if base is not None else {},
+            flag if isinstance(flag, bool) else None,
+            parse_layouts(layout),
+            str(folder),
+        )
 
     def where(self, key: str) -> str:
         return f"{self.weights}: '{key}'"
@@ -223,6 +238,7 @@ class _Reader:
         self.replaced = {r.target: tuple(r.tensor.shape) for r in replacements}
         token_rows = [self.tokens(*t) for t in tokens]
         sites = self.sites(groups)
+        self.layout.finish()
         self.cross_check(sites)
         layer_replication = tuple(tuple(p) for p in self.cfg["layer_replication"] or [])
         return Adapter(
@@ -342,11 +358,11 @@ class _Reader:
         A, B = g.A, g.B
         key = g.keys[0]
         if g.embedding:
-            kind = SiteKind.EMBEDDING
+            kind, source = SiteKind.EMBEDDING, "lora_embedding factors"
         elif A.dim() > 2:
-            kind = SiteKind.CONV
+            kind, source = SiteKind.CONV, "convolution factors"
         else:
-            kind = SiteKind.LINEAR
+            kind, source = SiteKind.LINEAR, ""
         A, B = self.expand_block_diagonal(module, A, B)
         rank = A.shape[0]
         # peft gives lora_B the base's groups: (out, r/groups, 1, ...)
@@ -368,7 +384,9 @@ class _Reader:
                 if f"{module}.in_proj_weight" in self.base:
                     self._refuse_mha(key, module)
                 raise FormatError(f"{self.where(key)}: the base has no tensor '{target}'")
-            kind = self._decide_kind(module, kind, shape, expected, key)
+            if kind is SiteKind.LINEAR and len(shape) == 2:
+                decision = self.layout.weight(module, shape, (expected[0], expected[1]))
+                kind, source = _KINDS[decision.layout], decision.source
             if kind is SiteKind.CONV1D:
                 expected = expected[::-1]
             if kind is SiteKind.CONV and tuple(shape[2:]) != tuple(A.shape[2:]):
@@ -381,9 +399,11 @@ class _Reader:
                     f"{self.where(key)}: factors give {expected[:2]}, base '{target}' is {shape}"
                 )
             target = self.base.resolve(target) or target
-        elif kind is SiteKind.LINEAR and self.cfg["fan_in_fan_out"]:
-            kind = SiteKind.CONV1D  # no base to decide from: the config's flag is all there is
-            expected = expected[::-1]
+        elif kind is SiteKind.LINEAR:
+            decision = self.layout.unbased(module)
+            kind, source = _KINDS[decision.layout], decision.source
+            if kind is SiteKind.CONV1D:
+                expected = expected[::-1]
         if self.cfg["use_qalora"] and kind is SiteKind.LINEAR:
             self.notes.append(f"{module}: use_qalora ignored on a dense layer, as peft does")
         alpha, scale = self.scale_for(module, rank)
@@ -422,6 +442,7 @@ class _Reader:
             bias_target=bias_target,
             magnitude=magnitude,
             init=init,
+            layout_source=source or "shape",
         )
 
     def _is_kasa(self, g: _Group) -> bool:
@@ -523,23 +544,6 @@ class _Reader:
             B = torch.block_diag(*torch.chunk(B, nb, dim=0))
         return A, B
 
-    def _decide_kind(
-        self,
-        module: str,
-        kind: SiteKind,
-        shape: tuple[int, ...],
-        expected: tuple[int, ...],
-        key: str,
-    ) -> SiteKind:
-        if kind is not SiteKind.LINEAR or len(shape) != 2:
-            return kind
-        conv1d = self.conv1d_arch and module.rsplit(".", 1)[-1] in _CONV1D_LEAVES
-        if shape == expected and (not conv1d or shape[0] != shape[1]):
-            return SiteKind.LINEAR
-        if shape == expected[::-1]:
-            return SiteKind.CONV1D
-        return kind
-
     def target_parameters(self, owner: str) -> list[str]:
         """Base keys of ``owner``'s parameters named by target_parameters, in config order."""
         names = self.cfg["target_parameters"] or []
@@ -592,17 +596,19 @@ class _Reader:
 
     def _param_fits(self, param: str, A: torch.Tensor, B: torch.Tensor) -> bool:
         shape = self._param_shape(param)
-        return shape is None or _param_layout(shape, A, B) is not None
+        return shape is None or bool(_param_readings(shape, A, B))
 
     def _parameter_site(self, owner: str, param: str, g: _Group) -> list[Site]:
         assert g.A is not None and g.B is not None
         shape = self._param_shape(param)
-        experts, transposed = 0, False
-        if shape is not None:
-            layout = _param_layout(shape, g.A, g.B)
-            assert layout is not None
-            experts, transposed = layout
         name = f"{owner}.{param.rsplit('.', 1)[1]}"
+        experts, transposed, source = 0, False, "target_parameters: no base"
+        if shape is not None and len(shape) == 3:
+            experts = shape[0]
+            decision = self.layout.experts(name, shape, g.A.shape[1], g.B.shape[0])
+            transposed, source = decision.layout is Layout.EXPERTS_IN_OUT, decision.source
+        elif shape is not None:
+            source = "target_parameters: a 2-D parameter is (out, in)"
         rank = g.A.shape[0] // experts if experts else g.A.shape[0]
         alpha, scale = self.scale_for(name, rank)
         if g.magnitude is not None or g.bias is not None or self._is_kasa(g):
@@ -622,6 +628,7 @@ class _Reader:
             init=self.cfg.init,
             experts=experts,
             transposed=transposed,
+            layout_source=source,
         )
         split = self.base.expert_splits.get(param) if self.base is not None else None
         return [site] if split is None else _split_experts(site, split, self.base)
@@ -682,23 +689,16 @@ def _logical_shape(kind: SiteKind, A: torch.Tensor, B: torch.Tensor) -> tuple[in
     return (B.shape[0], A.shape[1], *A.shape[2:])
 
 
-def _param_layout(
-    shape: tuple[int, ...], A: torch.Tensor, B: torch.Tensor
-) -> tuple[int, bool] | None:
-    """(experts, transposed) when factors A (r·E, in), B (out, r·E) fit parameter ``shape``.
+_KINDS = {Layout.LINEAR: SiteKind.LINEAR, Layout.CONV1D: SiteKind.CONV1D}
 
-    A 3-D parameter (E, d1, d2) is (E, out, in) unless its module sets ``is_transposed``, which
-    the checkpoint does not record: the factor shapes decide, non-transposed first when square.
-    """
+
+def _param_readings(shape: tuple[int, ...], A: torch.Tensor, B: torch.Tensor) -> list[bool]:
+    """The readings (transposed or not) under which factors A (r·E, in), B (out, r·E) fit
+    parameter ``shape``: a 2-D parameter is (out, in); a 3-D one (E, out, in) or, transposed,
+    (E, in, out) (:meth:`LayoutRule.experts` decides between them)."""
     if len(shape) == 2:
-        return (0, False) if (B.shape[0], A.shape[1]) == shape else None
-    if len(shape) != 3:
-        return None
-    experts, d1, d2 = shape
-    if A.shape[0] % experts:
-        return None
-    for t in (False, True):
-        (fan_in, fan_out) = (d1, d2) if t else (d2, d1)
-        if (A.shape[1], B.shape[0]) == (fan_in, fan_out):
-            return experts, t
-    return None
+        return [False] if (B.shape[0], A.shape[1]) == shape else []
+    if len(shape) != 3 or A.shape[0] % shape[0]:
+        return []
+    _, d1, d2 = shape
+    return [t for t in (False, True) if (A.shape[1], B.shape[0]) == ((d1, d2) if t else (d2, d1))]

@@ -11,11 +11,11 @@ base seen through that map. The PEFT reader checks an adapter against the view; 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from loracc.arch import LAYER_KEY, LAYER_LIST_PREFERENCE
 from loracc.errors import ConfigError, UnsupportedError
 
 if TYPE_CHECKING:
@@ -24,16 +24,6 @@ if TYPE_CHECKING:
     from loracc.io.checkpoint import BaseWeights, ExpertSplit
 
 __all__ = ["LayerLayout", "ReplicatedCheckpoint"]
-
-_LAYER_KEY = re.compile(r"^(?P<prefix>(?:.*?\.)?(?:layers|layer|h))\.(?P<index>\d+)\.(?P<rest>.+)$")
-# Layer-list prefixes in the order peft tries them (llama, bert, falcon), then the extras.
-_PREFERENCE = (
-    re.compile(r"^(?:model\.)*layers$"),
-    re.compile(r"^(?:model\.)*(?:bert\.)?encoder\.layer$"),
-    re.compile(r"^(?:model\.)*h$"),
-    re.compile(r"^(?:model\.)*decoder\.layers$"),
-    re.compile(r"^(?:model\.)*transformer\.h$"),
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,12 +39,12 @@ class LayerLayout:
         """The layout for ``layer_replication`` ``ranges`` over a checkpoint with ``keys``."""
         counts: dict[str, int] = {}
         for key in keys:
-            m = _LAYER_KEY.match(key)
+            m = LAYER_KEY.match(key)
             if m:
                 n = int(m["index"]) + 1
                 counts[m["prefix"]] = max(counts.get(m["prefix"], 0), n)
         prefix = None
-        for pattern in _PREFERENCE:
+        for pattern in LAYER_LIST_PREFERENCE:
             hits = sorted(p for p in counts if pattern.match(p))
             if len(hits) > 1:
                 raise UnsupportedError(

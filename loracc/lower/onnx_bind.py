@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 import onnx_ir as ir
 import torch
 
+from loracc.arch import FUSED_PROJECTIONS
 from loracc.errors import FormatError, LoweringError, UnsupportedError
 from loracc.io.onnx_model import tensor_to_torch, torch_dtype
 from loracc.ir import Adapter, Site, SiteKind
@@ -70,6 +71,7 @@ __all__ = [
     "WeightUse",
     "bind_adapter",
     "drop_noop_replacements",
+    "graph_layout",
     "privatize",
     "read_ref",
     "ref_shape",
@@ -90,11 +92,6 @@ _NAME_SCOPES = "pkg.torch.onnx.name_scopes"
 _FOLDED_FROM = "pkg.onnxscript.optimizer.folded_from"
 _PARAM_SUFFIXES = (".MatMul.weight", ".Gemm.weight", ".weight")
 _ALIASES = {"self_attn": "attn"}
-FUSED = {
-    ("q_proj", "k_proj", "v_proj"): ("qkv_proj", "query_key_value", "Wqkv", "qkv", "c_attn"),
-    ("query", "key", "value"): ("qkv", "query_key_value", "in_proj"),
-    ("gate_proj", "up_proj"): ("gate_up_proj", "gate_up", "w13"),
-}
 _SIGNATURE = 64
 
 
@@ -532,7 +529,7 @@ class _Binder:
         self, site: Site, siblings: dict[str, Site], ops: Sequence[str]
     ) -> tuple[list[WeightUse], tuple[int, int], str] | None:
         parent, _, leaf = site.module.rpartition(".")
-        for members, fused_leaves in FUSED.items():
+        for members, fused_leaves in FUSED_PROJECTIONS.items():
             if leaf not in members:
                 continue
             for fused_leaf in fused_leaves:
@@ -939,12 +936,27 @@ class OnnxBase:
         return ref.T.contiguous() if self._entry(key).kind is SiteKind.CONV1D else ref
 
 
+# Layout sources (Site.layout_source) the graph does not overrule: loracc.io.layout's
+# architecture table and the user's --layout.
+_DECIDED = ("architecture", "--layout")
+
+
+def graph_layout(site: Site, kind: SiteKind, why: str) -> Site:
+    """``site`` with the 2-D layer kind the ONNX graph shows, unless the architecture table or
+    ``--layout`` decided it (the same order as the PEFT reader's, loracc.io.layout)."""
+    from dataclasses import replace
+
+    if site.kind is kind or site.layout_source.startswith(_DECIDED):
+        return site
+    return replace(site, kind=kind, layout_source=why)
+
+
 def correct_kinds(adapter: Adapter, table: BindingTable) -> Adapter:
     """Mark LINEAR sites bound to a parameter stored (in, out) as CONV1D (GPT-2 style).
 
     A parameter kept under its own name and fed to MatMul (or Gemm with transB=0) without a
     Transpose is stored (in, out): that is transformers' Conv1D, whatever the adapter's
-    ``fan_in_fan_out`` says.
+    ``fan_in_fan_out`` says, unless the architecture table or ``--layout`` decided the site.
     """
     from dataclasses import replace
 
@@ -962,9 +974,10 @@ def correct_kinds(adapter: Adapter, table: BindingTable) -> Adapter:
             )
             and any(_common_suffix(m, site.module) for m in _param_modules(b.uses[0].names))
         ):
-            site = replace(site, kind=SiteKind.CONV1D)
-            b.site = site
-            changed = True
+            graph = f"ONNX graph: '{b.uses[0].init.name}' is read as (in, out)"
+            new = graph_layout(site, SiteKind.CONV1D, graph)
+            changed = changed or new is not site
+            site = b.site = new
         sites.append(site)
     return replace(adapter, sites=tuple(sites)) if changed else adapter
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any, ClassVar
 
+from loracc.arch import LAYER_COUNT_KEYS, PER_LAYER_CONFIG_KEYS
 from loracc.errors import ConfigError, PassError
 from loracc.io.replicated import LayerLayout, ReplicatedCheckpoint
 from loracc.ir import Adapter
@@ -36,12 +37,9 @@ from loracc.passes.base import Pass, PassContext, PassResult, Skip
 
 __all__ = ["ExpandLayerReplication", "LayerLayout", "ReplicatedCheckpoint"]
 
-_LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
-_PER_LAYER_KEYS = frozenset({"no_rope_layers", "num_attention_heads_per_layer"})
-
 
 def _per_layer(key: str) -> bool:
-    return key == "layer_types" or key.endswith("_layer_types") or key in _PER_LAYER_KEYS
+    return key == "layer_types" or key.endswith("_layer_types") or key in PER_LAYER_CONFIG_KEYS
 
 
 def _config_updates(
@@ -51,7 +49,7 @@ def _config_updates(
     if isinstance(config.get("text_config"), dict):
         scopes.append(config["text_config"])
     count_key = next(
-        (k for k in _LAYER_COUNT_KEYS if any(k in scope for scope in scopes)), _LAYER_COUNT_KEYS[0]
+        (k for k in LAYER_COUNT_KEYS if any(k in scope for scope in scopes)), LAYER_COUNT_KEYS[0]
     )
     updates[count_key] = len(layout.mapping)
     changed = [f"{count_key} = {len(layout.mapping)}"]

@@ -1,0 +1,222 @@
+"""The layout of each adapted base tensor, decided by a fixed order and never guessed.
+
+For a 2-D weight (``linear`` (out, in) or ``conv1d`` (in, out)) and a 3-D fused expert parameter
+(``experts-out-in`` or ``experts-in-out``), the first rule that applies decides:
+
+1. ``--layout MODULE_PATTERN=LAYOUT``, the user's choice;
+2. the architecture table (:mod:`loracc.arch`), by ``config.json``'s ``model_type``;
+3. for 2-D weights of a base with no ``model_type``: the shape when only one reading fits, else
+   the adapter's ``fan_in_fan_out`` (peft sets it for the last layer it wrapped, so it is trusted
+   only when no other site of the adapter shows the opposite layout);
+4. for 3-D parameters: the shape when only one reading fits (peft forbids ``fan_in_fan_out``);
+5. otherwise a refusal naming the module, the two readings and the ``--layout`` to choose.
+
+Each decision carries its reason (``Site.layout_source``), which ``inspect`` shows.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from loracc.arch import Layout, architecture, expert_layout, weight_layout
+from loracc.errors import ConfigError, FormatError, UnsupportedError
+
+__all__ = ["Decision", "LayoutChoice", "LayoutRule", "parse_layouts"]
+
+_READINGS = {
+    Layout.LINEAR: "nn.Linear (out, in)",
+    Layout.CONV1D: "Conv1D (in, out)",
+    Layout.EXPERTS_OUT_IN: "experts (E, out, in)",
+    Layout.EXPERTS_IN_OUT: "experts (E, in, out)",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class LayoutChoice:
+    """One ``--layout PATTERN=LAYOUT``: PATTERN is a module path suffix or a full regex."""
+
+    pattern: str
+    layout: Layout
+
+    def matches(self, module: str) -> bool:
+        if module == self.pattern or module.endswith("." + self.pattern):
+            return True
+        try:
+            return re.fullmatch(self.pattern, module) is not None
+        except re.error:
+            return False
+
+    def __str__(self) -> str:
+        return f"--layout {self.pattern}={self.layout.value}"
+
+
+def parse_layouts(
+    specs: Iterable[str] | Mapping[str, str] | None,
+) -> tuple[LayoutChoice, ...]:
+    """``--layout`` values (``"PATTERN=LAYOUT"`` strings, or a {pattern: layout} mapping)."""
+    if specs is None:
+        return ()
+    pairs: list[tuple[str, str]] = []
+    if isinstance(specs, Mapping):
+        pairs = [(str(k), str(v)) for k, v in specs.items()]
+    else:
+        for spec in specs:
+            pattern, sep, value = str(spec).rpartition("=")
+            if not sep or not pattern:
+                raise ConfigError(f"--layout '{spec}': expected MODULE_PATTERN=LAYOUT")
+            pairs.append((pattern, value))
+    names = ", ".join(v.value for v in Layout)
+    out = []
+    for pattern, value in pairs:
+        try:
+            layout = Layout(value.strip().lower())
+        except ValueError:
+            raise ConfigError(
+                f"--layout '{pattern}={value}': the layout must be one of {names}"
+            ) from None
+        out.append(LayoutChoice(pattern.strip(), layout))
+    return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """A layout and why it was chosen."""
+
+    layout: Layout
+    source: str
+
+
+def _fits(shape: tuple[int, ...], readings: Mapping[Layout, tuple[int, ...]]) -> list[Layout]:
+    return [layout for layout, want in readings.items() if tuple(shape) == want]
+
+
+@dataclass
+class LayoutRule:
+    """The decision order for one adapter over one base (docs/FORMATS.md "Layer layouts").
+
+    Attributes:
+        config: the base's config.json (empty without one).
+        fan_in_fan_out: adapter_config.json's flag, None when the file lacks it.
+        choices: the ``--layout`` values.
+        where: the adapter, for messages.
+    """
+
+    config: Mapping[str, Any]
+    fan_in_fan_out: bool | None
+    choices: Sequence[LayoutChoice] = ()
+    where: str = ""
+    used: set[LayoutChoice] = field(default_factory=set)
+    by_shape: dict[Layout, str] = field(default_factory=dict)  # layout -> a module it decided
+    by_flag: list[str] = field(default_factory=list)
+
+    def _choice(self, module: str, readings: Iterable[Layout]) -> Decision | None:
+        for choice in self.choices:
+            if choice.layout in readings and choice.matches(module):
+                self.used.add(choice)
+                return Decision(choice.layout, str(choice))
+        return None
+
+    def _check_fits(self, module: str, d: Decision, fitting: list[Layout], shape: object) -> None:
+        if d.layout not in fitting:
+            raise FormatError(
+                f"{self.where}: '{module}': {d.source} says {_READINGS[d.layout]}, but the "
+                f"factors do not fit the base shape {shape} read that way"
+            )
+
+    def weight(self, module: str, shape: tuple[int, ...], logical: tuple[int, int]) -> Decision:
+        """The layout of ``module``'s 2-D base weight ``shape`` for factors giving (out, in)."""
+        readings = {Layout.LINEAR: logical, Layout.CONV1D: logical[::-1]}
+        fitting = _fits(shape, readings)
+        decided = self._choice(module, readings)
+        if decided is not None:
+            self._check_fits(module, decided, fitting, shape)
+            return decided
+        known = weight_layout(self.config, module)
+        if known is not None and known in fitting:
+            return Decision(known, f"architecture {architecture(self.config)}")
+        if len(fitting) == 1:
+            self.by_shape.setdefault(fitting[0], module)
+            why = "" if known is None else f" (not the {known.value} of its architecture)"
+            return Decision(fitting[0], "shape" + why)
+        if not fitting:  # the caller reports the mismatch
+            return Decision(Layout.LINEAR, "shape")
+        if self.fan_in_fan_out is not None:
+            self.by_flag.append(module)
+            layout = Layout.CONV1D if self.fan_in_fan_out else Layout.LINEAR
+            return Decision(
+                layout,
+                f"fan_in_fan_out={str(self.fan_in_fan_out).lower()} "
+                "(base has no config.json model_type)",
+            )
+        raise self._ambiguous(
+            module,
+            shape,
+            (Layout.LINEAR, Layout.CONV1D),
+            "the base has no config.json model_type and adapter_config.json has no fan_in_fan_out",
+        )
+
+    def unbased(self, module: str) -> Decision:
+        """The layout of a 2-D weight read without a base: ``--layout``, else the flag."""
+        decided = self._choice(module, (Layout.LINEAR, Layout.CONV1D))
+        if decided is not None:
+            return decided
+        layout = Layout.CONV1D if self.fan_in_fan_out else Layout.LINEAR
+        return Decision(
+            layout, f"fan_in_fan_out={str(bool(self.fan_in_fan_out)).lower()} (no base)"
+        )
+
+    def experts(self, module: str, shape: tuple[int, ...], fan_in: int, fan_out: int) -> Decision:
+        """The layout of a fused 3-D expert parameter ``shape`` for factors (in, out)."""
+        E = shape[0]
+        readings = {
+            Layout.EXPERTS_OUT_IN: (E, fan_out, fan_in),
+            Layout.EXPERTS_IN_OUT: (E, fan_in, fan_out),
+        }
+        fitting = _fits(shape, readings)
+        decided = self._choice(module, readings)
+        if decided is not None:
+            self._check_fits(module, decided, fitting, shape)
+            return decided
+        known = expert_layout(self.config)
+        if known is not None and known[1] in fitting:
+            return Decision(known[1], f"architecture {known[0]}")
+        if len(fitting) == 1:
+            return Decision(fitting[0], "shape")
+        if not fitting:
+            raise FormatError(f"{self.where}: '{module}': factors fit no reading of {shape}")
+        model_type = architecture(self.config)
+        why = (
+            f"config.json model_type '{model_type}' is not in loracc's expert table"
+            if model_type
+            else "the base has no config.json model_type"
+        )
+        raise self._ambiguous(module, shape, (Layout.EXPERTS_OUT_IN, Layout.EXPERTS_IN_OUT), why)
+
+    def _ambiguous(
+        self, module: str, shape: tuple[int, ...], options: tuple[Layout, Layout], why: str
+    ) -> UnsupportedError:
+        leaf = module.rsplit(".", 1)[-1]
+        return UnsupportedError(
+            f"{self.where}: '{module}': base shape {shape} reads as {_READINGS[options[0]]} "
+            f"or {_READINGS[options[1]]} and {why}; choose with --layout "
+            f"{leaf}={options[0].value} or --layout {leaf}={options[1].value}"
+        )
+
+    def finish(self) -> None:
+        """Refuse a flag other sites contradict, and ``--layout`` values that matched nothing."""
+        flag = Layout.CONV1D if self.fan_in_fan_out else Layout.LINEAR
+        other = Layout.LINEAR if flag is Layout.CONV1D else Layout.CONV1D
+        if self.by_flag and other in self.by_shape:
+            raise UnsupportedError(
+                f"{self.where}: '{self.by_flag[0]}' is square and the base has no config.json "
+                f"model_type; fan_in_fan_out={str(bool(self.fan_in_fan_out)).lower()} says "
+                f"{flag.value}, but '{self.by_shape[other]}' is {other.value} by its shape, so "
+                "the flag (peft saves it for the last layer it wrapped) cannot decide; choose "
+                f"with --layout {self.by_flag[0].rsplit('.', 1)[-1]}=linear or =conv1d"
+            )
+        unused = [c for c in self.choices if c not in self.used]
+        if unused:
+            raise ConfigError(f"{unused[0]}: matches no adapted module of {self.where}")
