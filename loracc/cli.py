@@ -120,7 +120,7 @@ layout_option = click.option(
     "layout",
     multiple=True,
     metavar="MODULE_PATTERN=LAYOUT",
-    help="Layout of the matching sites when nothing else decides it (repeatable): linear, "
+    help="Layout of the matching sites, before the architecture table (repeatable): linear, "
     "conv1d, experts-out-in or experts-in-out. MODULE_PATTERN is a module path suffix or a regex.",
 )
 
