@@ -5,9 +5,10 @@ For a 2-D weight (``linear`` (out, in) or ``conv1d`` (in, out)) and a 3-D fused 
 
 1. ``--layout MODULE_PATTERN=LAYOUT``, the user's choice;
 2. the architecture table (:mod:`loracc.arch`), by ``config.json``'s ``model_type``;
-3. for 2-D weights of a base with no ``model_type``: the shape when only one reading fits, else
-   the adapter's ``fan_in_fan_out`` (peft sets it for the last layer it wrapped, so it is trusted
-   only when no other site of the adapter shows the opposite layout);
+3. for 2-D weights of a base the table does not know (no ``model_type``, or remote code): the
+   shape when only one reading fits, else ``fan_in_fan_out: true`` for ``conv1d`` (peft sets the
+   flag for the last layer it wrapped, so it is trusted only when no site of the adapter is
+   ``linear`` by its shape; ``false`` is peft's default and says nothing);
 4. for 3-D parameters: the shape when only one reading fits (peft forbids ``fan_in_fan_out``);
 5. otherwise a refusal naming the module, the two readings and the ``--layout`` to choose.
 
@@ -26,6 +27,7 @@ from loracc.errors import ConfigError, FormatError, UnsupportedError
 
 __all__ = ["Decision", "LayoutChoice", "LayoutRule", "parse_layouts"]
 
+_UNKNOWN = "loracc's architecture table does not know the base (no config.json model_type)"
 _READINGS = {
     Layout.LINEAR: "nn.Linear (out, in)",
     Layout.CONV1D: "Conv1D (in, out)",
@@ -143,19 +145,15 @@ class LayoutRule:
             return Decision(fitting[0], "shape" + why)
         if not fitting:  # the caller reports the mismatch
             return Decision(Layout.LINEAR, "shape")
-        if self.fan_in_fan_out is not None:
+        if self.fan_in_fan_out:
             self.by_flag.append(module)
-            layout = Layout.CONV1D if self.fan_in_fan_out else Layout.LINEAR
-            return Decision(
-                layout,
-                f"fan_in_fan_out={str(self.fan_in_fan_out).lower()} "
-                "(base has no config.json model_type)",
-            )
+            return Decision(Layout.CONV1D, f"fan_in_fan_out=true ({_UNKNOWN})")
+        flag = "is false (peft's default" if self.fan_in_fan_out is False else "is absent ("
         raise self._ambiguous(
             module,
             shape,
             (Layout.LINEAR, Layout.CONV1D),
-            "the base has no config.json model_type and adapter_config.json has no fan_in_fan_out",
+            f"{_UNKNOWN}, and adapter_config.json's fan_in_fan_out {flag}, no evidence of either)",
         )
 
     def unbased(self, module: str) -> Decision:
@@ -164,9 +162,8 @@ class LayoutRule:
         if decided is not None:
             return decided
         layout = Layout.CONV1D if self.fan_in_fan_out else Layout.LINEAR
-        return Decision(
-            layout, f"fan_in_fan_out={str(bool(self.fan_in_fan_out)).lower()} (no base)"
-        )
+        flag = "absent" if self.fan_in_fan_out is None else str(self.fan_in_fan_out).lower()
+        return Decision(layout, f"fan_in_fan_out={flag} (no base)")
 
     def experts(self, module: str, shape: tuple[int, ...], fan_in: int, fan_out: int) -> Decision:
         """The layout of a fused 3-D expert parameter ``shape`` for factors (in, out)."""
@@ -191,7 +188,7 @@ class LayoutRule:
         why = (
             f"config.json model_type '{model_type}' is not in loracc's expert table"
             if model_type
-            else "the base has no config.json model_type"
+            else _UNKNOWN
         )
         raise self._ambiguous(module, shape, (Layout.EXPERTS_OUT_IN, Layout.EXPERTS_IN_OUT), why)
 
@@ -207,15 +204,15 @@ class LayoutRule:
 
     def finish(self) -> None:
         """Refuse a flag other sites contradict, and ``--layout`` values that matched nothing."""
-        flag = Layout.CONV1D if self.fan_in_fan_out else Layout.LINEAR
-        other = Layout.LINEAR if flag is Layout.CONV1D else Layout.CONV1D
-        if self.by_flag and other in self.by_shape:
+        if self.by_flag and Layout.LINEAR in self.by_shape:
+            module = self.by_flag[0]
+            leaf = module.rsplit(".", 1)[-1]
             raise UnsupportedError(
-                f"{self.where}: '{self.by_flag[0]}' is square and the base has no config.json "
-                f"model_type; fan_in_fan_out={str(bool(self.fan_in_fan_out)).lower()} says "
-                f"{flag.value}, but '{self.by_shape[other]}' is {other.value} by its shape, so "
-                "the flag (peft saves it for the last layer it wrapped) cannot decide; choose "
-                f"with --layout {self.by_flag[0].rsplit('.', 1)[-1]}=linear or =conv1d"
+                f"{self.where}: '{module}': square weight, {_UNKNOWN}; fan_in_fan_out=true says "
+                f"Conv1D (in, out), but '{self.by_shape[Layout.LINEAR]}' is nn.Linear by its "
+                "shape, so the model mixes both and the flag (peft saves the value of the last "
+                f"layer it wrapped) cannot decide; choose with --layout {leaf}=linear or "
+                f"--layout {leaf}=conv1d"
             )
         unused = [c for c in self.choices if c not in self.used]
         if unused:
