@@ -43,6 +43,8 @@ __all__ = [
     "Layout",
     "architecture",
     "expert_layout",
+    "has_conv1d",
+    "remote_code",
     "weight_layout",
 ]
 
@@ -212,15 +214,19 @@ PER_LAYER_CONFIG_KEYS = frozenset({"no_rope_layers", "num_attention_heads_per_la
 
 
 def architecture(config: Mapping[str, Any]) -> str | None:
-    """The model_type the table can speak for, or None.
-
-    None without a ``model_type`` and for remote code (``auto_map``): its modules are not
-    transformers' and may use any layout.
-    """
+    """The model's ``model_type``, or None."""
     model_type = config.get("model_type")
-    if not isinstance(model_type, str) or not model_type or "auto_map" in config:
-        return None
-    return model_type
+    return model_type if isinstance(model_type, str) and model_type else None
+
+
+def remote_code(config: Mapping[str, Any]) -> bool:
+    """Whether the model's modules come with the checkpoint (``auto_map``), not transformers."""
+    return "auto_map" in config
+
+
+def has_conv1d(config: Mapping[str, Any]) -> bool:
+    """Whether the architecture uses transformers' Conv1D anywhere."""
+    return any(t in CONV1D_MODEL_TYPES for t in _model_types(config))
 
 
 def _model_types(config: Mapping[str, Any]) -> list[str]:
@@ -238,7 +244,7 @@ def weight_layout(config: Mapping[str, Any], module: str) -> Layout | None:
     if not types:
         return None
     leaf = module.rsplit(".", 1)[-1]
-    if leaf in CONV1D_LEAVES and any(t in CONV1D_MODEL_TYPES for t in types):
+    if leaf in CONV1D_LEAVES and has_conv1d(config):
         return Layout.CONV1D
     return Layout.LINEAR
 

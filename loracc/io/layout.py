@@ -22,12 +22,22 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from loracc.arch import Layout, architecture, expert_layout, weight_layout
+from loracc.arch import (
+    Layout,
+    architecture,
+    expert_layout,
+    has_conv1d,
+    remote_code,
+    weight_layout,
+)
 from loracc.errors import ConfigError, FormatError, UnsupportedError
 
 __all__ = ["Decision", "LayoutChoice", "LayoutRule", "parse_layouts"]
 
-_UNKNOWN = "loracc's architecture table does not know the base (no config.json model_type)"
+_UNKNOWN = (
+    "loracc's architecture table does not know the base (no config.json model_type, or remote "
+    "code with fan_in_fan_out true)"
+)
 _READINGS = {
     Layout.LINEAR: "nn.Linear (out, in)",
     Layout.CONV1D: "Conv1D (in, out)",
@@ -137,6 +147,8 @@ class LayoutRule:
             self._check_fits(module, decided, fitting, shape)
             return decided
         known = weight_layout(self.config, module)
+        if self.fan_in_fan_out and remote_code(self.config) and not has_conv1d(self.config):
+            known = None  # peft wrapped a Conv1D the table cannot place: remote code
         if known is not None and known in fitting:
             return Decision(known, f"architecture {architecture(self.config)}")
         if len(fitting) == 1:
