@@ -44,7 +44,8 @@ FIELDS: Mapping[str, str] = {
     "target_modules": "cross-checked against the saved keys (the keys are the ground truth)",
     "exclude_modules": "cross-checked against the saved keys",
     "lora_dropout": "ignored: training only",
-    "fan_in_fan_out": "ignored: Conv1D layout is decided from the base architecture",
+    "fan_in_fan_out": "`true` makes a square weight `conv1d` when the architecture table does "
+    "not know the base (Layer layouts); otherwise ignored",
     "bias": "applied: saved biases replace the base biases",
     "use_rslora": "applied: scale = alpha/sqrt(r)",
     "modules_to_save": "applied: saved copies replace the base tensors",
