@@ -334,9 +334,8 @@ def test_square_site_without_config_or_hint_is_refused(tmp_path: Path, drop_flag
 
 
 def test_fan_in_fan_out_contradicted_by_a_linear_is_refused(tmp_path: Path) -> None:
-    """peft saves fan_in_fan_out of the last layer it wrapped: with a Linear (5 -> 5 by shape
-    nothing, 5x7 by shape Linear) beside the Conv1D the flag cannot decide the square site."""
-    model = _Square(linear=(5, 5)).__class__(linear=None)
+    """peft saves fan_in_fan_out of the last layer it wrapped: with an nn.Linear that is Linear by
+    its shape (5 -> 7) beside the square Conv1D, the flag cannot decide the square site."""
     model = nn.Sequential()
     model.add_module("lin", nn.Linear(5, 7))
     model.add_module("proj", nn.Linear(7, 5))
