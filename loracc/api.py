@@ -138,19 +138,23 @@ def merge(
     progress: Any = None,
     workers: int | None = None,
     layout: LayoutChoices = None,
+    allow_large_replication: bool = False,
 ) -> MergeReport:
     """Merge a PEFT adapter into a Hugging Face checkpoint, streaming one tensor at a time.
 
     ``passes`` are optional passes added to the required ones of :func:`merge_pipeline` (or
     configuring them); the pipeline runs in the canonical order. The output folder is written
     under a temporary name and renamed at the end; an existing ``out_dir`` is refused unless
-    ``force``. ``layout`` holds ``--layout`` choices (docs/FORMATS.md "Layer layouts").
+    ``force``. ``layout`` holds ``--layout`` choices (docs/FORMATS.md "Layer layouts"). A
+    ``layer_replication`` building more than 4x the base's layers is refused unless
+    ``allow_large_replication``.
     """
     out = Path(out_dir)
+    device, device_notes = _device(device)
     options = MergeOptions(
         dtype=parse_dtype(dtype),
         max_shard_size=parse_size(max_shard_size),
-        device=_device(device),
+        device=device,
         allow_nonfinite=allow_nonfinite,
         progress=progress,
         workers=workers or min(4, os.cpu_count() or 1),
@@ -162,6 +166,7 @@ def merge(
         initial=initial_adapter,
         allow_nonfinite=allow_nonfinite,
         layout=layout,
+        allow_large_replication=allow_large_replication,
     )
     if adapter.refusals:  # decided by the config alone: refuse before any pass reads the base
         check_mergeable(adapter)
@@ -182,14 +187,26 @@ def merge(
         sites=len(result.adapter.sites),
         config_updates=stats.config_updates,
         passes=pass_steps(result),
-        notes=list(result.adapter.notes),
+        notes=device_notes + list(result.adapter.notes),
     )
 
 
-def _device(name: str) -> str:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        return "cpu"
-    return name
+def _device(name: str) -> tuple[str, list[str]]:
+    """The device deltas are computed on, and a note when ``cuda`` falls back to the CPU."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise ConfigError(f"--device: '{name}' is not a device name (cpu, cuda, cuda:N)") from e
+    if device.type == "cpu":
+        return name, []
+    if device.type != "cuda":
+        raise UnsupportedError(f"--device: '{name}': loracc computes on cpu or cuda only")
+    if not torch.cuda.is_available():
+        return "cpu", [f"--device {name}: no usable CUDA device here; computed on the CPU"]
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ConfigError(f"--device: '{name}': this machine has {count} CUDA device(s)")
+    return name, []
 
 
 def inspect(
@@ -281,7 +298,7 @@ def emit_ir(
     result = run_pipeline(
         adapter,
         pipeline,
-        PassContext(base=base, device=_device(device)),
+        PassContext(base=base, device=_device(device)[0]),
         check=True,
         after=(lambda name, a: dumps.append((name, print_ir(a)))) if after_all else None,
     )
@@ -330,7 +347,8 @@ def convert(
     if adapter.refusals:
         raise UnsupportedError(f"{adapter.name}: cannot convert: {adapter.refusals[0]}")
     passes = convert_pipeline(base=base is not None, rank=rank, energy=energy)
-    result = run_pipeline(adapter, passes, PassContext(base=base, device=_device(device)))
+    device, device_notes = _device(device)
+    result = run_pipeline(adapter, passes, PassContext(base=base, device=device))
     splits = base.expert_splits.values() if base is not None else ()
     split = {k for s in splits for ks in s.keys for k in ks}
     if any(s.target in split for s in result.adapter.sites):
@@ -350,5 +368,5 @@ def convert(
             for s in sorted(result.adapter.sites, key=lambda s: s.module)
         ],
         passes=pass_steps(result),
-        notes=list(result.adapter.notes),
+        notes=device_notes + list(result.adapter.notes),
     )

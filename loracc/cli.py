@@ -15,11 +15,20 @@ from typing import Any
 import click
 
 from loracc import api
-from loracc.errors import LoraccError
+from loracc.errors import LoraccError, printable
 from loracc.lower.merge import terminal_progress
 from loracc.passes import Pass, parse_pipeline
 
 __all__ = ["main"]
+
+
+# Optional dependencies (pyproject.toml extras) and how to get each.
+_EXTRAS: dict[str, str] = {
+    "onnx": "install loracc[onnx]",
+    "onnx_ir": "install loracc[onnx]",
+    "onnxscript": "install onnxscript",
+    "onnxruntime": "install onnxruntime (or onnxruntime-gpu), or loracc[onnx,ort]",
+}
 
 
 def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -33,16 +42,26 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
         except LoraccError as e:
             if debug:
                 traceback.print_exc()
-            click.echo(f"loracc: error: {e}", err=True)
+            click.echo(f"loracc: error: {printable(str(e))}", err=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
             click.echo("loracc: interrupted", err=True)
             sys.exit(130)
         except Exception as e:  # a bug: say so in one line unless asked for the traceback
+            missing = (e.name or "").partition(".")[0] if isinstance(e, ImportError) else ""
+            if missing in _EXTRAS:  # not a bug: an optional dependency is missing
+                if debug:
+                    traceback.print_exc()
+                click.echo(
+                    f"loracc: error: {missing} is not installed; {_EXTRAS[missing]}", err=True
+                )
+                sys.exit(2)
             if debug:
                 raise
             click.echo(
-                f"loracc: internal error: {e!r} (rerun with --debug for the traceback)", err=True
+                f"loracc: internal error: {printable(repr(e))} (rerun with --debug for the "
+                "traceback)",
+                err=True,
             )
             sys.exit(1)
 
@@ -94,7 +113,19 @@ class LoraccGroup(click.Group):
 
 
 def _emit(data: dict[str, Any], as_json: bool, text: Callable[[dict[str, Any]], str]) -> None:
-    click.echo(json.dumps(data, indent=2, default=str) if as_json else text(data))
+    """Print a report as JSON (which escapes control characters itself) or as text, every
+    string in it escaped first: names from input files must not add or disguise lines."""
+    click.echo(json.dumps(data, indent=2, default=str) if as_json else text(_printable(data)))
+
+
+def _printable(value: Any) -> Any:
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, dict):
+        return {_printable(k): _printable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_printable(v) for v in value]
+    return value
 
 
 # Options several commands share, each defined once (cli_onnx and cli_golden use them too).
@@ -184,7 +215,8 @@ def main(debug: bool) -> None:
     "--device",
     default="cpu",
     show_default=True,
-    help="Where deltas are computed (cuda falls back to cpu when unavailable).",
+    help="Where deltas are computed: cpu, cuda or cuda:N (cuda falls back to cpu, with a "
+    "note, when unavailable).",
 )
 @click.option(
     "--workers",
@@ -196,6 +228,11 @@ def main(debug: bool) -> None:
 @passes_option("the required merge passes")
 @allow_nonfinite_option
 @layout_option
+@click.option(
+    "--allow-large-replication",
+    is_flag=True,
+    help="Accept a layer_replication that builds more than 4x the base's layers.",
+)
 @json_option
 @_guard
 def merge(
@@ -211,6 +248,7 @@ def merge(
     passes_spec: str | None,
     allow_nonfinite: bool,
     layout: tuple[str, ...],
+    allow_large_replication: bool,
     as_json: bool,
 ) -> None:
     """Merge a PEFT LoRA adapter into a Hugging Face checkpoint (streamed, bounded memory)."""
@@ -228,6 +266,7 @@ def merge(
         progress=None if as_json else terminal_progress(),
         workers=workers,
         layout=layout,
+        allow_large_replication=allow_large_replication,
     )
     _emit(report.to_dict(), as_json, _merge_text)
 

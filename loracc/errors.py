@@ -17,7 +17,33 @@ __all__ = [
     "PassError",
     "UnsupportedError",
     "VerifyError",
+    "printable",
+    "shorten",
 ]
+
+
+def printable(text: str) -> str:
+    """``text`` with every non-printable character escaped: controls, and the format characters
+    (category Cf) that include the bidirectional overrides.
+
+    Names come from input files; printed raw, a newline in a tensor key would start a line that
+    looks like loracc's own output, and U+202E would reverse what follows it on screen.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escape(ord(c)) for c in text)
+
+
+def _escape(code: int) -> str:
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def shorten(value: object, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for values quoted in messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class LoraccError(Exception):

@@ -19,6 +19,7 @@ import numpy as np
 
 from loracc.errors import FormatError, InputError, OutputError
 from loracc.io import ort as ort_io
+from loracc.io.npz import read_npz
 from loracc.io.ort import Session, TensorSpec
 
 __all__ = [
@@ -93,15 +94,8 @@ def model_fingerprint(path: Path) -> str:
 
 
 def load_npz(path: str | os.PathLike[str], what: str = "inputs") -> dict[str, np.ndarray]:
-    """Arrays of an ``.npz`` file by name (no pickles)."""
-    p = Path(path)
-    try:
-        with np.load(p, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except FileNotFoundError as e:
-        raise InputError(f"{p}: {what} file not found") from e
-    except (OSError, ValueError) as e:
-        raise FormatError(f"{p}: not a readable .npz {what} file ({e})") from e
+    """Arrays of an ``.npz`` file by name (no pickles; sizes bounded: :mod:`loracc.io.npz`)."""
+    return read_npz(Path(path), what)
 
 
 def save_npz(path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray]) -> None:

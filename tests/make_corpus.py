@@ -952,6 +952,55 @@ def _adapter_file_bytes(lay: Layout) -> bytes:
     return raw
 
 
+def _header_entry_shape(file: str, key: str | None, shape: list[int]):
+    """Give one tensor an empty byte range and ``shape`` (whose element count is 0)."""
+
+    def edit(lay: Layout) -> None:
+        path = (lay.adapter if file.startswith("adapter") else lay.base) / file
+
+        def change(h: dict[str, object]) -> None:
+            k = key or _first_tensor(h)
+            begin = h[k]["data_offsets"][0]  # type: ignore[index]
+            h[k]["shape"] = shape  # type: ignore[index]
+            h[k]["data_offsets"] = [begin, begin]  # type: ignore[index]
+
+        edit_header(path, change)
+
+    return edit
+
+
+def _duplicate_header_key(lay: Layout) -> None:
+    """The base header names model.norm.weight twice (JSON allows it; the last would win)."""
+    path = lay.base / "model.safetensors"
+    header, data = read_safetensors_header(path)
+    entry = json.dumps(header["model.norm.weight"])
+    text = json.dumps(header)[:-1] + f', "model.norm.weight": {entry}}}'
+    write_raw_safetensors(path, None, data, header_text=text.encode())
+
+
+def _many_empty_tensors(count: int):
+    """``count`` extra zero-size tensors in the base header (no data bytes)."""
+
+    def edit(lay: Layout) -> None:
+        def change(h: dict[str, object]) -> None:
+            for i in range(count):
+                h[f"extra.{i}"] = {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}
+
+        edit_header(lay.base / "model.safetensors", change)
+
+    return edit
+
+
+def _raw_config(text: str):
+    """adapter_config.json with ``text`` spliced in before the closing brace."""
+    body = json.dumps(ADAPTER_CONFIG)[:-1]
+    return _config(text=f"{body}, {text}}}")
+
+
+_SPOOF = "zz\nloracc: merged 4 sites OK"
+_BIDI = "zz\u202e\x00gpj.exe"
+
+
 _INF = float("inf")
 _NAN = float("nan")
 
@@ -1091,7 +1140,7 @@ CASES: tuple[Case, ...] = (
          _with(_config({"r": True})), 2, "'r' must be a positive integer", "adapter_config.json",
          group="adapter_config.json"),
     Case("config-alpha-string", "lora_alpha is \"16\"",
-         _with(_config({"lora_alpha": "16"})), 2, "'lora_alpha' must be a number",
+         _with(_config({"lora_alpha": "16"})), 2, "'lora_alpha' must be a finite number",
          "adapter_config.json", group="adapter_config.json"),
     Case("config-targets-wrong-type", "target_modules is 5",
          _with(_config({"target_modules": 5})), 2, "'target_modules' must be",
@@ -1319,6 +1368,80 @@ CASES: tuple[Case, ...] = (
          _pack_with(_existing_adapter_file, targets=("q_proj",)),
          2, "already exists (use --force", "a.onnx_adapter", needs="onnxruntime",
          group="onnx output"),
+    # -- values and names past what the format or loracc can hold (issue 11) --------------------
+    Case("adapter-rank-zero", "q_proj's lora_A is (0, 16) and lora_B (16, 0): rank 0",
+         _with(_adapter_tensors_edit(lambda t: t.update({
+             f"{_Q0}.lora_A.weight": torch.zeros(0, HIDDEN),
+             f"{_Q0}.lora_B.weight": torch.zeros(HIDDEN, 0)}))),
+         2, "have rank 0", "model.layers.0.self_attn.q_proj", group="bounds"),
+    Case("adapter-shape-2-63", "an adapter tensor of shape [2**63, 0] (empty, past int64)",
+         _with(_header_entry_shape("adapter_model.safetensors", f"{_Q0}.lora_A.weight",
+                                   [2**63, 0])),
+         2, "2**63 or more", "q_proj.lora_A.weight", group="bounds"),
+    Case("base-shape-2-70", "a base tensor of shape [2**70, 0] (safetensors cannot write it)",
+         _with(_header_entry_shape("model.safetensors", "model.norm.weight", [2**70, 0])),
+         2, "2**63 or more", "model.norm.weight", group="bounds"),
+    Case("base-shape-65-dims", "a base tensor with 65 dimensions of size 1",
+         _with(_header_entry_shape("model.safetensors", "model.norm.weight", [1] * 64 + [0])),
+         2, "more than 64 dimensions", "model.norm.weight", group="bounds"),
+    Case("base-too-many-tensors", "101,000 zero-size tensors added to the base's 22 KB",
+         _with(_many_empty_tensors(101_000)), 2, "tensors in", "model.safetensors",
+         group="bounds"),
+    Case("base-header-duplicate-key", "the base header names model.norm.weight twice",
+         _with(_duplicate_header_key), 2, "duplicate key 'model.norm.weight'",
+         "model.safetensors", group="bounds"),
+    Case("adapter-metadata-not-strings", "the adapter's __metadata__ maps 'format' to a list",
+         _with(lambda lay: edit_header(lay.adapter / "adapter_model.safetensors",
+                                       lambda h: h.__setitem__("__metadata__", {"format": [[]]}))),
+         2, "must map strings to strings", "adapter_model.safetensors", group="bounds"),
+    Case("config-alpha-400-digits", "lora_alpha is an integer of 400 digits",
+         _with(_config({"lora_alpha": 10**400})), 2, "'lora_alpha' must be a finite number",
+         "adapter_config.json", group="bounds"),
+    Case("config-alpha-nan", "lora_alpha is NaN (Python's json reads it)",
+         _with(_config({"lora_alpha": _NAN})), 2, "'lora_alpha' must be a finite number",
+         "adapter_config.json", group="bounds"),
+    Case("config-alpha-infinity", "lora_alpha is Infinity",
+         _with(_config({"lora_alpha": _INF})), 2, "'lora_alpha' must be a finite number",
+         "adapter_config.json", group="bounds"),
+    Case("config-alpha-pattern-nan", "an alpha_pattern value is NaN",
+         _with(_config({"alpha_pattern": {"q_proj": _NAN}})), 2,
+         "'alpha_pattern' must be an object of finite numbers", "adapter_config.json",
+         group="bounds"),
+    Case("config-peft-version-5000-digits", "peft_version is '0.' and 5000 digits",
+         _with(_config({"peft_version": "0." + "9" * 5000})), 2, "is not a version",
+         "adapter_config.json", group="bounds"),
+    Case("config-duplicate-key", "adapter_config.json sets lora_alpha twice",
+         _with(_raw_config('"lora_alpha": 64')), 2, "duplicate key 'lora_alpha'",
+         "adapter_config.json", group="bounds"),
+    Case("base-config-duplicate-key", "the base config.json sets model_type twice",
+         _with(lambda lay: (lay.base / "config.json").write_text(
+             '{"model_type": "llama", "model_type": "gpt2"}')),
+         2, "duplicate key 'model_type'", "config.json", group="bounds"),
+    Case("config-replication-large", "layer_replication builds 18 layers from the base's 2",
+         _with(_config({"layer_replication": [[0, 2]] * 9})), 2, "--allow-large-replication",
+         "layer_replication", group="bounds"),
+    Case("config-replication-large-allowed", "the same with --allow-large-replication",
+         _with(_config({"layer_replication": [[0, 2]] * 9}),
+               extra=("--allow-large-replication",)),
+         0, "merged 4 sites", group="bounds"),
+    Case("name-newline", "an adapter key holding a newline and a fake 'merged 4 sites OK' line",
+         _with(_adapter_tensors_edit(lambda t: t.update({
+             f"{PREFIX}model.layers.0.self_attn.{_SPOOF}.lora_A.weight": torch.randn(RANK, HIDDEN),
+             f"{PREFIX}model.layers.0.self_attn.{_SPOOF}.lora_B.weight": torch.randn(HIDDEN, RANK),
+         }))),
+         2, "unknown LoRA tensor", "zz\\x0aloracc: merged", group="bounds"),
+    Case("name-nul-bidi", "an adapter key holding NUL and U+202E (right-to-left override)",
+         _with(_adapter_tensors_edit(lambda t: t.update({
+             f"{PREFIX}model.layers.0.self_attn.{_BIDI}.lora_A.weight": torch.randn(RANK, HIDDEN),
+             f"{PREFIX}model.layers.0.self_attn.{_BIDI}.lora_B.weight": torch.randn(HIDDEN, RANK),
+         }))),
+         2, "the base has no tensor", "zz\\u202e\\x00gpj.exe", group="bounds"),
+    Case("usage-device-unknown", "--device tpu",
+         _with(lambda lay: None, extra=("--device", "tpu")), 2, "is not a device name",
+         "--device", group="usage"),
+    Case("usage-device-meta", "--device meta (a torch device loracc does not compute on)",
+         _with(lambda lay: None, extra=("--device", "meta")), 2, "cpu or cuda only",
+         "--device", group="usage"),
     # -- usage -----------------------------------------------------------------------------------
     Case("usage-missing-base", "--base is not given",
          _argv(lambda lay: ["merge", "--adapter", str(lay.adapter), "-o", str(lay.out)]),

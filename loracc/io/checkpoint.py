@@ -8,7 +8,6 @@ checkpoints (``pytorch_model.bin``) are refused: loracc never unpickles.
 
 from __future__ import annotations
 
-import json
 import os
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
@@ -28,7 +27,8 @@ from loracc.arch import (
     OUTPUT_EMBEDDING_KEYS,
     STORED_LAYOUTS,
 )
-from loracc.errors import ConfigError, FormatError, InputError
+from loracc.errors import ConfigError, FormatError, InputError, shorten
+from loracc.io.inputs import read_json
 from loracc.io.safetensors import SafetensorsFile, TensorInfo, read_tensor
 
 __all__ = [
@@ -109,27 +109,6 @@ _CONFIG_TYPES: Mapping[str, tuple[type | tuple[type, ...], str]] = {
 }
 
 
-def _short(value: object, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def read_json(path: Path) -> Any:
-    """Parse a JSON file, with a one-line error naming it."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise InputError(f"{path}: file not found") from e
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: cannot read ({e})") from e
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
-    except RecursionError as e:
-        raise ConfigError(f"{path}: not valid JSON (nested too deeply)") from e
-    except ValueError as e:  # e.g. an integer of more than 4300 digits
-        raise ConfigError(f"{path}: not valid JSON ({e})") from e
-
-
 def _hub_blobs(folder: Path) -> Path | None:
     """``<repo>/blobs`` when ``folder`` is a Hugging Face hub-cache ``<repo>/snapshots/<rev>``."""
     if folder.parent.name == "snapshots" and (folder.parent.parent / "blobs").is_dir():
@@ -187,7 +166,9 @@ class Checkpoint:
         for key, (types, expected) in _CONFIG_TYPES.items():
             value = self.config.get(key)
             if value is not None and not isinstance(value, types):
-                raise ConfigError(f"{config_path}: '{key}' must be {expected}, got {_short(value)}")
+                raise ConfigError(
+                    f"{config_path}: '{key}' must be {expected}, got {shorten(value)}"
+                )
         self.files: list[SafetensorsFile] = []
         self._info: dict[str, TensorInfo] = {}
         index = self.folder / INDEX_NAME

@@ -97,6 +97,7 @@ def load_adapter(
     initial: str | Path | None = None,
     allow_nonfinite: bool = False,
     layout: Iterable[str] | Mapping[str, str] | None = None,
+    allow_large_replication: bool = False,
 ) -> Adapter:
     """Read a PEFT LoRA adapter folder into an :class:`Adapter`.
 
@@ -107,13 +108,14 @@ def load_adapter(
         allow_nonfinite: accept NaN or Inf in the adapter's tensors.
         layout: ``--layout`` choices, ``"MODULE_PATTERN=LAYOUT"`` strings or a mapping, for
             sites whose layout nothing else decides (docs/FORMATS.md "Layer layouts").
+        allow_large_replication: accept a layer_replication of more than 4x the base's layers.
     """
     folder = Path(folder)
     config_path, weights_path = adapter_files(folder)
     cfg = read_config(config_path)
     tensors = open_safetensors(weights_path).read_all()
     _check_tensors(weights_path, tensors, allow_nonfinite)
-    reader = _Reader(folder, weights_path, cfg, base, layout)
+    reader = _Reader(folder, weights_path, cfg, base, layout, allow_large_replication)
     adapter = reader.build(tensors)
     if base is not None:
         _check_base_dtypes(adapter, base)
@@ -178,9 +180,12 @@ class _Reader:
         cfg: LoraConfig,
         base: BaseWeights | None,
         layout: Iterable[str] | Mapping[str, str] | None = None,
+        allow_large_replication: bool = False,
     ):
         if base is not None and cfg["layer_replication"]:  # keys use the expanded layer indices
-            base = ReplicatedCheckpoint(base, cfg["layer_replication"])
+            base = ReplicatedCheckpoint(
+                base, cfg["layer_replication"], allow_large=allow_large_replication
+            )
         self.folder, self.weights, self.cfg, self.base = folder, weights, cfg, base
         self.notes: list[str] = []
         self.replaced: dict[str, tuple[int, ...]] = {}  # target -> shape of a whole replacement
@@ -348,7 +353,11 @@ class _Reader:
         return self.replaced.get(stored, shape) if shape is not None else None
 
     def scale_for(self, name: str, rank: int) -> tuple[float, float]:
-        alpha = float(resolve_pattern(self.cfg["alpha_pattern"], name, self.cfg["lora_alpha"]))
+        if rank <= 0:  # peft refuses r <= 0 when it builds the layer
+            raise FormatError(f"{self.weights}: '{name}': the LoRA factors have rank 0")
+        patterns = self.cfg["alpha_pattern"]
+        default = self.cfg["lora_alpha"]
+        alpha = float(resolve_pattern(patterns, name, default, "alpha_pattern", self.cfg.path))
         self.notes += pattern_overlap_notes(self.cfg, name, rank)
         scale = alpha / math.sqrt(rank) if self.cfg["use_rslora"] else alpha / rank
         return alpha, scale

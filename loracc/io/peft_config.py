@@ -8,14 +8,17 @@ rank/alpha pattern lookup reproduce peft 0.21 exactly (see docs/FORMATS.md for t
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+import regex
 
 from loracc.errors import ConfigError
-from loracc.io.checkpoint import read_json
+from loracc.io.inputs import read_json
 
 __all__ = [
     "FIELDS",
@@ -23,6 +26,7 @@ __all__ = [
     "LoraConfig",
     "is_targeted",
     "layer_index",
+    "match_pattern",
     "pattern_overlap_notes",
     "read_config",
     "resolve_pattern",
@@ -98,12 +102,19 @@ def _is_int(v: object) -> bool:
 
 
 def _is_num(v: object) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
+    """A finite JSON number that a float holds (Python's json reads NaN, Infinity and ints of
+    any length; each would reach the merge as a NaN or an OverflowError)."""
+    if not isinstance(v, int | float) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int past the float range
+        return False
 
 
 _CHECKS: Mapping[str, tuple[Callable[[object], bool], str]] = {
     "r": (lambda v: _is_int(v) and v > 0, "a positive integer"),
-    "lora_alpha": (_is_num, "a number"),
+    "lora_alpha": (_is_num, "a finite number"),
     "target_modules": (
         lambda v: v is None or isinstance(v, str) or _is_str_list(v),
         "null, a string or a list of strings",
@@ -134,7 +145,7 @@ _CHECKS: Mapping[str, tuple[Callable[[object], bool], str]] = {
     ),
     "alpha_pattern": (
         lambda v: v is None or (isinstance(v, dict) and all(map(_is_num, v.values()))),
-        "an object of numbers",
+        "an object of finite numbers",
     ),
     "trainable_token_indices": (
         lambda v: (
@@ -186,9 +197,12 @@ _LEGACY: Mapping[str, str] = {
 
 
 def _version(text: object) -> tuple[int, ...] | None:
+    """(major, minor, patch) of a version string; a part of more than 9 digits is no version."""
     if not isinstance(text, str):
         return None
     parts = re.findall(r"\d+", text)[:3]
+    if any(len(p) > 9 for p in parts):
+        raise ValueError(f"peft_version {text[:20]!r}... is not a version")
     return tuple(int(p) for p in parts) if parts else None
 
 
@@ -225,15 +239,19 @@ def read_config(path: Path) -> LoraConfig:
     for key, (check, expected) in _CHECKS.items():
         if key in data and not check(data[key]):
             raise ConfigError(f"{path}: '{key}' must be {expected}, got {data[key]!r}")
-    for key, entry, regex in _regexes(data):
-        try:
-            re.compile(regex)
-        except (re.error, RecursionError, OverflowError) as e:
+    for key, entry, built in _regexes(data):
+        try:  # valid for peft (re) and for the matcher (regex)
+            re.compile(built)
+            regex.compile(built)
+        except (re.error, regex.error, RecursionError, OverflowError) as e:
             raise ConfigError(
                 f"{path}: '{key}' entry {entry!r} is not a valid regular expression ({e})"
             ) from e
     refusals: list[str] = []
-    version = _version(data.get("peft_version"))
+    try:
+        version = _version(data.get("peft_version"))
+    except ValueError as e:
+        raise ConfigError(f"{path}: {e}") from e
     newer = version is not None and version[:2] > KNOWN_PEFT
     unknown = tuple(k for k in data if k not in FIELDS and k not in _LEGACY)
     for key in unknown:
@@ -264,17 +282,48 @@ def _regexes(data: Mapping[str, Any]) -> Iterator[tuple[str, str, str]]:
         yield "modules_to_save", m, rf"(^|.*\.){m}($|\..*)"
 
 
-def resolve_pattern(patterns: Mapping[str, Any] | None, name: str, default: Any) -> Any:
+# Patterns are user input matched against every module name: a catastrophic pattern such as
+# "(.|.)+(?!)" would otherwise backtrack for hours. The regex package keeps Python's syntax and
+# semantics (PEFT matches with re) and stops a match at a deadline; see docs/FORMATS.md.
+PATTERN_TIMEOUT_S = 1.0
+
+
+def match_pattern(
+    how: Literal["match", "fullmatch"], pattern: str, name: str, field: str, path: object = ""
+) -> regex.Match[str] | None:
+    """``re.match``/``re.fullmatch(pattern, name)``, or a ConfigError naming ``field`` when the
+    match runs past :data:`PATTERN_TIMEOUT_S`."""
+    try:
+        return getattr(regex, how)(pattern, name, timeout=PATTERN_TIMEOUT_S)
+    except TimeoutError as e:
+        where = f"{path}: " if path else ""
+        raise ConfigError(
+            f"{where}'{field}' pattern {pattern!r} took over {PATTERN_TIMEOUT_S:g}s to match "
+            f"'{name}' (catastrophic backtracking); simplify it"
+        ) from e
+
+
+def resolve_pattern(
+    patterns: Mapping[str, Any] | None,
+    name: str,
+    default: Any,
+    field: str = "alpha_pattern",
+    path: object = "",
+) -> Any:
     """peft >= 0.15: the first key K (in file order) with ``re.match(r"(.*\\.)?(K)$", name)``."""
     for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
+        if match_pattern("match", rf"(.*\.)?({key})$", name, field, path):
             return value
     return default
 
 
-def _matching_pattern_keys(patterns: Mapping[str, Any] | None, name: str) -> list[str]:
-    """Every key of ``patterns`` that matches ``name``, in file order (peft uses the first)."""
-    return [key for key in patterns or {} if resolve_pattern({key: True}, name, False)]
+def _matching_pattern_keys(cfg: LoraConfig, field_name: str, name: str) -> list[str]:
+    """Every key of ``field_name`` that matches ``name``, in file order (peft uses the first)."""
+    return [
+        key
+        for key in cfg[field_name] or {}
+        if resolve_pattern({key: True}, name, False, field_name, cfg.path)
+    ]
 
 
 def pattern_overlap_notes(cfg: LoraConfig, name: str, rank: int) -> list[str]:
@@ -290,7 +339,7 @@ def pattern_overlap_notes(cfg: LoraConfig, name: str, rank: int) -> list[str]:
     notes = []
     for field_name in ("rank_pattern", "alpha_pattern"):
         patterns = cfg[field_name] or {}
-        keys = _matching_pattern_keys(patterns, name)
+        keys = _matching_pattern_keys(cfg, field_name, name)
         if len({patterns[k] for k in keys}) < 2:
             continue
         listed = ", ".join(f"'{k}' ({patterns[k]})" for k in keys)
@@ -310,13 +359,13 @@ def pattern_overlap_notes(cfg: LoraConfig, name: str, rank: int) -> list[str]:
     return notes
 
 
-def layer_index(name: str, layers_pattern: str | list[str] | None) -> int | None:
+def layer_index(name: str, layers_pattern: str | list[str] | None, path: object = "") -> int | None:
     """The layer number peft's layers_to_transform filter reads from a module name."""
     if layers_pattern is None:
         m = re.match(r".*?\.[^.]*\.(\d+)\.", name)
         return int(m.group(1)) if m else None
     for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
-        m = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", name)
+        m = match_pattern("match", rf"(?:^|.*?\.){pattern}\.(\d+)\.", name, "layers_pattern", path)
         if m:
             return int(m.group(1))
     return None
@@ -325,18 +374,20 @@ def layer_index(name: str, layers_pattern: str | list[str] | None) -> int | None
 def is_targeted(name: str, cfg: LoraConfig) -> bool:
     """Whether peft 0.21 would put a LoRA layer on module ``name`` (see docs/FORMATS.md)."""
     exclude = cfg["exclude_modules"]
-    if isinstance(exclude, str) and re.fullmatch(exclude, name):
+    if isinstance(exclude, str) and match_pattern(
+        "fullmatch", exclude, name, "exclude_modules", cfg.path
+    ):
         return False
     if isinstance(exclude, list) and any(name == e or name.endswith("." + e) for e in exclude):
         return False
-    for m in cfg["modules_to_save"] or []:
-        if re.fullmatch(rf"(^|.*\.){m}($|\..*)", name):
+    for m in cfg["modules_to_save"] or []:  # peft: re.match, not fullmatch
+        if match_pattern("match", rf"(^|.*\.){m}($|\..*)", name, "modules_to_save", cfg.path):
             return False
     targets = cfg["target_modules"]
     if targets is None:
         return False
     if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
+        return match_pattern("fullmatch", targets, name, "target_modules", cfg.path) is not None
     if name in targets:
         return True
     if not any(name.endswith("." + t) for t in targets):
@@ -344,6 +395,6 @@ def is_targeted(name: str, cfg: LoraConfig) -> bool:
     layers = cfg["layers_to_transform"]
     if layers is None or layers == []:
         return True
-    index = layer_index(name, cfg["layers_pattern"])
+    index = layer_index(name, cfg["layers_pattern"], cfg.path)
     wanted = [layers] if isinstance(layers, int) else layers
     return index is not None and index in wanted

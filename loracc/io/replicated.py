@@ -23,7 +23,11 @@ if TYPE_CHECKING:
 
     from loracc.io.checkpoint import BaseWeights, ExpertSplit
 
-__all__ = ["LayerLayout", "ReplicatedCheckpoint"]
+__all__ = ["MAX_REPLICATION", "LayerLayout", "ReplicatedCheckpoint"]
+
+# How many times the base's layer count a layer_replication may build without
+# --allow-large-replication: the output grows with it, and real configs stay within 2-3x.
+MAX_REPLICATION = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,8 +39,14 @@ class LayerLayout:
     mapping: tuple[int, ...]
 
     @classmethod
-    def find(cls, keys: Sequence[str], ranges: Sequence[Sequence[int]]) -> LayerLayout:
-        """The layout for ``layer_replication`` ``ranges`` over a checkpoint with ``keys``."""
+    def find(
+        cls, keys: Sequence[str], ranges: Sequence[Sequence[int]], *, allow_large: bool = True
+    ) -> LayerLayout:
+        """The layout for ``layer_replication`` ``ranges`` over a checkpoint with ``keys``.
+
+        Unless ``allow_large``, a layout of more than :data:`MAX_REPLICATION` times the base's
+        layers is refused before it is built (a 1.6 MB config can ask for 400,000 layers).
+        """
         counts: dict[str, int] = {}
         for key in keys:
             m = LAYER_KEY.match(key)
@@ -59,14 +69,19 @@ class LayerLayout:
                 f"encoder.layer or h); found {sorted(counts) or 'none'}"
             )
         stored = counts[prefix]
-        mapping: list[int] = []
         for start, end in ranges:
             if not 0 <= start < end <= stored:
                 raise ConfigError(
                     f"layer_replication range [{start}, {end}) does not fit the base's {stored} "
                     f"layers under '{prefix}'"
                 )
-            mapping.extend(range(start, end))
+        total = sum(end - start for start, end in ranges)
+        if not allow_large and total > MAX_REPLICATION * stored:
+            raise ConfigError(
+                f"layer_replication builds {total} layers from the base's {stored}, more than "
+                f"{MAX_REPLICATION}x; pass --allow-large-replication if that is intended"
+            )
+        mapping = [i for start, end in ranges for i in range(start, end)]
         return cls(prefix, stored, tuple(mapping))
 
     def split(self, key: str) -> tuple[int, str] | None:
@@ -109,9 +124,11 @@ class ReplicatedCheckpoint:
     embeddings and expert splits are the wrapped base's.
     """
 
-    def __init__(self, base: BaseWeights, ranges: Sequence[Sequence[int]]) -> None:
+    def __init__(
+        self, base: BaseWeights, ranges: Sequence[Sequence[int]], *, allow_large: bool = False
+    ) -> None:
         self._base = base
-        self.layout = LayerLayout.find(base.keys(), ranges)
+        self.layout = LayerLayout.find(base.keys(), ranges, allow_large=allow_large)
         self._keys = self.layout.expand(base.keys())
 
     @property

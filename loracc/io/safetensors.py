@@ -25,7 +25,8 @@ from typing import BinaryIO
 
 import torch
 
-from loracc.errors import FormatError
+from loracc.errors import FormatError, shorten
+from loracc.io.inputs import open_input, reject_duplicate_keys
 
 __all__ = ["DTYPES", "SafetensorsFile", "SafetensorsWriter", "TensorInfo", "dtype_name"]
 
@@ -48,6 +49,14 @@ DTYPES: Mapping[str, torch.dtype] = {
 }
 _NAMES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
+# Bounds on what a header may describe. Dimensions: torch sizes are int64 (safetensors' are
+# u64), so 2**63 - 1 is the largest both hold; torch tensors have at most 64 dimensions. Tensor
+# count: a real shard stores far fewer tensors than this floor plus one per 64 data bytes, while a
+# header of empty tensors (1.4 M in 94 MB) would otherwise cost minutes per later step.
+_MAX_DIM = 2**63 - 1
+_MAX_DIMS = 64
+_MAX_TENSORS = 100_000
+_MIN_BYTES_PER_TENSOR = 64
 _MAP_MIN = 64 * 1024
 
 
@@ -77,8 +86,8 @@ class SafetensorsFile:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         try:
-            size = self.path.stat().st_size
-            with open(self.path, "rb") as f:
+            with open_input(self.path) as f:
+                size = os.fstat(f.fileno()).st_size
                 head = f.read(8)
                 if len(head) < 8:
                     raise FormatError(f"{self.path}: truncated safetensors file ({size} bytes)")
@@ -91,16 +100,26 @@ class SafetensorsFile:
         except OSError as e:
             raise FormatError(f"{self.path}: cannot read ({e.strerror})") from e
         try:
-            header = json.loads(raw)
+            header = json.loads(raw, object_pairs_hook=reject_duplicate_keys)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise FormatError(f"{self.path}: header is not valid JSON ({e})") from e
+        except ValueError as e:  # a key written twice
+            raise FormatError(f"{self.path}: header has a {e}") from e
         if not isinstance(header, dict):
             raise FormatError(f"{self.path}: header is not a JSON object")
         meta = header.pop("__metadata__", None) or {}
         if not isinstance(meta, dict):
             raise FormatError(f"{self.path}: __metadata__ is not an object")
-        self.metadata: dict[str, str] = {str(k): str(v) for k, v in meta.items()}
+        if not all(isinstance(v, str) for v in meta.values()):
+            raise FormatError(f"{self.path}: __metadata__ must map strings to strings")
+        self.metadata: dict[str, str] = meta
         data_start = 8 + n
+        most = _MAX_TENSORS + (size - data_start) // _MIN_BYTES_PER_TENSOR
+        if len(header) > most:
+            raise FormatError(
+                f"{self.path}: {len(header)} tensors in {size - data_start} bytes of data; at "
+                f"most {_MAX_TENSORS} + one per {_MIN_BYTES_PER_TENSOR} bytes are read"
+            )
         self.tensors: dict[str, TensorInfo] = {}
         spans: list[tuple[int, int, str]] = []
         for name, entry in header.items():
@@ -121,7 +140,12 @@ class SafetensorsFile:
             raise FormatError(f"{where}: unknown dtype {entry.get('dtype')!r}")
         shape, offsets = entry.get("shape"), entry.get("data_offsets")
         if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-            raise FormatError(f"{where}: shape {shape!r} is not a list of non-negative ints")
+            raise FormatError(f"{where}: shape {shorten(shape)} is not a list of non-negative ints")
+        if len(shape) > _MAX_DIMS or any(d > _MAX_DIM for d in shape):
+            raise FormatError(
+                f"{where}: shape {shorten(shape)} has more than {_MAX_DIMS} dimensions or one of "
+                f"2**63 or more (torch and safetensors cannot hold it)"
+            )
         if not (
             isinstance(offsets, list)
             and len(offsets) == 2

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from loracc import kernels
-from loracc.errors import ConfigError, InputError, NonFiniteError, UnsupportedError
+from loracc.errors import ConfigError, InputError, NonFiniteError, UnsupportedError, printable
 from loracc.io.checkpoint import INDEX_NAME, SINGLE_NAME, WEIGHT_SUFFIXES, Checkpoint, inside
 from loracc.io.safetensors import (
     SafetensorsWriter,
@@ -512,7 +512,8 @@ def terminal_progress() -> Callable[[int, int, str], None] | None:
         last[0] = now
         width = 30
         filled = width * done // max(total, 1)
-        line = f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {key[:60]:<60}"
+        name = printable(key)[:60]
+        line = f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {name:<60}"
         sys.stderr.write(line + ("\n" if done == total else ""))
         sys.stderr.flush()
 

@@ -1,0 +1,91 @@
+"""Opening input files: regular files only, and JSON read within a bound.
+
+Every file loracc reads goes through :func:`open_input`: a named pipe would block the read
+forever and a character device (``/dev/zero``) would never end, so anything but a regular file
+(after following links) is refused before a byte is read. JSON inputs are small by nature; a
+file past :data:`MAX_JSON_BYTES` is refused instead of parsed, and a key written twice in one
+object is an error rather than a silent "last one wins".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from loracc.errors import ConfigError, InputError
+
+__all__ = ["MAX_JSON_BYTES", "open_input", "read_json", "reject_duplicate_keys"]
+
+MAX_JSON_BYTES = 64 * 1024 * 1024  # real configs and indexes are kilobytes to a few megabytes
+
+_KINDS = (
+    (stat.S_ISFIFO, "a named pipe"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISDIR, "a folder"),
+)
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def open_input(path: Path, what: str = "file") -> BinaryIO:
+    """``path`` opened for binary reading, or an :class:`InputError` when it is not a regular file.
+
+    The mode is checked with ``stat`` (through links) before opening, and again on the open
+    descriptor: the open itself is non-blocking, so a pipe swapped in between cannot hang it.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError as e:
+        raise InputError(f"{path}: {what} not found") from e
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+        raise InputError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from e
+    if not stat.S_ISREG(mode):
+        raise InputError(f"{path}: is {_kind(mode)}, not a regular file; loracc reads files only")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror or e})") from e
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise InputError(f"{path}: is {_kind(mode)}, not a regular file; loracc reads files only")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json`` object hook: a dict, or ValueError naming the first key written twice."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def read_json(path: Path, limit: int = MAX_JSON_BYTES) -> Any:
+    """Parse a JSON file of at most ``limit`` bytes, with a one-line error naming it."""
+    with open_input(path) as f:
+        try:
+            raw = f.read(limit + 1)
+        except OSError as e:
+            raise InputError(f"{path}: cannot read ({e.strerror or e})") from e
+    if len(raw) > limit:
+        raise ConfigError(f"{path}: larger than {limit // (1024 * 1024)} MB, the JSON size limit")
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=reject_duplicate_keys)
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: cannot read ({e})") from e
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
+    except RecursionError as e:
+        raise ConfigError(f"{path}: not valid JSON (nested too deeply)") from e
+    except ValueError as e:  # a duplicate key, or an integer of more than 4300 digits
+        raise ConfigError(f"{path}: not valid JSON ({e})") from e
