@@ -24,10 +24,10 @@ __all__ = ["main"]
 
 # Optional dependencies (pyproject.toml extras) and how to get each.
 _EXTRAS: dict[str, str] = {
-    "onnx": "install loracc[onnx]",
-    "onnx_ir": "install loracc[onnx]",
-    "onnxscript": "install onnxscript",
-    "onnxruntime": "install onnxruntime (or onnxruntime-gpu), or loracc[onnx,ort]",
+    "onnx": "pip install 'loracc[onnx]'",
+    "onnx_ir": "pip install 'loracc[onnx]'",
+    "onnxscript": "pip install onnxscript",
+    "onnxruntime": "pip install onnxruntime (or onnxruntime-gpu for CUDA)",
 }
 
 
@@ -53,7 +53,7 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
                 if debug:
                     traceback.print_exc()
                 click.echo(
-                    f"loracc: error: {missing} is not installed; {_EXTRAS[missing]}", err=True
+                    f"loracc: error: {missing} is not installed: {_EXTRAS[missing]}", err=True
                 )
                 sys.exit(2)
             if debug:

@@ -244,7 +244,7 @@ class Checkpoint:
                 raise FormatError(f"{index}: tensor '{name}' is in {info.path.name}, not listed")
 
     def _add_file(self, path: Path) -> None:
-        if not path.is_file():
+        if not path.exists():  # anything else that is not a file: open_input says what
             raise InputError(f"{path}: shard not found")
         f = open_safetensors(path)
         for name in f.keys():  # noqa: SIM118  (file order)

@@ -17,9 +17,20 @@ from typing import Any, BinaryIO
 
 from loracc.errors import ConfigError, InputError
 
-__all__ = ["MAX_JSON_BYTES", "open_input", "read_json", "reject_duplicate_keys"]
+__all__ = [
+    "MAX_JSON_BYTES",
+    "MAX_JSON_CONTAINERS",
+    "json_containers",
+    "open_input",
+    "read_json",
+    "reject_duplicate_keys",
+]
 
 MAX_JSON_BYTES = 64 * 1024 * 1024  # real configs and indexes are kilobytes to a few megabytes
+# JSON arrays and objects in one file. Each costs ~60 bytes of memory for 2 bytes of input, so a
+# file of "[[],[],...]" within the size limit would take gigabytes to parse; real configs and
+# indexes hold a few hundred to a few thousand.
+MAX_JSON_CONTAINERS = 1_000_000
 
 _KINDS = (
     (stat.S_ISFIFO, "a named pipe"),
@@ -60,6 +71,12 @@ def open_input(path: Path, what: str = "file") -> BinaryIO:
     return os.fdopen(fd, "rb")
 
 
+def json_containers(raw: bytes) -> int:
+    """An upper bound on the arrays and objects in JSON text (brackets in strings count too),
+    found without parsing it."""
+    return raw.count(b"[") + raw.count(b"{")
+
+
 def reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """``json`` object hook: a dict, or ValueError naming the first key written twice."""
     out: dict[str, Any] = {}
@@ -79,6 +96,12 @@ def read_json(path: Path, limit: int = MAX_JSON_BYTES) -> Any:
             raise InputError(f"{path}: cannot read ({e.strerror or e})") from e
     if len(raw) > limit:
         raise ConfigError(f"{path}: larger than {limit // (1024 * 1024)} MB, the JSON size limit")
+    containers = json_containers(raw)
+    if containers > MAX_JSON_CONTAINERS:
+        raise ConfigError(
+            f"{path}: holds up to {containers} JSON arrays and objects, past the limit of "
+            f"{MAX_JSON_CONTAINERS}"
+        )
     try:
         return json.loads(raw.decode("utf-8"), object_pairs_hook=reject_duplicate_keys)
     except UnicodeDecodeError as e:

@@ -26,7 +26,7 @@ from typing import BinaryIO
 import torch
 
 from loracc.errors import FormatError, shorten
-from loracc.io.inputs import open_input, reject_duplicate_keys
+from loracc.io.inputs import json_containers, open_input, reject_duplicate_keys
 
 __all__ = ["DTYPES", "SafetensorsFile", "SafetensorsWriter", "TensorInfo", "dtype_name"]
 
@@ -57,6 +57,10 @@ _MAX_DIM = 2**63 - 1
 _MAX_DIMS = 64
 _MAX_TENSORS = 100_000
 _MIN_BYTES_PER_TENSOR = 64
+# A tensor entry is one object and two arrays; anything past that (and _MAX_TENSORS of slack for
+# brackets inside names and metadata strings) is refused before parsing: "[[],[],...]" as
+# __metadata__ would take ~30x its size in memory to parse.
+_CONTAINERS_PER_TENSOR = 3
 _MAP_MIN = 64 * 1024
 
 
@@ -99,6 +103,8 @@ class SafetensorsFile:
                 raw = f.read(n)
         except OSError as e:
             raise FormatError(f"{self.path}: cannot read ({e.strerror})") from e
+        data_start = 8 + n
+        self._check_amplification(raw, size - data_start)
         try:
             header = json.loads(raw, object_pairs_hook=reject_duplicate_keys)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -113,13 +119,6 @@ class SafetensorsFile:
         if not all(isinstance(v, str) for v in meta.values()):
             raise FormatError(f"{self.path}: __metadata__ must map strings to strings")
         self.metadata: dict[str, str] = meta
-        data_start = 8 + n
-        most = _MAX_TENSORS + (size - data_start) // _MIN_BYTES_PER_TENSOR
-        if len(header) > most:
-            raise FormatError(
-                f"{self.path}: {len(header)} tensors in {size - data_start} bytes of data; at "
-                f"most {_MAX_TENSORS} + one per {_MIN_BYTES_PER_TENSOR} bytes are read"
-            )
         self.tensors: dict[str, TensorInfo] = {}
         spans: list[tuple[int, int, str]] = []
         for name, entry in header.items():
@@ -130,6 +129,26 @@ class SafetensorsFile:
         for (_, end, a), (begin, _, b) in itertools.pairwise(spans):
             if begin < end:
                 raise FormatError(f"{self.path}: tensors '{a}' and '{b}' overlap")
+
+    def _check_amplification(self, raw: bytes, data_bytes: int) -> None:
+        """Refuse, before parsing, a header describing far more than its data can hold.
+
+        Every tensor entry has a ``"data_offsets"`` key, so their count bounds the tensors;
+        each entry is one object and two arrays, which bounds the JSON containers.
+        """
+        entries = raw.count(b'"data_offsets"')
+        most = _MAX_TENSORS + data_bytes // _MIN_BYTES_PER_TENSOR
+        if entries > most:
+            raise FormatError(
+                f"{self.path}: {entries} tensors in {data_bytes} bytes of data; at most "
+                f"{_MAX_TENSORS} + one per {_MIN_BYTES_PER_TENSOR} bytes are read"
+            )
+        containers = json_containers(raw)
+        if containers > _CONTAINERS_PER_TENSOR * entries + _MAX_TENSORS:
+            raise FormatError(
+                f"{self.path}: header holds up to {containers} JSON arrays and objects for "
+                f"{entries} tensors"
+            )
 
     def _entry(self, name: str, entry: object, data_start: int, size: int) -> TensorInfo:
         where = f"{self.path}: tensor '{name}'"
