@@ -162,18 +162,21 @@ def test_named_pipe_index_is_refused(tmp_path: Path, repo_root: Path) -> None:
     _refused(_loracc(repo_root, *lay.argv), "is a named pipe", "model.safetensors.index.json")
 
 
+def _npz_argv(lay: mc.Layout, option: str, npz: Path) -> list[str]:
+    """``run --inputs NPZ`` or ``golden check --golden NPZ`` on the slotted corpus model."""
+    model = str(lay.base / "model.onnx")
+    if option == "--inputs":
+        return ["run", "--model", model, "--inputs", str(npz)]
+    return ["golden", "check", "--model", model, "--golden", str(npz)]
+
+
 @pytest.mark.parametrize("option", ["--inputs", "--golden"])
 def test_named_pipe_npz_is_refused(option: str, tmp_path: Path, repo_root: Path) -> None:
     pytest.importorskip("onnxruntime")
     lay = mc.build_slotted_valid(tmp_path)
     npz = tmp_path / "pipe.npz"
     os.mkfifo(npz)
-    model = str(lay.base / "model.onnx")
-    if option == "--inputs":
-        args = ["run", "--model", model, "--inputs", str(npz)]
-    else:
-        args = ["golden", "check", "--model", model, "--golden", str(npz)]
-    _refused(_loracc(repo_root, *args), "is a named pipe", "pipe.npz")
+    _refused(_loracc(repo_root, *_npz_argv(lay, option, npz)), "is a named pipe", "pipe.npz")
 
 
 def test_character_device_is_refused_before_reading() -> None:
@@ -220,12 +223,7 @@ def test_npz_bomb_is_refused_from_its_headers(option: str, tmp_path: Path, repo_
     bomb = tmp_path / "bomb.npz"
     _npz_bomb(bomb, MIN_UNPACKED_LIMIT + (64 << 20))
     assert bomb.stat().st_size < 4 << 20
-    model = str(lay.base / "model.onnx")
-    if option == "--inputs":
-        args = ["run", "--model", model, "--inputs", str(bomb)]
-    else:
-        args = ["golden", "check", "--model", model, "--golden", str(bomb)]
-    _refused(_loracc(repo_root, *args), "unpacks to", "bomb.npz")
+    _refused(_loracc(repo_root, *_npz_argv(lay, option, bomb)), "unpacks to", "bomb.npz")
 
 
 def _npz_with(path: Path, members: dict[str, bytes]) -> Path:

@@ -67,7 +67,8 @@ FIELDS: Mapping[str, str] = {
     "corda_config": "initialisation only",
     "lora_ga_config": "initialisation only",
     "use_dora": "applied: DoRA magnitude folded",
-    "layer_replication": "applied: layers materialized and renumbered",
+    "layer_replication": "applied: layers materialized and renumbered (more than 4x the base's "
+    "layers needs `merge --allow-large-replication`)",
     "runtime_config": "ignored: never saved by peft",
     "lora_bias": "applied: bias += scale * lora_B.bias",
     "use_qalora": "applied when the factors are dense (nn.Linear); refused on GPTQ shapes",
