@@ -81,12 +81,12 @@ def test_backtracking_pattern_finishes(field: str, tmp_path: Path, repo_root: Pa
     assert "merged 4 sites" in proc.stdout
 
 
-@pytest.mark.parametrize("field", [f for f in _PATTERN_CONFIGS if f != "rank_pattern"])
+@pytest.mark.parametrize("field", list(_PATTERN_CONFIGS))
 def test_pattern_past_the_time_bound_is_refused(
     field: str, tmp_path: Path, repo_root: Path
 ) -> None:
     """A pattern that backtracks even in ``regex`` stops at the time bound: exit 2 naming the
-    field (rank_pattern is never matched: ranks come from the tensor shapes)."""
+    field (rank_pattern keys are matched for the overlapping-keys note)."""
     lay = mc.build_valid(tmp_path)
     _config(lay, **_PATTERN_CONFIGS[field]("(.|.)+(?!)"))
     _refused(_loracc(repo_root, *lay.argv), "catastrophic backtracking", f"'{field}' pattern")
