@@ -115,7 +115,15 @@ class LoraccGroup(click.Group):
 def _emit(data: dict[str, Any], as_json: bool, text: Callable[[dict[str, Any]], str]) -> None:
     """Print a report as JSON (which escapes control characters itself) or as text, every
     string in it escaped first: names from input files must not add or disguise lines."""
-    click.echo(json.dumps(data, indent=2, default=str) if as_json else text(_printable(data)))
+    click.echo(
+        json.dumps(data, indent=2, default=str) if as_json else _lines(text(_printable(data)))
+    )
+
+
+def _lines(text: str) -> str:
+    """``text`` with every line escaped: a renderer that reads its own object rather than the
+    escaped data still cannot print a NUL or a bidirectional override."""
+    return "\n".join(printable(line) for line in text.split("\n"))
 
 
 def _printable(value: Any) -> Any:
@@ -368,7 +376,7 @@ def compile_(
         after_all=print_after_all,
         layout=layout,
     )
-    click.echo(text, nl=False)
+    click.echo(_lines(text), nl=False)
 
 
 @main.command()

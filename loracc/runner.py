@@ -19,6 +19,7 @@ import numpy as np
 
 from loracc.errors import FormatError, InputError, OutputError
 from loracc.io import ort as ort_io
+from loracc.io.inputs import open_input
 from loracc.io.npz import read_npz
 from loracc.io.ort import Session, TensorSpec
 
@@ -60,7 +61,7 @@ def file_digest(path: Path) -> str:
     """sha256 of a file's bytes, streamed."""
     h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
+        with open_input(path) as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     except OSError as e:
