@@ -23,7 +23,7 @@ import torch
 
 from loracc import kernels
 from loracc.arch import Layout
-from loracc.errors import FormatError, InputError, NonFiniteError, UnsupportedError
+from loracc.errors import ConfigError, FormatError, InputError, NonFiniteError, UnsupportedError
 from loracc.io.checkpoint import BaseWeights, Checkpoint, ExpertSplit, inside, open_safetensors
 from loracc.io.layout import LayoutRule, parse_layouts
 from loracc.io.peft_config import (
@@ -183,9 +183,12 @@ class _Reader:
         allow_large_replication: bool = False,
     ):
         if base is not None and cfg["layer_replication"]:  # keys use the expanded layer indices
-            base = ReplicatedCheckpoint(
-                base, cfg["layer_replication"], allow_large=allow_large_replication
-            )
+            try:
+                base = ReplicatedCheckpoint(
+                    base, cfg["layer_replication"], allow_large=allow_large_replication
+                )
+            except ConfigError as e:  # the layout does not know which file it came from
+                raise ConfigError(f"{cfg.path}: {e}") from e
         self.folder, self.weights, self.cfg, self.base = folder, weights, cfg, base
         self.notes: list[str] = []
         self.replaced: dict[str, tuple[int, ...]] = {}  # target -> shape of a whole replacement
