@@ -87,3 +87,13 @@ def merged(peft_cases: CaseFactory, tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The PEFT matrix figures (tests/test_peft_matrix.py), when that test ran."""
+    matrix = sys.modules.get("peft_matrix_cases")
+    lines = matrix.RESULTS.summary_lines() if matrix is not None else []
+    if lines:
+        terminalreporter.section("PEFT LoRA matrix")
+        for line in lines:
+            terminalreporter.write_line(line)
