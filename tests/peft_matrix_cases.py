@@ -184,6 +184,21 @@ class _LinearUsingParameter(nn.Module):
         return x @ self.weight + self.bias
 
 
+class Wide(nn.Module):
+    """Not in peft's list: tensors of 200-320 rows, several of the streamed merge's row blocks
+    once tests/test_merge_stream.py shrinks them (64 rows at least)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(300, 24)
+        self.up = nn.Linear(24, 320)
+        self.down = nn.Linear(320, 200)
+        self.head = nn.Linear(200, 260)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.down(torch.relu(self.up(self.emb(x)))))
+
+
 class MlpUsingParameters(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -254,6 +269,7 @@ MODELS: dict[str, Model] = {
     "Conv3d": Model(lambda: ModelConvNd(3), _float_inputs(4, 45)),
     "MHA": Model(ModelMha, _float_inputs(3, 2, 10)),
     "MlpUsingParameters": Model(MlpUsingParameters, _float_inputs(4, 10)),
+    "Wide": Model(Wide, _id_inputs(300, 2, 5)),
     "llama": Model(_hf_causal(po.llama_config), _IDS, hf=True),
     "gpt2_tied": Model(_hf_causal(po.gpt2_config), _IDS, hf=True),
     "gpt2_square": Model(_hf_causal(_gpt2_square), _IDS, hf=True),
@@ -325,6 +341,7 @@ class MatrixCase:
     # an SVD/QR or PEFT's formula differs in op order; then RTOL applies.
     exact: bool = True
     xfail: str | None = None
+    base_dtype: torch.dtype = torch.float32
     from_peft: bool = False  # one of the 46 LoRA entries of peft's TEST_CASES
 
 
@@ -788,6 +805,7 @@ def _save_base(model: Model, case: MatrixCase, folder: Path) -> None:
     with torch.no_grad():
         for p in module.parameters():
             p.add_(torch.randn_like(p) * po.BASE_STD)
+    module = module.to(case.base_dtype)
     folder.mkdir(parents=True)
     if model.hf:
         module.save_pretrained(str(folder))
@@ -802,10 +820,12 @@ def _load_base(model: Model, folder: Path) -> nn.Module:
     if model.hf:
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+        return AutoModelForCausalLM.from_pretrained(str(folder), dtype="auto").eval()
     torch.manual_seed(0)
-    module = model.make()
-    module.load_state_dict(po.load_folder_tensors(folder), strict=True)
+    state = po.load_folder_tensors(folder)
+    dtype = next(v.dtype for v in state.values() if v.is_floating_point())
+    module = model.make().to(dtype)  # in the stored dtype, as from_pretrained(dtype="auto")
+    module.load_state_dict(state, strict=True)
     return module.eval()
 
 
@@ -863,7 +883,7 @@ def build(case: MatrixCase, root: Path) -> Built:
     return Built(base, adapter, initial, trained, reference)
 
 
-def _compare_tensors(
+def compare_tensors(
     got: Mapping[str, torch.Tensor], want: Mapping[str, torch.Tensor]
 ) -> tuple[str, str, float]:
     if got.keys() != want.keys():
@@ -909,7 +929,7 @@ def run_case(case: MatrixCase, root: Path) -> Outcome:
         outcome = Outcome(case.name, verdict, f"exit {e.exit_code}: {e}")
     else:
         if built.reference is not None:
-            verdict, detail, err = _compare_tensors(po.load_folder_tensors(out), built.reference)
+            verdict, detail, err = compare_tensors(po.load_folder_tensors(out), built.reference)
             outcome = Outcome(case.name, verdict, detail, err)
         else:
             got = _forward(_load_base(model, out), model, model.inputs())

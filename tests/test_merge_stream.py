@@ -3,7 +3,10 @@
 The PEFT-oracle tests merge tiny models whose tensors fit in one block, so here ``_BLOCK`` is made
 small enough that every LoRA target is split into several row blocks (the remainder joined to the
 last one), and the output is compared byte for byte with a merge that computes every tensor whole
-(``_streamable`` forced off), which the oracle tests tie to PEFT.
+(``_streamable`` forced off), which the oracle tests tie to PEFT. The last tests tie the streamed
+path to PEFT directly: LoRA, target_parameters, rsLoRA + lora_bias, DoRA, embeddings and a bf16
+base, each edited tensor in 3-5 row blocks, bit-identical to ``merge_and_unload()`` (a block
+that reads, scales or writes block 0's rows fails them).
 """
 
 from __future__ import annotations
@@ -128,3 +131,69 @@ def test_overflow_when_rounded(tmp_path, monkeypatch, bench):
     bench.make_adapter("tiny", adapter, base, alpha=1e9)  # |delta| ~ 1e5 > 65504
     with pytest.raises(NonFiniteError, match="NaN or Inf"):
         _merge(base, adapter, tmp_path / "s", monkeypatch, stream=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Against PEFT: tensors of several row blocks, merged by the streamed path, equal PEFT's merge.
+
+
+def _stream_peft_cases():
+    pm = pytest.importorskip("peft_matrix_cases")
+    pytest.importorskip("peft")
+    param = {"target_modules": ["up", "down"], "target_parameters": ["head.weight"]}
+    linear = {"target_modules": ["up", "down", "head"]}
+    case = pm.MatrixCase
+    return pm, {
+        "lora": case("stream lora", "Wide", {**param, "lora_alpha": 24}),
+        "rslora+bias": case(
+            "stream rslora", "Wide", {**linear, "use_rslora": True, "lora_bias": True}
+        ),
+        "dora": case("stream dora", "Wide", {"target_modules": ["up", "down"], "use_dora": True}),
+        "embedding": case("stream emb", "Wide", {"target_modules": ["emb", "down"]}),
+        # Linear only: peft rounds a target_parameters delta to bf16 before adding it (twice).
+        "bf16 base": case("stream bf16", "Wide", linear, base_dtype=torch.bfloat16),
+    }
+
+
+@pytest.mark.parametrize("variant", ["lora", "rslora+bias", "dora", "embedding", "bf16 base"])
+@pytest.mark.parametrize("out_dtype", [None, "bfloat16"])
+def test_streamed_blocks_equal_peft_merge(tmp_path, monkeypatch, variant, out_dtype):
+    """Every edited 2-D tensor spans 3-5 row blocks of 64 rows (and a cast streams every tensor);
+    the output equals PEFT's merge_and_unload() bit for bit, rounded once to --dtype."""
+    pm, cases = _stream_peft_cases()
+    case = cases[variant]
+    built = pm.build(case, tmp_path)
+    assert built.reference is not None
+    streamed: dict[str, int] = {}
+    stream = M._stream
+
+    def spy(item, *args, **kw):
+        streamed[item.key] = len(M._row_blocks(*_rows_cols(item)))
+        return stream(item, *args, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(M, "_BLOCK", 1)  # blocks of _MIN_ROWS (64) rows
+        m.setattr(M, "_stream", spy)
+        loracc.merge(str(built.base), str(built.adapter), str(tmp_path / "out"), dtype=out_dtype)
+    want = built.reference
+    if out_dtype is not None:
+        want = {k: v.to(getattr(torch, out_dtype)) for k, v in want.items()}
+    got = _tensors(tmp_path / "out")
+    verdict, detail, _ = pm.compare_tensors(got, want)
+    assert verdict == pm.BIT_IDENTICAL, detail
+    base = _tensors(built.base)
+    edited = {k for k, v in built.reference.items() if not torch.equal(v, base[k])}
+    lora_2d = {f"{m}.weight" for m in ("up", "down", "head")} & edited
+    whole = {k for k in edited if k == "emb.weight" or k.endswith(".bias")}  # computed whole
+    assert lora_2d and lora_2d <= set(streamed)  # each through the streamed path ...
+    assert all(streamed[k] >= 3 for k in lora_2d)  # ... in 3 blocks or more
+    if out_dtype is not None and getattr(torch, out_dtype) != case.base_dtype:
+        # a cast streams every tensor the whole-tensor path does not compute
+        assert set(want) - whole <= set(streamed)
+
+
+def _rows_cols(item) -> tuple[int, int]:
+    """What ``_stream`` splits ``item`` into: (rows, columns)."""
+    if item.edits.sites:
+        return item.shape[0], math.prod(item.shape[1:])
+    return item.source.numel, 1
