@@ -200,11 +200,11 @@ class Wide(nn.Module):
 
 
 class MlpUsingParameters(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, hidden: int = 20) -> None:
         super().__init__()
-        self.lin0 = _LinearUsingParameter(10, 20)
+        self.lin0 = _LinearUsingParameter(10, hidden)
         self.relu = nn.ReLU()
-        self.lin1 = _LinearUsingParameter(20, 2)
+        self.lin1 = _LinearUsingParameter(hidden, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(self.lin1(self.relu(self.lin0(x))), dim=-1)
@@ -269,6 +269,7 @@ MODELS: dict[str, Model] = {
     "Conv3d": Model(lambda: ModelConvNd(3), _float_inputs(4, 45)),
     "MHA": Model(ModelMha, _float_inputs(3, 2, 10)),
     "MlpUsingParameters": Model(MlpUsingParameters, _float_inputs(4, 10)),
+    "MlpUsingParametersSquare": Model(lambda: MlpUsingParameters(10), _float_inputs(4, 10)),
     "Wide": Model(Wide, _id_inputs(300, 2, 5)),
     "llama": Model(_hf_causal(po.llama_config), _IDS, hf=True),
     "gpt2_tied": Model(_hf_causal(po.gpt2_config), _IDS, hf=True),
@@ -298,6 +299,28 @@ MODELS: dict[str, Model] = {
     ),
     "qwen3moe_square": _tiny_decoder(
         "Qwen3MoeConfig", moe_intermediate_size=32, head_dim=8, num_experts=4, num_experts_per_tok=2
+    ),
+    "qwen2moe_square": _tiny_decoder(
+        "Qwen2MoeConfig",
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=32,
+        num_experts=4,
+        num_experts_per_tok=2,
+    ),
+    "deepseek_v3_square": _tiny_decoder(
+        "DeepseekV3Config",
+        moe_intermediate_size=32,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        first_k_dense_replace=1,
+        kv_lora_rank=16,
+        q_lora_rank=16,
+        qk_rope_head_dim=4,
+        qk_nope_head_dim=4,
+        v_head_dim=8,
+        n_group=1,
+        topk_group=1,
     ),
     "mixtral_square": _tiny_decoder(
         "MixtralConfig", intermediate_size=32, num_local_experts=3, num_experts_per_tok=2
@@ -639,6 +662,16 @@ def extra_cases() -> list[MatrixCase]:
         ),
         # Square twins of every site whose layout the shape alone cannot decide.
         MatrixCase("square Linear LoRA", "MLPSquare", lin01),
+        MatrixCase(
+            "square Linear LoRA + nn.Linear weight as target_parameters",
+            "MLPSquare",
+            {"target_modules": ["lin1"], "target_parameters": ["lin0.weight"]},
+        ),
+        MatrixCase(
+            "square nn.Parameter (in, out) LoRA",
+            "MlpUsingParametersSquare",
+            {"target_parameters": ["lin0.weight"]},
+        ),
         MatrixCase("square Linear LoRA with DoRA", "MLPSquare", {**lin01, "use_dora": True}),
         MatrixCase(
             "square Linear LoRA, config.json of an unknown architecture",
@@ -679,8 +712,8 @@ def extra_cases() -> list[MatrixCase]:
         MatrixCase("GPT-OSS experts (intermediate 48)", "gpt_oss", gpt_oss_targets),
         # Square fused experts of every MoE layout: the architecture decides, never the shape.
         # GPT-OSS stores [E, in, out] (is_transposed); Llama 4 stores [E, in, out] too but has no
-        # is_transposed, so peft treats it as [E, out, in]; Qwen3-MoE and Mixtral are saved per
-        # expert.
+        # is_transposed, so peft treats it as [E, out, in]; Qwen2/3-MoE, DeepSeek-V3 and Mixtral
+        # are saved per expert.
         *(
             MatrixCase(f"GPT-OSS square experts {what}", "gpt_oss_square", lora, xfail=XFAIL_ARCH)
             for what, lora in (
@@ -704,16 +737,26 @@ def extra_cases() -> list[MatrixCase]:
         ),
         MatrixCase("Qwen3-MoE square experts", "qwen3moe_square", {"target_modules": [], **fused}),
         MatrixCase(
+            "Qwen2-MoE square experts + shared expert",
+            "qwen2moe_square",
+            {"target_modules": ["shared_expert.down_proj"], **fused},
+        ),
+        MatrixCase(
+            "DeepSeek-V3 square experts + q_b_proj",
+            "deepseek_v3_square",
+            {"target_modules": ["q_b_proj"], **fused},
+        ),
+        MatrixCase(
             "Mixtral square experts + q_proj",
             "mixtral_square",
             {"target_modules": ["q_proj"], **fused},
         ),
-        # Tiny decoders where PEFT's own merge is wrong: the oracle is its unmerged forward.
         MatrixCase(
             "Llama q/v + embed_tokens",
             "llama",
             {"target_modules": ["q_proj", "v_proj", "embed_tokens"]},
         ),
+        # Tiny decoders where PEFT's own merge is wrong: the oracle is its unmerged forward.
         MatrixCase(
             "GPT-2 tied lm_head LoRA",
             "gpt2_tied",
@@ -926,7 +969,8 @@ def run_case(case: MatrixCase, root: Path) -> Outcome:
         )
     except loracc.LoraccError as e:
         verdict = REFUSED if e.exit_code == 2 else WRONG
-        outcome = Outcome(case.name, verdict, f"exit {e.exit_code}: {e}")
+        reason = str(e).replace(f"{root}/", "")
+        outcome = Outcome(case.name, verdict, f"exit {e.exit_code}: {reason}")
     else:
         if built.reference is not None:
             verdict, detail, err = compare_tensors(po.load_folder_tensors(out), built.reference)
