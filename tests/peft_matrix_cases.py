@@ -139,6 +139,23 @@ class ModelConvNd(nn.Module):
         return torch.log_softmax(self.lin0(x.flatten(1)), dim=-1)
 
 
+class ModelConvKernel(nn.Module):
+    """PEFT's ModelConv2D1x1 (kernel (1, 1)), and a Conv3d with kernel (1, 1, 3)."""
+
+    def __init__(self, kernel: tuple[int, ...]) -> None:
+        super().__init__()
+        self.kernel = kernel
+        conv = nn.Conv2d(1, 10, kernel) if len(kernel) == 2 else nn.Conv3d(5, 10, kernel)
+        self.add_module(f"conv{len(kernel)}d", conv)
+        self.relu = nn.ReLU()
+        self.lin0 = nn.Linear(90, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = getattr(self, f"conv{len(self.kernel)}d")
+        x = x.reshape(-1, 1, 3, 3) if len(self.kernel) == 2 else x.reshape(-1, 5, 3, 3, 3)
+        return self.lin0(self.relu(conv(x)).flatten(1))
+
+
 class ModelConv2DGroups(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -265,6 +282,8 @@ MODELS: dict[str, Model] = {
     "Conv1d": Model(ModelConv1D, _float_inputs(4, 10)),
     "Conv1dKernel1": Model(lambda: ModelConv1D(kernel=1), _float_inputs(4, 30)),
     "Conv2d": Model(lambda: ModelConvNd(2), _float_inputs(4, 45)),
+    "Conv2d1x1": Model(lambda: ModelConvKernel((1, 1)), _float_inputs(4, 9)),
+    "Conv3d11k": Model(lambda: ModelConvKernel((1, 1, 3)), _float_inputs(4, 135)),
     "Conv2dGroups": Model(ModelConv2DGroups, _float_inputs(2, 45)),
     "Conv2dGroups2": Model(ModelConv2DGroups2, _float_inputs(1, 1)),
     "Conv3d": Model(lambda: ModelConvNd(3), _float_inputs(4, 45)),
@@ -658,6 +677,33 @@ def extra_cases() -> list[MatrixCase]:
             "Conv1d kernel 1 LoRA with DoRA",
             "Conv1dKernel1",
             {"target_modules": ["conv1d"], "use_dora": True},
+        ),
+        # peft's 1x1 shortcut (a matmul), and the Conv3d (1, 1, k) kernel it misreads (its merge
+        # raises, so its unmerged forward is the oracle).
+        *(
+            MatrixCase(
+                f"Conv2d 1x1 LoRA{what}", "Conv2d1x1", {"target_modules": ["conv2d"], **extra}
+            )
+            for what, extra in (("", {}), (" with DoRA", {"use_dora": True}))
+        ),
+        MatrixCase(
+            "Conv3d kernel (1, 1, 3) LoRA",
+            "Conv3d11k",
+            {"target_modules": ["conv3d", "lin0"]},
+            oracle="forward",
+        ),
+        # A bf16 base with fp32 factors: one rounding of W + delta, as peft's Linear merge.
+        MatrixCase(
+            "Llama bf16 base, q/v/o/down",
+            "llama",
+            {"target_modules": ["q_proj", "v_proj", "o_proj", "down_proj"]},
+            base_dtype=torch.bfloat16,
+        ),
+        MatrixCase(
+            "Llama bf16 base, DoRA q/v",
+            "llama",
+            {"target_modules": ["q_proj", "v_proj"], "use_dora": True},
+            base_dtype=torch.bfloat16,
         ),
         # Square twins of every site whose layout the shape alone cannot decide. Without an
         # architecture, fan_in_fan_out=false (peft's default) says nothing: refused, naming
