@@ -24,6 +24,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from loracc._model_types import TRANSFORMERS_MODEL_TYPES
+
 __all__ = [
     "CONV1D_LEAVES",
     "CONV1D_MODEL_TYPES",
@@ -239,9 +241,12 @@ def _model_types(config: Mapping[str, Any]) -> list[str]:
 
 
 def weight_layout(config: Mapping[str, Any], module: str) -> Layout | None:
-    """The layout of ``module``'s 2-D weight in a transformers model, or None when unknown."""
+    """The layout of ``module``'s 2-D weight in a transformers model, or None when unknown.
+
+    Unknown: no model_type, or one transformers does not build (its modules are not in the table).
+    """
     types = _model_types(config)
-    if not types:
+    if not types or types[0] not in TRANSFORMERS_MODEL_TYPES:
         return None
     leaf = module.rsplit(".", 1)[-1]
     if leaf in CONV1D_LEAVES and has_conv1d(config):

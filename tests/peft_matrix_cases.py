@@ -356,14 +356,6 @@ MHA_TWICE = r"nn\.MultiheadAttention .*out_proj delta twice"
 KASA = r"kasa"
 LAYOUT = r"--layout"
 
-XFAIL_MODEL_TYPE = (
-    "found by the matrix after the arch.py merge, not fixed: any config.json model_type makes "
-    "arch.weight_layout answer linear, so fan_in_fan_out=true on a square Conv1D is ignored"
-)
-XFAIL_RANK_ABOVE = (
-    "found by the matrix, not fixed: pissa/olora with r > min(in, out) give factors of "
-    "min(in, out) rows that peft scales by alpha/r of the config; loracc takes r from the shapes"
-)
 
 
 @dataclass(frozen=True)
@@ -641,7 +633,6 @@ def extra_cases() -> list[MatrixCase]:
                 "MLP",
                 {**lin01, "r": 4, "init_lora_weights": init},
                 exact=False,
-                xfail=XFAIL_RANK_ABOVE,
             )
             for init in ("pissa", "olora")
         ),
@@ -756,7 +747,6 @@ def extra_cases() -> list[MatrixCase]:
             {"target_modules": ["conv1d", "emb"]},
             config={"model_type": "custom"},
             refusal=LAYOUT,
-            xfail=XFAIL_MODEL_TYPE,
         ),
         MatrixCase(
             "square transformers Conv1D, unknown architecture, --layout conv1d=conv1d",

@@ -27,6 +27,7 @@ from torch import nn
 
 import loracc
 from loracc import arch
+from loracc._model_types import TRANSFORMERS_MODEL_TYPES
 from loracc.arch import Layout
 from loracc.cli import main
 from loracc.errors import ConfigError, UnsupportedError
@@ -175,9 +176,9 @@ def test_unknown_moe_square_experts_refused_then_chosen(tmp_path: Path) -> None:
         result.output
     )
     assert not (tmp_path / "out").exists()
-    result = CliRunner().invoke(
-        main, [*args, "-o", str(tmp_path / "out"), "--layout", "down_proj=experts-in-out"]
-    )
+    # my_moe's square q_proj is unknown too: the table knows no module of it.
+    chosen = ["--layout", "down_proj=experts-in-out", "--layout", "q_proj=linear"]
+    result = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "out"), *chosen])
     assert result.exit_code == 0, result.output
     cfg_path.write_text(json.dumps(config))  # transformers knows gpt_oss, not my_moe
     (tmp_path / "out" / "config.json").write_text(json.dumps(config))
@@ -370,7 +371,9 @@ def test_arch_lookups() -> None:
         Layout.LINEAR
     )
     assert arch.weight_layout({}, "c_proj") is None
-    assert arch.weight_layout({"model_type": "my_gpt", "auto_map": {}}, "c_proj") is Layout.LINEAR
+    # Not a model_type transformers builds: remote code or a custom class, nothing is known.
+    assert arch.weight_layout({"model_type": "my_gpt", "auto_map": {}}, "c_proj") is None
+    assert arch.weight_layout({"model_type": "custom"}, "q_proj") is None
     assert arch.expert_layout({"model_type": "gpt_oss"}) == ("gpt_oss", Layout.EXPERTS_IN_OUT)
     assert arch.expert_layout({"model_type": "mixtral"}) == ("mixtral", Layout.EXPERTS_OUT_IN)
     wrapped = {"model_type": "llama4", "text_config": {"model_type": "llama4_text"}}
@@ -402,6 +405,16 @@ def test_expert_table_matches_transformers() -> None:
         assert (layout is Layout.EXPERTS_IN_OUT) == transposed, model_type
         checked += 1
     assert checked >= 10
+
+
+def test_model_types_are_transformers_own() -> None:
+    """The generated list names only model_types the installed transformers builds."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    assert arch.CONV1D_MODEL_TYPES <= TRANSFORMERS_MODEL_TYPES
+    assert set(arch.EXPERT_LAYOUTS) <= TRANSFORMERS_MODEL_TYPES
+    missing = TRANSFORMERS_MODEL_TYPES - set(CONFIG_MAPPING_NAMES)
+    assert not missing, f"run scripts/gen_model_types.py: {sorted(missing)[:5]}"
 
 
 def test_conv1d_table_matches_transformers() -> None:

@@ -35,8 +35,8 @@ from loracc.errors import ConfigError, FormatError, UnsupportedError
 __all__ = ["Decision", "LayoutChoice", "LayoutRule", "parse_layouts"]
 
 _UNKNOWN = (
-    "loracc's architecture table does not know the base (no config.json model_type, or remote "
-    "code with fan_in_fan_out true)"
+    "loracc's architecture table does not know the base (no config.json model_type, one "
+    "transformers does not build, or remote code with fan_in_fan_out true)"
 )
 _READINGS = {
     Layout.LINEAR: "nn.Linear (out, in)",

@@ -355,14 +355,33 @@ class _Reader:
         stored = self.base.resolve(target) or target
         return self.replaced.get(stored, shape) if shape is not None else None
 
-    def scale_for(self, name: str, rank: int) -> tuple[float, float]:
+    def scale_for(self, name: str, rank: int, full_rank: int | None = None) -> tuple[float, float]:
+        """(alpha, scale) of module ``name`` whose factors have ``rank`` rows.
+
+        ``full_rank`` is min(out, in) of a 2-D weight: an SVD/QR init (pissa, olora, ...) with
+        the config's r above it keeps only that many components, and peft still scales by the
+        config's r, which it set before the init cut the factors.
+        """
         if rank <= 0:  # peft refuses r <= 0 when it builds the layer
             raise FormatError(f"{self.weights}: '{name}': the LoRA factors have rank 0")
         patterns = self.cfg["alpha_pattern"]
         default = self.cfg["lora_alpha"]
         alpha = float(resolve_pattern(patterns, name, default, "alpha_pattern", self.cfg.path))
         self.notes += pattern_overlap_notes(self.cfg, name, rank)
-        scale = alpha / math.sqrt(rank) if self.cfg["use_rslora"] else alpha / rank
+        scale_rank = rank
+        if full_rank == rank and self.cfg.init not in PLAIN_INITS:
+            r = int(
+                resolve_pattern(
+                    self.cfg["rank_pattern"], name, self.cfg["r"], "rank_pattern", self.cfg.path
+                )
+            )
+            if r > rank:
+                scale_rank = r
+                self.notes.append(
+                    f"{name}: init_lora_weights='{self.cfg.init}' kept {rank} components (the "
+                    f"weight's full rank) of r={r}; scaled by alpha/{r} as peft does"
+                )
+        scale = alpha / math.sqrt(scale_rank) if self.cfg["use_rslora"] else alpha / scale_rank
         return alpha, scale
 
     def module_site(self, module: str, g: _Group) -> Site:
@@ -418,7 +437,8 @@ class _Reader:
                 expected = expected[::-1]
         if self.cfg["use_qalora"] and kind is SiteKind.LINEAR:
             self.notes.append(f"{module}: use_qalora ignored on a dense layer, as peft does")
-        alpha, scale = self.scale_for(module, rank)
+        full_rank = min(expected[:2]) if len(expected) == 2 else None
+        alpha, scale = self.scale_for(module, rank, full_rank)
         init = self.cfg.init
         if self._is_kasa(g):
             B, init = self._kasa(module, key, kind, g.diag, A, B), "kasa"
