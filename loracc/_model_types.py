@@ -128,5 +128,5 @@ TRANSFORMERS_MODEL_TYPES = frozenset(
     wav2vec2-bert wav2vec2-conformer wavlm wavtokenizer wavtokenizer_encoder whisper xclip
     xclip_text_model xclip_vision_model xcodec xcodec2 xglm xlm xlm-roberta xlm-roberta-xl xlnet
     xlstm xmod yolos yoso youtu zamba zamba2 zaya zoedepth
-    """.split()
+    """.split()  # noqa: SIM905 (generated data)
 )

@@ -357,7 +357,6 @@ KASA = r"kasa"
 LAYOUT = r"--layout"
 
 
-
 @dataclass(frozen=True)
 class MatrixCase:
     name: str
