@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from loracc import api
-from loracc.errors import LoraccError, printable
+from loracc.errors import LoraccError, Terminated, printable
 from loracc.lower.merge import terminal_progress
 from loracc.passes import Pass, parse_pipeline
 
@@ -44,9 +44,10 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
                 traceback.print_exc()
             click.echo(f"loracc: error: {printable(str(e))}", err=True)
             sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            click.echo("loracc: interrupted", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as e:
+            terminated = isinstance(e, Terminated)
+            click.echo(f"loracc: {'terminated' if terminated else 'interrupted'}", err=True)
+            sys.exit(e.exit_code if terminated else 130)
         except Exception as e:  # a bug: say so in one line unless asked for the traceback
             missing = (e.name or "").partition(".")[0] if isinstance(e, ImportError) else ""
             if missing in _EXTRAS:  # not a bug: an optional dependency is missing

@@ -7,6 +7,7 @@ regression (``golden check``), 2 bad input or an unusable provider.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -22,6 +23,7 @@ from loracc.cli import (
     force_option,
     json_option,
 )
+from loracc.io.output import check_output
 
 __all__ = ["golden", "run"]
 
@@ -159,6 +161,7 @@ def check(
 @click.option("--inputs", required=True, type=click.Path(), help="Inputs as an .npz file.")
 @click.option("-o", "--output", "out", type=click.Path(), default=None, help="Write outputs .npz.")
 @providers_option
+@force_option
 @json_option
 @_guard
 def run(
@@ -167,12 +170,16 @@ def run(
     inputs: str,
     out: str | None,
     providers: str,
+    force: bool,
     as_json: bool,
 ) -> None:
     """Run an ONNX model once with onnxruntime (optionally with an adapter active)."""
+    read = runner.input_files(model, adapter, inputs)
+    if out is not None:
+        check_output(Path(out), read, force=force)  # refuse before running, and again at the end
     result = runner.run(model, inputs, adapter=adapter, providers=providers)
     if out is not None:
-        runner.save_npz(out, result.outputs)
+        runner.save_npz(out, result.outputs, inputs=read, force=force)
     data = {**result.to_dict(), "written": out}
     _emit(data, as_json, _run_text)
 

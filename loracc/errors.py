@@ -15,6 +15,7 @@ __all__ = [
     "NonFiniteError",
     "OutputError",
     "PassError",
+    "Terminated",
     "UnsupportedError",
     "VerifyError",
     "printable",
@@ -90,3 +91,9 @@ class PassError(LoraccError):
 
 class LoweringError(LoraccError):
     """A site cannot be lowered to the requested target."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM while an output is written: cleans up as Ctrl-C does, exits 128 + 15."""
+
+    exit_code = 143

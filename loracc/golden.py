@@ -42,6 +42,7 @@ from loracc import runner
 from loracc.errors import FormatError, InputError, OutputError
 from loracc.io import ort as ort_io
 from loracc.io.ort import TensorSpec
+from loracc.io.output import check_output
 
 __all__ = [
     "DEFAULT_TOLERANCES",
@@ -258,9 +259,15 @@ def _versions(kind: str) -> dict[str, str]:
     return out
 
 
-def _write(path: Path, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
+def _write(
+    path: Path,
+    meta: Mapping[str, Any],
+    arrays: Mapping[str, np.ndarray],
+    inputs: Sequence[Path],
+    force: bool,
+) -> None:
     blob = np.frombuffer(json.dumps(meta, sort_keys=True).encode("utf-8"), dtype=np.uint8)
-    runner.save_npz(path, {META_KEY: blob, **arrays})
+    runner.save_npz(path, {META_KEY: blob, **arrays}, inputs=inputs, force=force)
 
 
 def read_golden(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -284,9 +291,8 @@ def read_golden(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str,
     return meta, arrays
 
 
-def _check_output_path(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise OutputError(f"{out}: exists; pass --force to replace it")
+def _check_output_path(out: Path, inputs: Sequence[Path], force: bool) -> None:
+    check_output(out, inputs, force=force)
     if out.is_dir():
         raise OutputError(f"{out}: is a folder; the golden is one .npz file")
 
@@ -312,8 +318,9 @@ def record(
     neither is given). For a HF folder none of ``adapter``, ``inputs``, ``seed``, ``dims`` apply.
     """
     out_path = Path(out)
-    _check_output_path(out_path, force)
     kind = model_kind(model)
+    read = [Path(model)] if kind == "hf" else runner.input_files(model, adapter, inputs)
+    _check_output_path(out_path, read, force)
     if kind == "hf":
         given = [
             n
@@ -330,7 +337,7 @@ def record(
         if inputs is not None and (seed is not None or dims):
             raise InputError("give either --inputs or --seed/--dim, not both")
         meta, arrays = _record_onnx(model, adapter, inputs, seed, dims, providers)
-    _write(out_path, meta, arrays)
+    _write(out_path, meta, arrays, read, force)
     return meta
 
 

@@ -17,16 +17,18 @@ from typing import Any
 
 import numpy as np
 
-from loracc.errors import FormatError, InputError, OutputError
+from loracc.errors import FormatError, InputError
 from loracc.io import ort as ort_io
 from loracc.io.inputs import open_input
 from loracc.io.npz import read_npz
 from loracc.io.ort import Session, TensorSpec
+from loracc.io.output import atomic_files
 
 __all__ = [
     "RunResult",
     "file_digest",
     "generate_inputs",
+    "input_files",
     "load_npz",
     "model_fingerprint",
     "open_session",
@@ -99,16 +101,30 @@ def load_npz(path: str | os.PathLike[str], what: str = "inputs") -> dict[str, np
     return read_npz(Path(path), what)
 
 
-def save_npz(path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray]) -> None:
-    """Write ``arrays`` to ``path`` (compressed), creating the parent folder."""
-    p = Path(path)
+def save_npz(
+    path: str | os.PathLike[str],
+    arrays: Mapping[str, np.ndarray],
+    *,
+    inputs: Sequence[Path],
+    force: bool,
+) -> None:
+    """Write ``arrays`` to ``path`` (compressed) under loracc's output rules: not over one of
+    ``inputs``, existing only with ``force``, atomic (:mod:`loracc.io.output`)."""
+    with atomic_files([Path(path)], inputs, force=force) as (tmp,), open(tmp, "wb") as f:
+        np.savez_compressed(f, **dict(arrays))
+
+
+def input_files(
+    model: str | os.PathLike[str], *others: str | os.PathLike[str] | None
+) -> list[Path]:
+    """What a run of ``model`` reads, which its outputs may not overwrite: the ``.onnx`` file
+    (``model`` or the one in that folder), its external-data files, and ``others`` given."""
+    onnx_file = resolve_onnx(model)
     try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + ".tmp.npz")
-        np.savez_compressed(tmp, **dict(arrays))
-        tmp.replace(p)
-    except OSError as e:
-        raise OutputError(f"{p}: cannot write ({e.strerror or e})") from e
+        data = _external_data_files(onnx_file)
+    except FormatError:  # unreadable: the session refuses it with its own message
+        data = []
+    return [onnx_file, *data] + [Path(o) for o in others if o is not None]
 
 
 def open_session(

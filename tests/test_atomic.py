@@ -1,6 +1,7 @@
 """Issue 7: atomic output. A killed, failed or interrupted merge leaves no destination and no
 temporary behind once the next run is done, never touches its inputs, and the stale-temporary
-cleanup removes only what loracc made (``.NAME.loracc-tmp-<dead pid>-<8 hex>``).
+cleanup removes only what loracc made (``.NAME.loracc-tmp-<pid>-<8 hex>``, with no run holding
+``NAME``'s lock). The output rules of every command are in test_output_rules.py.
 
 The SIGKILL tests run ``python -m loracc merge`` on a multi-shard base of about 200 MB, written
 with ``safetensors`` directly, and kill it once the temporary folder holds its second output shard
@@ -85,7 +86,12 @@ def _kill_mid_write(proc: subprocess.Popen[bytes], out: Path, timeout: float = 1
             err = proc.stderr.read().decode() if proc.stderr else ""
             pytest.fail(f"merge ended (exit {proc.returncode}) before it could be killed: {err}")
         tmps = [p for p in out.parent.iterdir() if p.name.startswith(prefix)]
-        if tmps and sum(p.suffix == ".safetensors" for p in tmps[0].iterdir()) >= 2:
+        staged = tmps[0] / "0" if tmps else None  # the output folder, staged in the temporary
+        if (
+            staged
+            and staged.is_dir()
+            and sum(p.suffix == ".safetensors" for p in staged.iterdir()) >= 2
+        ):
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)
             assert proc.returncode == -signal.SIGKILL
@@ -131,7 +137,8 @@ def test_sigkill_mid_merge_leaves_no_destination(
     stale = _kill_mid_write(proc, out)
     assert not out.exists(), "a killed merge left a destination"
     assert stale.exists(), "the killed run's temporary should still be there (nothing cleaned it)"
-    assert mc.tmp_entries(out) == [stale]
+    lock = out.parent / f".{out.name}.loracc-lock"  # released by the kernel, left on disk
+    assert mc.tmp_entries(out) == sorted([stale, lock])
 
     # The next run cleans the dead run's temporary and succeeds.
     argv = ["merge", "--base", str(base), "--adapter", str(adapter), "-o", str(out)]
@@ -201,9 +208,11 @@ def _dead_pid() -> int:
     return proc.pid
 
 
-def test_stale_cleanup_removes_only_loracc_temporaries_of_dead_runs(
+def test_stale_cleanup_removes_only_loracc_temporaries_of_this_destination(
     small_case: mc.Layout,
 ) -> None:
+    """No lock held on ``out`` means no run writes it: every ``.out.loracc-tmp-…`` goes, whatever
+    its pid says (a pid means nothing across PID namespaces), and nothing else."""
     lay = small_case
     parent, dead, alive = lay.out.parent, _dead_pid(), os.getpid()
     outside = parent / "outside-target"
@@ -221,11 +230,10 @@ def test_stale_cleanup_removes_only_loracc_temporaries_of_dead_runs(
 
     removed = [
         make(f".out.loracc-tmp-{dead}-0123abcd"),
-        make(f".out.loracc-old-{dead}-89abcdef"),
+        make(f".out.loracc-tmp-{alive}-0123abcd"),  # a pid alive here: a reused pid, no lock
         make(f".out.loracc-tmp-{dead}-deadbeef", link=True),  # the link goes, not its target
     ]
     kept = [
-        make(f".out.loracc-tmp-{alive}-0123abcd"),  # a live run
         make(f".other.loracc-tmp-{dead}-0123abcd"),  # another destination
         make(f".out.loracc-tmp-{dead}-0123abcz"),  # not loracc's pattern
         make(f".out.loracc-tmp-{dead}-0123abcd.bak"),

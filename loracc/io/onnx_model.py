@@ -175,10 +175,11 @@ def save_model(model: ir.Model, path: Path, data_path: Path | None) -> None:
             # temporary name, then point the graph at the final name.
             ir.save(model, path, external_data=data_path.name)
     except Exception as e:
-        # onnx-ir wraps what a lazy tensor raised (NonFiniteError, ...) in SerdeError layers
+        # onnx-ir wraps what a lazy tensor raised (NonFiniteError, ...) or a failed write
+        # (disk full) in SerdeError layers
         cause: BaseException | None = e
-        while cause is not None and not isinstance(cause, LoraccError):
-            cause = cause.__cause__
+        while cause is not None and not isinstance(cause, (LoraccError, OSError)):
+            cause = cause.__cause__ or cause.__context__
         if cause is not None:
             raise cause from None
         raise
