@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import functools
 import io
 import os
@@ -338,7 +339,11 @@ def write_adapter(
     fmt.set_adapter_version(adapter_version)
     fmt.set_model_version(model_version)
     fmt.set_parameters({name: to_ortvalue(a, t) for name, (a, t) in params.items()})
-    fmt.export_adapter(os.fspath(path))
+    try:
+        fmt.export_adapter(os.fspath(path))
+    except Exception as e:  # onnxruntime's own error types say only "Failed to write N bytes"
+        why = "onnxruntime could not write the adapter file (disk full, or not writable)"
+        raise OSError(errno.EIO, why, os.fspath(path)) from e
 
 
 def read_adapter(path: str | os.PathLike[str]) -> dict[str, tuple[tuple[int, ...], int, bytes]]:

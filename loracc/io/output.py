@@ -365,25 +365,26 @@ def _describe(e: OSError, staged: Sequence[Path], dests: Sequence[Path]) -> str:
     for s, d in zip(staged, dests, strict=True):
         if name == os.fspath(s) or name.startswith(os.fspath(s) + os.sep):
             name = os.fspath(d) + name[len(os.fspath(s)) :]
-    return f"{name}: {_what(e)}" if name else _what(e)
+    return f"{name}: {_what(e)}" if name and name != os.fspath(dests[0]) else _what(e)
 
 
 def _commit(staging: Path, staged: Sequence[Path], dests: Sequence[Path], force: bool) -> None:
     for s in staged:
         if not _exists(s):
             raise RuntimeError(f"{s}: the writer of {dests[0]} did not write it")
+    pairs = list(zip(staged, dests, strict=True))[::-1]  # the first (the .onnx) goes in last
     with _signals_held():
         if len(dests) > 1:
             entries = [
                 {"staged": s.name, "dest": d.name, "new": _identity(s), "old": _identity(d)}
-                for s, d in zip(staged, dests, strict=True)
+                for s, d in pairs
             ]
             pending = staging / f"{_JOURNAL}.tmp"
             pending.write_text(json.dumps({"entries": entries}))
             os.rename(pending, staging / _JOURNAL)  # the commit point
         moved: list[tuple[Path, Path]] = []
         try:
-            for s, d in zip(staged, dests, strict=True):
+            for s, d in pairs:
                 _move_in(s, d, replace=force)
                 moved.append((s, d))
         except OutputError:  # made by another program meanwhile: undo ours, keep theirs
@@ -412,14 +413,13 @@ def _atomic(dests: Sequence[Path], inputs: Sequence[Path], *, force: bool, folde
         staging = _entry(dests[0], "tmp")
         staged = [staging / f"{i}{'' if folder else d.suffix}" for i, d in enumerate(dests)]
         try:
-            staging.mkdir()
-            if folder:
-                staged[0].mkdir()
-        except OSError as e:
-            _remove(staging)
-            where = dests[0].parent
-            raise OutputError(f"{where}: cannot create the output there ({_what(e)})") from e
-        try:
+            try:
+                staging.mkdir()
+                if folder:
+                    staged[0].mkdir()
+            except OSError as e:
+                where = dests[0].parent
+                raise OutputError(f"{where}: cannot create the output there ({_what(e)})") from e
             yield staged
             _commit(staging, staged, dests, force)
         except OSError as e:  # disk full, read-only, name too long: not a loracc bug
