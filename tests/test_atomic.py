@@ -167,6 +167,26 @@ def test_sigkill_during_force_keeps_the_previous_output(
     assert not (out / "previous.txt").exists() and mc.tmp_entries(out) == []
 
 
+def test_two_merges_to_one_destination(
+    big_case: tuple[Path, Path], tmp_path: Path, repo_root: Path
+) -> None:
+    """Started together without --force: exactly one writes, the other exits 2 (the lock, or
+    the destination it finds at the final rename). Both exited 0 before, one silently replacing
+    the other's output."""
+    base, adapter = big_case
+    out = tmp_path / "merged"
+    procs = [
+        _spawn(repo_root, "--base", str(base), "--adapter", str(adapter), "-o", str(out))
+        for _ in range(2)
+    ]
+    codes = sorted(p.wait(timeout=300) for p in procs)
+    errors = [p.stderr.read().decode() if p.stderr else "" for p in procs]
+    assert codes == [0, 2], errors
+    assert any("another loracc run" in e or "already exists" in e for e in errors), errors
+    assert mc.tmp_entries(out) == []
+    _check_merged(out, base, adapter)
+
+
 # ------------------------------------------------------------------------------------------------
 # Failures and interrupts in-process
 

@@ -139,25 +139,39 @@ def identities(paths: list[Path]) -> list[tuple[int, int] | None]:
 # Overlap, --force, parents
 
 
-OVERLAPS = [
-    ("merge", lambda w: w.inputs["base"] / "model-00001-of-00002.safetensors", True),
-    ("merge", lambda w: w.inputs["adapter"] / "adapter_model.safetensors", True),
-    ("convert", lambda w: w.inputs["adapter"] / "adapter_config.json", True),
-    ("export", lambda w: w.inputs["adapter"] / "inside.onnx", True),
-    ("export-keep-lora", lambda w: w.inputs["model"], True),
-    ("pack", lambda w: w.inputs["adapter"] / "inside.onnx_adapter", True),
-    ("run", lambda w: w.inputs["model"], False),  # replaced the model without --force
-    ("run", lambda w: w.inputs["data"], True),
-    ("run", lambda w: w.inputs["inputs"], True),
-    ("golden-record", lambda w: w.inputs["data"], True),  # replaced the external data
-    ("golden-record", lambda w: w.inputs["model"], True),
-    ("golden-record-hf", lambda w: w.inputs["base"] / "model-00001-of-00002.safetensors", True),
-]
+OVERLAPS = {  # id: (command, the input -o names, --force)
+    "merge-base-shard": (
+        "merge",
+        lambda w: w.inputs["base"] / "model-00001-of-00002.safetensors",
+        True,
+    ),
+    "merge-adapter-file": (
+        "merge",
+        lambda w: w.inputs["adapter"] / "adapter_model.safetensors",
+        True,
+    ),
+    "convert-adapter-config": (
+        "convert",
+        lambda w: w.inputs["adapter"] / "adapter_config.json",
+        True,
+    ),
+    "export-inside-adapter": ("export", lambda w: w.inputs["adapter"] / "inside.onnx", True),
+    "export-keep-lora-model": ("export-keep-lora", lambda w: w.inputs["model"], True),
+    "pack-inside-adapter": ("pack", lambda w: w.inputs["adapter"] / "inside.onnx_adapter", True),
+    "run-model-no-force": ("run", lambda w: w.inputs["model"], False),  # replaced it before
+    "run-model-data": ("run", lambda w: w.inputs["data"], True),
+    "run-inputs-npz": ("run", lambda w: w.inputs["inputs"], True),
+    "golden-record-model-data": ("golden-record", lambda w: w.inputs["data"], True),
+    "golden-record-model": ("golden-record", lambda w: w.inputs["model"], True),
+    "golden-record-hf-shard": (
+        "golden-record-hf",
+        lambda w: w.inputs["base"] / "model-00001-of-00002.safetensors",
+        True,
+    ),
+}
 
 
-@pytest.mark.parametrize(
-    ("name", "target", "force"), OVERLAPS, ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(OVERLAPS)]
-)
+@pytest.mark.parametrize(("name", "target", "force"), OVERLAPS.values(), ids=OVERLAPS.keys())
 def test_output_over_an_input_is_refused(
     name: str, target: Callable[[Writer], Path], force: bool, tmp_path: Path
 ) -> None:
