@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +28,7 @@ from safetensors.torch import load_file
 
 import loracc
 from loracc.cli import main
+from loracc.io.output import clean_stale
 
 N_TENSORS, SHARDS, DIM, RANK = 48, 4, 1024, 8
 SHARD_SIZE = "51MB"  # 12 tensors of 4 MiB per output shard: 4 shards
@@ -184,6 +187,50 @@ def test_two_merges_to_one_destination(
     assert codes == [0, 2], errors
     assert any("another loracc run" in e or "already exists" in e for e in errors), errors
     assert mc.tmp_entries(out) == []
+    _check_merged(out, base, adapter)
+
+
+def test_run_in_another_pid_namespace_keeps_its_temporary(
+    big_case: tuple[Path, Path], tmp_path: Path, repo_root: Path
+) -> None:
+    """A merge in its own PID namespace (two containers on one volume) writes as pid ~300,
+    which looks dead from here: a second run's cleanup here deleted its live temporary, and it
+    failed. The lock says it is alive: the second run is refused instead, and that merge
+    completes."""
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare")
+    base, adapter = big_case
+    out = tmp_path / "merged"
+    merge = [
+        sys.executable,
+        "-m",
+        "loracc",
+        "merge",
+        "--max-shard-size",
+        SHARD_SIZE,
+        "--workers",
+        "1",
+    ]
+    merge += ["--base", str(base), "--adapter", str(adapter), "-o", str(out)]
+    # 300 short processes first, so that python's pid in the namespace is one the host lacks
+    script = "seq 1 300 | xargs -n1 true; " + " ".join(shlex.quote(a) for a in merge)
+    proc = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--mount", "--mount-proc", "sh", "-c", script],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=dict(os.environ, PYTHONPATH=str(repo_root)),
+        cwd=repo_root,
+    )
+    deadline = time.monotonic() + 120
+    while not (tmps := [p for p in tmp_path.iterdir() if ".loracc-tmp-" in p.name]):
+        if proc.poll() is not None:
+            pytest.skip(f"cannot run in a new PID namespace (needs root): {proc.stderr.read()!r}")
+        assert time.monotonic() < deadline, "no temporary appeared"
+        time.sleep(0.001)
+    with pytest.raises(loracc.errors.OutputError, match="another loracc run"):
+        clean_stale(out)  # what a second run does first, under the destination's lock
+    assert proc.wait(timeout=300) == 0, proc.stderr.read() if proc.stderr else ""
+    assert not tmps[0].exists() and mc.tmp_entries(out) == []
     _check_merged(out, base, adapter)
 
 
