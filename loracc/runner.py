@@ -22,7 +22,7 @@ from loracc.io import ort as ort_io
 from loracc.io.inputs import open_input
 from loracc.io.npz import read_npz
 from loracc.io.ort import Session, TensorSpec
-from loracc.io.output import atomic_files
+from loracc.io.output import atomic_files, check_complete
 
 __all__ = [
     "RunResult",
@@ -134,7 +134,11 @@ def open_session(
     adapter: str | os.PathLike[str] | None = None,
 ) -> Session:
     """:func:`loracc.io.ort.open_session` of ``model``: a ``.onnx`` file or a folder with one."""
-    return ort_io.open_session(resolve_onnx(model), providers, adapter=adapter)
+    path = resolve_onnx(model)
+    for part in (path, adapter):
+        if part is not None:
+            check_complete(Path(part))
+    return ort_io.open_session(path, providers, adapter=adapter)
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import torch
 
 from loracc.errors import FormatError, InputError, LoraccError, OutputError
 from loracc.io.checkpoint import inside
-from loracc.io.output import atomic_files
+from loracc.io.output import atomic_files, check_complete
 
 __all__ = [
     "MAX_IR_VERSION",
@@ -59,6 +59,7 @@ def load_model(path: str | os.PathLike[str]) -> ir.Model:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: ONNX model not found")
+    check_complete(path)
     try:
         model = ir.load(path)
     except Exception as e:  # protobuf and onnx-ir raise many kinds

@@ -44,9 +44,9 @@ from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from loracc.errors import OutputError, Terminated
+from loracc.errors import InputError, OutputError, Terminated
 
-__all__ = ["atomic_dir", "atomic_files", "check_output"]
+__all__ = ["atomic_dir", "atomic_files", "check_complete", "check_output", "clean_stale"]
 
 _ENTRY = re.compile(r"^\.(?P<label>.+)\.loracc-(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-f]{8}$")
 _PID_MAX = 2**22  # Linux's PID_MAX_LIMIT; larger "pids" in a name were not written by loracc
@@ -295,8 +295,8 @@ def _roll_forward(staging: Path, journal: Path) -> None:
         moves = [(staging / e["staged"], staging.parent / e["dest"], e) for e in entries]
     except (OSError, ValueError, KeyError, TypeError):
         return  # not a journal loracc wrote completely: the staging folder goes
-    if any(Path(e["dest"]).name != e["dest"] for _, _, e in moves):
-        return
+    if any(Path(e[k]).name != e[k] for _, _, e in moves for k in ("staged", "dest")):
+        return  # names only, never a path out of the folder
     with _locked([d for _, d, _ in moves]):
         _restore_moved_aside([d for _, d, _ in moves])
         for staged, dest, e in moves:
@@ -305,11 +305,30 @@ def _roll_forward(staging: Path, journal: Path) -> None:
 
 
 def clean_stale(dest: Path) -> None:
-    """Restore or remove what a killed run on ``dest`` left beside it (under its lock)."""
+    """What every run on ``dest`` does first, alone: under its lock, restore or remove what a
+    killed run left beside it."""
     dest = Path(dest)
     if dest.parent.is_dir():
         with _locked([dest]):
             _recover([dest])
+
+
+def check_complete(path: Path) -> None:
+    """Refuse to read ``path`` while it belongs to a set a killed run left half replaced (a
+    journal beside it names it, and not every file of the set is in place yet)."""
+    path = Path(path)
+    for journal in path.parent.glob(f".*.loracc-tmp-*/{_JOURNAL}"):
+        try:
+            entries = json.loads(journal.read_text())["entries"]
+            mine = any(e["dest"] == path.name for e in entries)
+            done = all(_identity(path.parent / e["dest"]) == e["new"] for e in entries)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if mine and not done:
+            raise InputError(
+                f"{path}: a killed loracc run left its output set half replaced "
+                f"({journal.parent.name}); run that command again to complete it"
+            )
 
 
 # --------------------------------------------------------------------------------------------
