@@ -422,8 +422,8 @@ def tmpfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
         return where
 
     yield mount
-    for where in mounted:
-        subprocess.run(["umount", str(where)], check=False)
+    for where in mounted:  # lazily: a file a failed run left open must not keep it mounted
+        subprocess.run(["umount", "--lazy", str(where)], check=False)
 
 
 def _fill(folder: Path, leave: int) -> None:

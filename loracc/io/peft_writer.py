@@ -153,8 +153,12 @@ def write_peft_adapter(adapter: Adapter, folder: Path) -> list[str]:
         [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()],
         {"format": "pt"},
     )
-    for key, tensor in tensors.items():
-        writer.write(key, tensor)
+    try:
+        for key, tensor in tensors.items():
+            writer.write(key, tensor)
+    except BaseException:  # disk full, Ctrl-C: close the file the output layer removes
+        writer.abort()
+        raise
     writer.close()
     text = json.dumps(config, indent=2, sort_keys=True, default=str)
     (folder / "adapter_config.json").write_text(text + "\n")
