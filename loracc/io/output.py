@@ -379,8 +379,11 @@ def _what(e: OSError) -> str:
 
 
 def _describe(e: OSError, staged: Sequence[Path], dests: Sequence[Path]) -> str:
-    """``e`` naming the destination a staged path stands for."""
-    name = os.fsdecode(e.filename) if e.filename is not None else ""
+    """``e`` naming the destination a staged path stands for. A full or read-only disk is the
+    output's: the file named then may be the source of a copy, not worth naming."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) or e.filename is None:
+        return _what(e)
+    name = os.fsdecode(e.filename)
     for s, d in zip(staged, dests, strict=True):
         if name == os.fspath(s) or name.startswith(os.fspath(s) + os.sep):
             name = os.fspath(d) + name[len(os.fspath(s)) :]

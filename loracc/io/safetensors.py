@@ -267,7 +267,11 @@ class SafetensorsWriter:
             begin += nbytes
         # Unbuffered: copy_file_range moves the descriptor's position behind any buffer's back.
         self._file: BinaryIO = open(path, "wb", buffering=0)  # noqa: SIM115  (see close())
-        _write_all(self._file, struct.pack("<Q", len(raw)) + raw)
+        try:
+            _write_all(self._file, struct.pack("<Q", len(raw)) + raw)
+        except BaseException:  # disk full: no writer to abort, close the file here
+            self._file.close()
+            raise
         self._next = 0
 
     def _take(self, name: str, nbytes: int) -> None:
