@@ -16,6 +16,7 @@ from loracc.io.output import atomic_dir
 from loracc.io.peft import load_adapter as _load_adapter
 from loracc.io.peft_writer import write_peft_adapter
 from loracc.ir import Adapter
+from loracc.legality import Target, require
 from loracc.lower.merge import MergeOptions, check_mergeable, merge_into, parse_size
 from loracc.passes import Pass, PassContext
 from loracc.pipeline import (
@@ -86,7 +87,6 @@ def compile_adapter(
     """Run the merge pipeline over ``adapter``, or exactly ``passes`` (nothing added: a lowering
     takes ``merge_pipeline(extra)``, which keeps the required passes)."""
     ctx = PassContext(base=base, device=device)
-    check = check or os.environ.get("LORACC_VERIFY") == "1"
     return run_pipeline(adapter, merge_pipeline() if passes is None else passes, ctx, check=check)
 
 
@@ -168,8 +168,7 @@ def merge(
         layout=layout,
         allow_large_replication=allow_large_replication,
     )
-    if adapter.refusals:  # decided by the config alone: refuse before any pass reads the base
-        check_mergeable(adapter)
+    require(adapter, Target.MERGE, before_passes=True)  # before any pass reads the base
     result = compile_adapter(adapter, base, merge_pipeline(passes or ()), device=options.device)
     inputs = [Path(base_dir), Path(adapter_dir)] + (
         [Path(initial_adapter)] if initial_adapter else []
@@ -344,18 +343,11 @@ def convert(
         raise ConfigError("convert: give --rank or --energy, not both")
     base = Checkpoint(base_dir) if base_dir is not None else None
     adapter = _load_adapter(Path(adapter_dir), base, initial=initial_adapter, layout=layout)
-    if adapter.refusals:
-        raise UnsupportedError(f"{adapter.name}: cannot convert: {adapter.refusals[0]}")
+    require(adapter, Target.PEFT_ADAPTER, before_passes=True)
     passes = convert_pipeline(base=base is not None, rank=rank, energy=energy)
     device, device_notes = _device(device)
     result = run_pipeline(adapter, passes, PassContext(base=base, device=device))
-    splits = base.expert_splits.values() if base is not None else ()
-    split = {k for s in splits for ks in s.keys for k in ks}
-    if any(s.target in split for s in result.adapter.sites):
-        raise UnsupportedError(
-            f"{adapter.name}: cannot convert: fused expert target_parameters stored per expert "
-            "in the base are not written back as a PEFT adapter yet"
-        )
+    require(result.adapter, Target.PEFT_ADAPTER, base=base)
     inputs = [Path(adapter_dir)] + [Path(p) for p in (base_dir, initial_adapter) if p is not None]
     with atomic_dir(Path(out_dir), inputs, force=force) as tmp:
         keys = write_peft_adapter(result.adapter, tmp)

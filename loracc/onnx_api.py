@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loracc.errors import ConfigError, UnsupportedError
+from loracc.legality import Target, require
 
 if TYPE_CHECKING:
     import torch
@@ -31,7 +32,6 @@ __all__ = ["OnnxReport", "PackReport", "bind_onnx", "export_onnx", "pack"]
 PathLike = str | os.PathLike[str]
 # --layout choices: "MODULE_PATTERN=LAYOUT" strings or {pattern: layout} (loracc.io.layout).
 LayoutChoices = Sequence[str] | Mapping[str, str] | None
-_PLAIN = ("lora", "dora", "dora-folded")
 
 
 @dataclass
@@ -95,32 +95,26 @@ def _load(
     initial: PathLike | None,
     allow_nonfinite: bool,
     layout: LayoutChoices = None,
+    *,
+    target: Target,
 ) -> Adapter:
     from loracc.io.peft import load_adapter
-    from loracc.lower.onnx_bind import refuse_structural
 
     adapter = load_adapter(
         path, ckpt, initial=initial, allow_nonfinite=allow_nonfinite, layout=layout
     )
-    refuse_structural(adapter)
+    require(adapter, target, before_passes=True)
     return adapter
 
 
-def _check_plain(adapter: Adapter) -> None:
-    for site in adapter.sites:
-        if site.variant not in _PLAIN:
-            raise UnsupportedError(
-                f"{site.module}: init_lora_weights='{site.init}' applies to a residual base; "
-                "the reconstruct-residual pass did not turn it into plain LoRA"
-            )
-
-
-def _compile(adapter: Adapter, base: OnnxBase) -> tuple[Adapter, list[dict[str, Any]]]:
+def _compile(
+    adapter: Adapter, base: OnnxBase, target: Target
+) -> tuple[Adapter, list[dict[str, Any]]]:
     from loracc.api import compile_adapter, pass_steps
 
     result = compile_adapter(adapter, base)
     steps = [s for s in pass_steps(result) if s["changed"] or s["details"]]
-    _check_plain(result.adapter)
+    require(result.adapter, target)
     return result.adapter, steps
 
 
@@ -187,7 +181,7 @@ def _adapter_paths(out: Path, adapters: Sequence[Path]) -> list[Path]:
 
 
 def _bind_all(
-    index: Any, adapters: list[Adapter], ckpt: Checkpoint | None, base_path: Path
+    index: Any, adapters: list[Adapter], ckpt: Checkpoint | None, base_path: Path, target: Target
 ) -> tuple[BindingTable, list[Adapter], list[dict[str, Any]]]:
     from loracc.lower.onnx_bind import (
         OnnxBase,
@@ -201,7 +195,7 @@ def _bind_all(
     onnx_base = OnnxBase.from_table(table, str(base_path))
     compiled, steps = [], []
     for a in adapters:
-        c, s = _compile(a, onnx_base)
+        c, s = _compile(a, onnx_base, target)
         compiled.append(c)
         steps.extend(s)
     # passes may add targets (untying); bind whatever is new
@@ -269,9 +263,13 @@ def export_onnx(
     protected = _inputs(base_path, adapter_paths, model, initial_adapter, base_weights)
     if external_data is None:  # decided by the base, before edits move tensors into memory
         external_data = needs_external_data(model)
-    loaded = [_load(p, ckpt, initial_adapter, allow_nonfinite, layout) for p in adapter_paths]
+    target = Target.ONNX_KEEP_LORA if keep_lora else Target.ONNX_MERGE
+    loaded = [
+        _load(p, ckpt, initial_adapter, allow_nonfinite, layout, target=target)
+        for p in adapter_paths
+    ]
     index = GraphIndex(model)
-    table, compiled, steps = _bind_all(index, loaded, ckpt, base_path)
+    table, compiled, steps = _bind_all(index, loaded, ckpt, base_path, target)
     notes = [n for a in compiled for n in a.notes]
     report = OnnxReport(
         base=str(base_path),
@@ -381,7 +379,12 @@ def pack(
     onnx_model = load_model(model_path)
     groups = read_manifest(onnx_model, str(model_path))
     loaded = _load(
-        adapter_path, _checkpoint(base_weights), initial_adapter, allow_nonfinite, layout
+        adapter_path,
+        _checkpoint(base_weights),
+        initial_adapter,
+        allow_nonfinite,
+        layout,
+        target=Target.ONNX_KEEP_LORA,
     )
     notes: list[str] = []
     if loaded.replacements:
@@ -407,7 +410,7 @@ def pack(
     group_of = {m.module: g for g in groups for m in g.members}
     check_fits(group_of, loaded, str(model_path))
     base = manifest_base(onnx_model, groups, str(model_path))
-    compiled, _ = _compile(loaded, base)
+    compiled, _ = _compile(loaded, base, Target.ONNX_KEEP_LORA)
     check_fits(group_of, compiled, str(model_path))
     params = pack_params(groups, compiled)
     inputs = _inputs(model_path, [adapter_path], onnx_model, initial_adapter, base_weights)

@@ -10,10 +10,16 @@ Each pipeline has required passes, those its output needs to be correct, and tak
 (``--passes``): the user's passes are added to the required ones, or configure them, and the
 result runs in :data:`ORDER`. A spec cannot drop a required pass, and one that lists passes out of
 :data:`ORDER` or names a pass twice is refused rather than reordered.
+
+:func:`run_pipeline` owns verification, as onnx-ir's ``PassBase.__call__`` owns pre- and
+postconditions: with ``check=True`` or ``LORACC_VERIFY=1`` (which the tests set) it verifies the
+IR before the first pass and after every pass, so every pipeline — merge, convert, the ONNX
+export, ``compile --emit ir`` — is verified in tests, not only the ones whose caller asks.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from itertools import pairwise
@@ -32,6 +38,7 @@ from loracc.verify import verify
 __all__ = [
     "MERGE_REQUIRED",
     "ORDER",
+    "VERIFY_ENV",
     "PipelineResult",
     "convert_pipeline",
     "in_order",
@@ -57,6 +64,10 @@ MERGE_REQUIRED: tuple[type[Pass], ...] = (
     UntieEmbeddings,
     FoldDora,
 )
+
+
+# Set to "1" to verify the IR around every pass of every pipeline (tests/conftest.py sets it).
+VERIFY_ENV = "LORACC_VERIFY"
 
 
 def in_order(required: Sequence[Pass], requested: Sequence[Pass]) -> list[Pass]:
@@ -115,7 +126,13 @@ def run_pipeline(
     check: bool = False,
     after: Callable[[str, Adapter], None] | None = None,
 ) -> PipelineResult:
-    """Run ``passes`` in order; with ``check`` verify the IR before and after each pass."""
+    """Run ``passes`` in order.
+
+    With ``check``, or when :data:`VERIFY_ENV` is ``1``, the IR is verified before the first
+    pass and after each one; a broken invariant raises :class:`~loracc.errors.VerifyError`
+    naming the pass that broke it. ``after`` sees each pass's spec and output (IR dumps).
+    """
+    check = check or os.environ.get(VERIFY_ENV) == "1"
     if check:
         verify(adapter)
     steps: list[tuple[str, PassResult]] = []

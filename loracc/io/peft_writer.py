@@ -28,15 +28,14 @@ from __future__ import annotations
 
 import json
 import re
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from loracc.errors import UnsupportedError
 from loracc.io.safetensors import SafetensorsWriter
 from loracc.ir import Adapter, Site, SiteKind
+from loracc.legality import Target, require
 
 __all__ = ["adapter_config", "adapter_tensors", "write_peft_adapter"]
 
@@ -54,45 +53,13 @@ _DROPPED = (
 )
 
 
-def _check_plain(adapter: Adapter) -> None:
-    for site in adapter.sites:
-        if site.magnitude is not None or site.channel_scale is not None:
-            raise UnsupportedError(
-                f"{site.module}: DoRA cannot be written as a plain LoRA adapter: its "
-                "m/‖W + ΔW‖ scale is not a low-rank delta on the original base"
-            )
-        if site.variant != "lora" or site.initial is not None:
-            raise UnsupportedError(
-                f"{site.module}: init_lora_weights='{site.init}' must be reconstructed first "
-                "(reconstruct-residual)"
-            )
-        if site.scale != 1.0 or site.alpha != site.rank or site.use_rslora:
-            raise UnsupportedError(
-                f"{site.module}: scale {site.scale} not folded (fold-scaling) before writing"
-            )
-        if site.experts:
-            raise UnsupportedError(
-                f"{site.module}: writing 3-D expert parameter sites is not supported"
-            )
-    owners: dict[str, int] = defaultdict(int)
-    for site in adapter.sites:
-        if site.kind is SiteKind.PARAMETER:
-            owners[site.module.rsplit(".", 1)[0]] += 1
-    many = sorted(o for o, n in owners.items() if n > 1)
-    if many:
-        raise UnsupportedError(
-            f"{many[0]}: several target_parameters on one module (peft nests their wrappers); "
-            "writing them is not supported"
-        )
-
-
 def _owner(site: Site) -> str:
     return site.module.rsplit(".", 1)[0] if site.kind is SiteKind.PARAMETER else site.module
 
 
 def adapter_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
     """The adapter_model.safetensors content of a plain adapter, keyed as peft saves it."""
-    _check_plain(adapter)
+    require(adapter, Target.PEFT_ADAPTER)
     out: dict[str, torch.Tensor] = {}
     wrapped = {_owner(s) for s in adapter.sites}
     for site in sorted(adapter.sites, key=lambda s: s.module):
@@ -117,7 +84,7 @@ def adapter_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
 
 def adapter_config(adapter: Adapter) -> dict[str, Any]:
     """adapter_config.json of the plain adapter: alpha = r for every module, so scale 1."""
-    _check_plain(adapter)
+    require(adapter, Target.PEFT_ADAPTER)
     config: dict[str, Any] = {k: v for k, v in adapter.config.items() if k not in _DROPPED}
     ranks = {s.module: s.rank for s in adapter.sites}
     top = max(ranks.values(), default=int(config.get("r", 8)))

@@ -50,6 +50,7 @@ from loracc.io.safetensors import (
     read_tensor,
 )
 from loracc.ir import Adapter, Replacement, Site, SiteKind, TokenRows
+from loracc.legality import Target, require
 
 __all__ = ["MergeOptions", "MergeStats", "check_mergeable", "merge_into", "parse_size"]
 
@@ -136,20 +137,7 @@ class _Out:
 
 def check_mergeable(adapter: Adapter) -> None:
     """Refuse what no merged weight can express, or what a pass must first rewrite."""
-    if adapter.refusals:
-        raise UnsupportedError(f"{adapter.name}: cannot merge: {adapter.refusals[0]}")
-    if adapter.layer_replication:
-        raise UnsupportedError(
-            f"{adapter.name}: layer_replication needs the expand-layer-replication pass"
-        )
-    for site in adapter.sites:
-        if site.magnitude is not None:
-            raise UnsupportedError(f"{site.module}: DoRA magnitude not folded (fold-dora pass)")
-        if site.variant not in ("lora", "dora-folded"):
-            raise UnsupportedError(
-                f"{site.module}: init_lora_weights='{site.init}' needs the reconstruct-residual "
-                "pass"
-            )
+    require(adapter, Target.MERGE)
 
 
 def _index_edits(adapter: Adapter) -> dict[str, _Edits]:

@@ -53,7 +53,7 @@ import onnx_ir as ir
 import torch
 
 from loracc.arch import FUSED_PROJECTIONS
-from loracc.errors import FormatError, LoweringError, UnsupportedError
+from loracc.errors import FormatError, LoweringError
 from loracc.io.onnx_model import tensor_to_torch, torch_dtype
 from loracc.ir import Adapter, Site, SiteKind
 
@@ -1041,15 +1041,3 @@ def _chain_to(value: ir.Value, init: ir.Value) -> list[ir.Node] | None:
         if value is None:
             return None
     return chain
-
-
-def refuse_structural(adapter: Adapter) -> None:
-    """Refuse what no ONNX lowering can express without new graph structure."""
-    if adapter.refusals:
-        raise UnsupportedError(f"{adapter.name}: {adapter.refusals[0]}")
-    if adapter.layer_replication:
-        raise UnsupportedError(
-            f"{adapter.name}: layer_replication adds layers; the ONNX graph would need new "
-            "layers, which loracc does not build (merge the adapter into the HF checkpoint "
-            "with `loracc merge` and re-export instead)"
-        )

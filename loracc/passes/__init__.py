@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
+import types
+import typing
+from collections.abc import Callable, Mapping
 
 from loracc.errors import ConfigError
-from loracc.passes.base import Pass, PassContext, PassResult, Skip
+from loracc.passes.base import Pass, PassContext, PassResult, Rewritten, SitePass, Skip
 from loracc.passes.expand_layer_replication import ExpandLayerReplication
 from loracc.passes.fold_dora import FoldDora
 from loracc.passes.fold_scaling import FoldScaling
@@ -15,7 +17,16 @@ from loracc.passes.reconstruct_residual import ReconstructResidual
 from loracc.passes.truncate_rank import TruncateRank
 from loracc.passes.untie_embeddings import UntieEmbeddings
 
-__all__ = ["PASSES", "Pass", "PassContext", "PassResult", "Skip", "parse_pipeline"]
+__all__ = [
+    "PASSES",
+    "Pass",
+    "PassContext",
+    "PassResult",
+    "Rewritten",
+    "SitePass",
+    "Skip",
+    "parse_pipeline",
+]
 
 PASSES: Mapping[str, type[Pass]] = {
     cls.name: cls
@@ -32,17 +43,30 @@ PASSES: Mapping[str, type[Pass]] = {
 _ITEM = re.compile(r"\s*([a-z0-9-]+)\s*(?:\{([^}]*)\})?\s*(?:,|$)")
 
 
+def _bool(text: str) -> bool:
+    return text.lower() in ("1", "true", "yes")
+
+
+# Option types a pass may declare, most specific first: "8" is an int even where a float would do.
+_PARSERS: dict[type, Callable[[str], object]] = {int: int, float: float, bool: _bool, str: str}
+
+
 def _convert(text: str, kind: object) -> object:
-    kind_name = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
-    if "float" in kind_name and "int" in kind_name:
-        return float(text) if any(c in text for c in ".eE") else int(text)
-    if "int" in kind_name:
-        return int(text)
-    if "float" in kind_name:
-        return float(text)
-    if "bool" in kind_name:
-        return text.lower() in ("1", "true", "yes")
-    return text
+    """``text`` as a value of the option type ``kind`` (one of :data:`_PARSERS`, or a union of
+    them, ``None`` allowed as the default only)."""
+    is_union = isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union
+    allowed = set(typing.get_args(kind) if is_union else (kind,)) - {type(None)}
+    unknown = [t for t in allowed if t not in _PARSERS]
+    if unknown:
+        raise TypeError(f"option type {kind} is not one of {', '.join(map(str, _PARSERS))}")
+    errors = []
+    for cls, parse in _PARSERS.items():
+        if cls in allowed:
+            try:
+                return parse(text)
+            except ValueError as e:
+                errors.append(str(e))
+    raise ValueError("; ".join(errors))
 
 
 def parse_pipeline(spec: str) -> list[Pass]:
@@ -58,7 +82,8 @@ def parse_pipeline(spec: str) -> list[Pass]:
         cls = PASSES.get(name)
         if cls is None:
             raise ConfigError(f"--passes: unknown pass '{name}'; known: {', '.join(PASSES)}")
-        fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        hints = typing.get_type_hints(cls)
         kwargs: dict[str, object] = {}
         for item in filter(None, (opts or "").split(",")):
             key, _, value = item.partition("=")
@@ -66,7 +91,7 @@ def parse_pipeline(spec: str) -> list[Pass]:
             if key not in fields:
                 raise ConfigError(f"--passes: pass '{name}' has no option '{key}'")
             try:
-                kwargs[key] = _convert(value.strip(), fields[key].type)
+                kwargs[key] = _convert(value.strip(), hints[key])
             except ValueError as e:
                 raise ConfigError(f"--passes: {name}{{{item}}}: {e}") from e
         try:

@@ -4,21 +4,26 @@ Passes are frozen dataclasses whose fields are their options, so a pipeline stri
 ``fold-scaling,truncate-rank{rank=8}`` names them (see :func:`loracc.passes.parse_pipeline`).
 A pass never mutates its input; ``modified`` is ``result.adapter is not adapter``. Passes that
 need base weights read them through :class:`PassContext`, one tensor at a time.
+
+Most passes rewrite sites one at a time: they subclass :class:`SitePass` and write only
+``rewrite(site, adapter, ctx) -> Rewritten | Skip`` (onnxscript's rule shape: declining is a
+value with a reason); the base owns the loop and builds the :class:`PassResult`. The pipeline
+(:func:`loracc.pipeline.run_pipeline`) verifies the IR around every pass.
 """
 
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, ClassVar
 
 from loracc.errors import LoraccError, PassError
-from loracc.ir import Adapter
+from loracc.ir import Adapter, Site
 
 if TYPE_CHECKING:
     from loracc.io.checkpoint import BaseWeights
 
-__all__ = ["Pass", "PassContext", "PassResult", "Skip"]
+__all__ = ["Pass", "PassContext", "PassResult", "Rewritten", "SitePass", "Skip"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +32,14 @@ class Skip:
 
     site: str
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rewritten:
+    """A site a pass changed, and an optional line for the report (what was computed)."""
+
+    site: Site
+    detail: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,11 +89,42 @@ class Pass(abc.ABC):
 
     def spec(self) -> str:
         """This pass as a pipeline-string item, options included."""
-        from dataclasses import fields
-
         opts = [
             f"{f.name}={getattr(self, f.name)}"
             for f in fields(self)  # type: ignore[arg-type]
             if getattr(self, f.name) != f.default
         ]
         return self.name + ("{" + ",".join(opts) + "}" if opts else "")
+
+
+class SitePass(Pass):
+    """A pass that rewrites each site on its own; subclasses write :meth:`rewrite`.
+
+    Whole-adapter preconditions (a missing base, tensors shared between sites) go in
+    :meth:`Pass.requires`, which runs before the first site.
+    """
+
+    @abc.abstractmethod
+    def rewrite(self, site: Site, adapter: Adapter, ctx: PassContext) -> Rewritten | Skip:
+        """The new site, or why this one is left alone; raise only when the input is broken."""
+
+    def run(self, adapter: Adapter, ctx: PassContext) -> PassResult:
+        sites: list[Site] = []
+        changed: list[str] = []
+        skipped: list[Skip] = []
+        details: list[str] = []
+        for site in adapter.sites:
+            outcome = self.rewrite(site, adapter, ctx)
+            if isinstance(outcome, Skip):
+                sites.append(site)
+                skipped.append(outcome)
+                continue
+            sites.append(outcome.site)
+            changed.append(site.module)
+            if outcome.detail:
+                details.append(outcome.detail)
+        if not changed:
+            return PassResult(adapter, (), tuple(skipped))
+        return PassResult(
+            replace(adapter, sites=tuple(sites)), tuple(changed), tuple(skipped), tuple(details)
+        )

@@ -28,15 +28,15 @@ import torch
 
 from loracc import kernels
 from loracc.errors import NonFiniteError, PassError
-from loracc.ir import PLAIN_INITS, Adapter
+from loracc.ir import PLAIN_INITS, Adapter, Site
 from loracc.passes._weights import start_weight
-from loracc.passes.base import Pass, PassContext, PassResult, Skip
+from loracc.passes.base import PassContext, Rewritten, SitePass, Skip
 
 __all__ = ["FoldDora"]
 
 
 @dataclass(frozen=True, slots=True)
-class FoldDora(Pass):
+class FoldDora(SitePass):
     """Replace each DoRA magnitude by ``channel_scale = m / ‖W + ΔW‖``."""
 
     name: ClassVar[str] = "fold-dora"
@@ -45,38 +45,28 @@ class FoldDora(Pass):
         if ctx.base is None and any(s.magnitude is not None for s in adapter.sites):
             raise PassError("fold-dora needs the base checkpoint: DoRA's norm is ‖W + ΔW‖")
 
-    def run(self, adapter: Adapter, ctx: PassContext) -> PassResult:
-        sites, changed, skipped, details = [], [], [], []
-        for site in adapter.sites:
-            if site.magnitude is None:
-                sites.append(site)
-                skipped.append(Skip(site.module, "not DoRA"))
-                continue
-            if site.init not in PLAIN_INITS:
-                raise PassError(
-                    f"{site.module}: fold-dora must run after reconstruct-residual "
-                    f"(init_lora_weights='{site.init}')"
-                )
-            weight = start_weight(adapter, ctx, site.target, device=ctx.device)
-            weight += kernels.site_delta(site, device=ctx.device)
-            norm = kernels.channel_norm(site, weight).reshape(-1)
-            bad = ~torch.isfinite(norm) | (norm == 0)
-            if bool(bad.any()):
-                channel = int(bad.nonzero()[0, 0])
-                raise NonFiniteError(
-                    f"{site.module}: DoRA norm ‖W + ΔW‖ is {float(norm[channel])} for output "
-                    f"channel {channel}; m/‖W + ΔW‖ is not finite (peft's forward gives NaN/Inf)"
-                )
-            magnitude = site.magnitude.to(device=ctx.device, dtype=torch.float32).reshape(-1)
-            scale = (magnitude / norm).cpu()
-            sites.append(replace(site, magnitude=None, channel_scale=scale))
-            changed.append(site.module)
-            details.append(
-                f"{site.module}: channel scale in [{float(scale.min()):.4g}, "
-                f"{float(scale.max()):.4g}] over {scale.numel()} channels"
+    def rewrite(self, site: Site, adapter: Adapter, ctx: PassContext) -> Rewritten | Skip:
+        if site.magnitude is None:
+            return Skip(site.module, "not DoRA")
+        if site.init not in PLAIN_INITS:
+            raise PassError(
+                f"{site.module}: fold-dora must run after reconstruct-residual "
+                f"(init_lora_weights='{site.init}')"
             )
-        if not changed:
-            return PassResult(adapter, (), tuple(skipped))
-        return PassResult(
-            replace(adapter, sites=tuple(sites)), tuple(changed), tuple(skipped), tuple(details)
+        weight = start_weight(adapter, ctx, site.target, device=ctx.device)
+        weight += kernels.site_delta(site, device=ctx.device)
+        norm = kernels.channel_norm(site, weight).reshape(-1)
+        bad = ~torch.isfinite(norm) | (norm == 0)
+        if bool(bad.any()):
+            channel = int(bad.nonzero()[0, 0])
+            raise NonFiniteError(
+                f"{site.module}: DoRA norm ‖W + ΔW‖ is {float(norm[channel])} for output "
+                f"channel {channel}; m/‖W + ΔW‖ is not finite (peft's forward gives NaN/Inf)"
+            )
+        magnitude = site.magnitude.to(device=ctx.device, dtype=torch.float32).reshape(-1)
+        scale = (magnitude / norm).cpu()
+        return Rewritten(
+            replace(site, magnitude=None, channel_scale=scale),
+            f"{site.module}: channel scale in [{float(scale.min()):.4g}, "
+            f"{float(scale.max()):.4g}] over {scale.numel()} channels",
         )

@@ -15,27 +15,24 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
-from loracc.ir import Adapter
-from loracc.passes.base import Pass, PassContext, PassResult, Skip
+from loracc.ir import Adapter, Site
+from loracc.passes.base import PassContext, Rewritten, SitePass, Skip
 
 __all__ = ["FoldScaling"]
 
 
 @dataclass(frozen=True, slots=True)
-class FoldScaling(Pass):
+class FoldScaling(SitePass):
     """Fold each site's scale into lora_B (and its bias)."""
 
     name: ClassVar[str] = "fold-scaling"
 
-    def run(self, adapter: Adapter, ctx: PassContext) -> PassResult:
-        sites, changed, skipped = [], [], []
-        for site in adapter.sites:
-            if site.scale == 1.0 and site.alpha == site.rank:
-                skipped.append(Skip(site.module, "scale is already 1"))
-                sites.append(site)
-                continue
-            s = site.scale
-            folded = replace(
+    def rewrite(self, site: Site, adapter: Adapter, ctx: PassContext) -> Rewritten | Skip:
+        if site.scale == 1.0 and site.alpha == site.rank:
+            return Skip(site.module, "scale is already 1")
+        s = site.scale
+        return Rewritten(
+            replace(
                 site,
                 lora_B=site.lora_B * s,
                 lora_bias=None if site.lora_bias is None else site.lora_bias * s,
@@ -44,8 +41,4 @@ class FoldScaling(Pass):
                 alpha=float(site.rank),
                 use_rslora=False,
             )
-            sites.append(folded)
-            changed.append(site.module)
-        if not changed:
-            return PassResult(adapter, (), tuple(skipped))
-        return PassResult(replace(adapter, sites=tuple(sites)), tuple(changed), tuple(skipped))
+        )

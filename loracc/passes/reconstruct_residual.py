@@ -55,7 +55,7 @@ import torch
 from loracc.errors import FormatError, InputError, UnsupportedError
 from loracc.ir import PLAIN_INITS, Adapter, Site, SiteKind
 from loracc.passes._weights import source_key, start_weight
-from loracc.passes.base import Pass, PassContext, PassResult, Skip
+from loracc.passes.base import PassContext, Rewritten, SitePass, Skip
 
 __all__ = ["ReconstructResidual"]
 
@@ -117,37 +117,26 @@ def _olora(stored: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @dataclass(frozen=True, slots=True)
-class ReconstructResidual(Pass):
+class ReconstructResidual(SitePass):
     """Rewrite residual-base inits into rank-2r LoRA deltas on the original base."""
 
     name: ClassVar[str] = "reconstruct-residual"
 
-    def run(self, adapter: Adapter, ctx: PassContext) -> PassResult:
-        sites, changed, skipped, details = [], [], [], []
-        residual = [s for s in adapter.sites if self._changes_base(s)]
+    def requires(self, adapter: Adapter, ctx: PassContext) -> None:
         if ctx.base is not None:
-            self._refuse_shared(adapter, ctx, residual)
-        for site in adapter.sites:
-            if site.init in PLAIN_INITS:
-                sites.append(site)
-                skipped.append(Skip(site.module, f"init_lora_weights={site.init} keeps the base"))
-            elif not self._changes_base(site):
-                sites.append(replace(site, init="true", initial=None))
-                changed.append(site.module)
-                details.append(
-                    f"{site.module}: peft's '{site.init}' init leaves {site.kind.value} base "
-                    "layers unchanged; plain LoRA"
-                )
-            else:
-                new, how = self._rewrite(adapter, ctx, site)
-                sites.append(new)
-                changed.append(site.module)
-                details.append(f"{site.module}: {site.init} residual from {how}; rank {new.rank}")
-        if not changed:
-            return PassResult(adapter, (), tuple(skipped))
-        return PassResult(
-            replace(adapter, sites=tuple(sites)), tuple(changed), tuple(skipped), tuple(details)
-        )
+            self._refuse_shared(adapter, ctx, [s for s in adapter.sites if self._changes_base(s)])
+
+    def rewrite(self, site: Site, adapter: Adapter, ctx: PassContext) -> Rewritten | Skip:
+        if site.init in PLAIN_INITS:
+            return Skip(site.module, f"init_lora_weights={site.init} keeps the base")
+        if not self._changes_base(site):
+            return Rewritten(
+                replace(site, init="true", initial=None),
+                f"{site.module}: peft's '{site.init}' init leaves {site.kind.value} base "
+                "layers unchanged; plain LoRA",
+            )
+        new, how = self._rewrite(adapter, ctx, site)
+        return Rewritten(new, f"{site.module}: {site.init} residual from {how}; rank {new.rank}")
 
     @staticmethod
     def _changes_base(site: Site) -> bool:

@@ -34,7 +34,7 @@ from typing import ClassVar
 import torch
 
 from loracc.ir import PLAIN_INITS, Adapter, Site, SiteKind
-from loracc.passes.base import Pass, PassContext, PassResult, Skip
+from loracc.passes.base import PassContext, Rewritten, SitePass, Skip
 
 __all__ = ["TruncateRank", "Truncation", "truncate_factors"]
 
@@ -88,7 +88,7 @@ def truncate_factors(
 
 
 @dataclass(frozen=True, slots=True)
-class TruncateRank(Pass):
+class TruncateRank(SitePass):
     """Truncate each site's delta to ``rank`` and/or the ``energy`` fraction of its energy.
 
     Args:
@@ -108,26 +108,11 @@ class TruncateRank(Pass):
         if self.energy is not None and not 0 < self.energy <= 1:
             raise ValueError(f"energy must be in (0, 1], got {self.energy}")
 
-    def run(self, adapter: Adapter, ctx: PassContext) -> PassResult:
-        sites, changed, skipped, details = [], [], [], []
-        for site in adapter.sites:
-            reason = self._unsupported(site)
-            if reason is not None:
-                sites.append(site)
-                skipped.append(Skip(site.module, reason))
-                continue
-            new, note = self._truncate(site, ctx.device)
-            sites.append(new)
-            if new is site:
-                skipped.append(Skip(site.module, note))
-            else:
-                changed.append(site.module)
-                details.append(note)
-        if not changed:
-            return PassResult(adapter, (), tuple(skipped), tuple(details))
-        return PassResult(
-            replace(adapter, sites=tuple(sites)), tuple(changed), tuple(skipped), tuple(details)
-        )
+    def rewrite(self, site: Site, adapter: Adapter, ctx: PassContext) -> Rewritten | Skip:
+        reason = self._unsupported(site)
+        if reason is not None:
+            return Skip(site.module, reason)
+        return self._truncate(site, ctx.device)
 
     @staticmethod
     def _unsupported(site: Site) -> str | None:
@@ -139,13 +124,13 @@ class TruncateRank(Pass):
             return f"init_lora_weights='{site.init}': run reconstruct-residual first"
         return None
 
-    def _truncate(self, site: Site, device: str) -> tuple[Site, str]:
+    def _truncate(self, site: Site, device: str) -> Rewritten | Skip:
         r = site.rank
         A = site.lora_A.flatten(1).to(device)
         B = site.lora_B.flatten(1).to(device)
         t = truncate_factors(A, B, rank=self.rank, energy=self.energy)
         if t.rank >= r:
-            return site, f"rank {r} kept (relative error 0)"
+            return Skip(site.module, f"rank {r} kept (relative error 0)")
         A_new = t.A.to(site.lora_A.dtype).cpu().reshape(t.rank, *site.lora_A.shape[1:])
         B_new = t.B.to(site.lora_B.dtype).cpu()
         if site.kind is SiteKind.CONV:
@@ -153,4 +138,6 @@ class TruncateRank(Pass):
         k = t.rank
         alpha = site.scale * (math.sqrt(k) if site.use_rslora else k)
         new = replace(site, lora_A=A_new, lora_B=B_new, alpha=alpha, initial=None)
-        return new, f"{site.module}: rank {r} -> {k}, relative Frobenius error {t.rel_error:.3e}"
+        return Rewritten(
+            new, f"{site.module}: rank {r} -> {k}, relative Frobenius error {t.rel_error:.3e}"
+        )
