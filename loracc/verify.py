@@ -1,7 +1,9 @@
 """The IR verifier: every invariant a well-formed adapter keeps, checked all at once.
 
-Run between passes in tests (``run_pipeline(check=True)``) and whenever ``LORACC_VERIFY=1``.
-A broken invariant after a pass is a loracc bug, so the error names the pass.
+:func:`loracc.pipeline.run_pipeline` runs it before the first pass and after each one when
+called with ``check=True`` or when ``LORACC_VERIFY=1`` (the tests set it). A broken invariant
+after a pass is a loracc bug, so the error names the pass. tests/test_verify.py breaks each
+invariant on purpose.
 """
 
 from __future__ import annotations
