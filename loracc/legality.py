@@ -1,10 +1,10 @@
 """What each output can express: one table, IR feature × target → ok, or the reason it is refused.
 
 A lowering calls :func:`require` with its :class:`Target` once the pipeline has run, and with
-``before_passes=True`` right after reading the adapter (only the cells marked ``before_passes``
-are checked then: what no pass removes, so nothing reads the base before the refusal). The cells
-that name a pass are postconditions of that pass: reaching them is a pipeline bug, and the
-message says which pass should have run.
+``before_passes=True`` right after reading the adapter: only the cells marked ``before_passes``
+are checked then (the reader's refusals, structure the ONNX graph cannot gain), so those refusals
+come before any pass reads the base. The cells that name a pass are postconditions of that pass:
+reaching them is a pipeline bug, and the message says which pass should have run.
 
 The table is the single answer to "can this be lowered?": merge (``lower/merge.py``), the ONNX
 export in both modes (``onnx_api``), and ``convert``'s PEFT writer (``io/peft_writer.py``) ask it,
@@ -44,7 +44,7 @@ class Refuse:
     Attributes:
         reason: ``str.format`` template; fields: ``adapter``, and per feature ``refusal``,
             ``module``, ``init``, ``scale``, ``owner``.
-        before_passes: also checked right after reading (no pass removes the feature).
+        before_passes: also checked right after reading, before any pass reads the base.
         error: the exception class raised.
     """
 
