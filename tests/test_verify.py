@@ -3,18 +3,23 @@
 Each case starts from a well-formed adapter (two Linear sites, a replacement, token rows, a tensor
 source; verify finds nothing) and breaks exactly one invariant; verify must report that one and
 nothing else. The last tests check that :func:`loracc.pipeline.run_pipeline` verifies by itself
-(``LORACC_VERIFY=1`` or ``check=True``) and names the pass that broke the IR.
+(``LORACC_VERIFY=1`` or ``check=True``), names the pass that broke the IR, and so verifies every
+pipeline the API runs (``convert``'s was never verified while the API read the variable).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import ClassVar
 
+import make_corpus as mc
 import pytest
 import torch
 
+import loracc
+from loracc import pipeline
 from loracc.errors import VerifyError
 from loracc.ir import Adapter, Replacement, Site, SiteKind, TokenRows
 from loracc.passes import Pass, PassContext, PassResult
@@ -220,3 +225,33 @@ def test_run_pipeline_verifies_its_input(monkeypatch):
     broken = replace(_adapter(), replacements=_adapter().replacements * 2)
     with pytest.raises(VerifyError, match=r"^IR invalid: a base tensor is replaced twice"):
         run_pipeline(broken, [], PassContext())
+
+
+@pytest.mark.parametrize(
+    ("run", "passes"),
+    [
+        (
+            lambda base, adapter, out: loracc.convert(adapter, out, base_dir=base, rank=2),
+            ["expand-layer-replication", "reconstruct-residual", "truncate-rank", "fold-scaling"],
+        ),
+        (
+            lambda base, adapter, out: loracc.merge(base, adapter, out),
+            ["expand-layer-replication", "reconstruct-residual", "untie-embeddings", "fold-dora"],
+        ),
+    ],
+    ids=["convert", "merge"],
+)
+def test_api_pipelines_are_verified(run, passes, tmp_path: Path, monkeypatch):
+    """The tests' LORACC_VERIFY=1 reaches every pipeline: verified before and after each pass."""
+    monkeypatch.setenv(VERIFY_ENV, "1")
+    checked: list[str | None] = []
+
+    def recording(adapter: Adapter, *, after: str | None = None) -> None:
+        checked.append(after)
+        verify(adapter, after=after)
+
+    monkeypatch.setattr(pipeline, "verify", recording)
+    mc.write_base(tmp_path / "base")
+    mc.write_adapter(tmp_path / "adapter")
+    run(tmp_path / "base", tmp_path / "adapter", tmp_path / "out")
+    assert checked == [None, *passes]
