@@ -14,6 +14,16 @@ Orientation conventions (the same as PEFT's files, so a site can be written back
 - ``CONV``: base (out, in, *k); ``lora_A`` (r, in, *k); ``lora_B`` (out, r, 1, ...).
 - ``PARAMETER`` (``target_parameters``): 2-D P (out, in) as LINEAR; 3-D P (E, d1, d2) with
   ``lora_A`` (r·E, in) and ``lora_B`` (out, r·E), experts split as PEFT's ParamWrapper does.
+
+Two orientations of a base tensor, and the only place that converts between them
+(:meth:`Site.to_stored`, :meth:`Site.to_logical`, :meth:`Site.logical_shape`,
+:meth:`Site.stored_shape`):
+
+- *logical*: the layer's own view, the one an exported graph's reference weight has: (out, in)
+  for LINEAR, CONV1D and 2-D PARAMETER, (num, dim) for EMBEDDING, (out, in, *k) for CONV,
+  (E, out, in) for 3-D PARAMETER.
+- *stored*: the checkpoint's tensor. It is the logical one except CONV1D, stored (in, out), and a
+  3-D PARAMETER whose owner has ``is_transposed=True``, stored (E, in, out).
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ __all__ = [
     "Replacement",
     "Site",
     "SiteKind",
+    "TargetEdits",
     "TokenRows",
 ]
 
@@ -51,6 +62,24 @@ class SiteKind(str, enum.Enum):
     EMBEDDING = "embedding"
     CONV = "conv"
     PARAMETER = "parameter"
+
+    @property
+    def channel_axis(self) -> int:
+        """The axis of the logical weight DoRA normalizes per: the output channel, or the
+        embedding dim (peft's DoRA embedding norm runs over the vocabulary)."""
+        return 1 if self is SiteKind.EMBEDDING else 0
+
+    def logical_shape(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[int, ...]:
+        """The logical base shape factors ``lora_A`` (r, in, *k) and ``lora_B`` (out, r, ...)
+        of a 2-D or convolution site imply."""
+        if self is SiteKind.EMBEDDING:
+            return (lora_A.shape[1], lora_B.shape[0])
+        return (lora_B.shape[0], lora_A.shape[1], *lora_A.shape[2:])
+
+    @property
+    def stored_transposed(self) -> bool:
+        """Whether this kind's checkpoint tensor is its logical weight transposed (Conv1D)."""
+        return self is SiteKind.CONV1D
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -116,11 +145,54 @@ class Site:
             return self.init
         return "lora"
 
+    def logical_shape(self) -> tuple[int, ...]:
+        """The base tensor's shape in the logical orientation (module docstring)."""
+        if self.experts:
+            return (self.experts, self.lora_B.shape[0], self.lora_A.shape[1])
+        return self.kind.logical_shape(self.lora_A, self.lora_B)
+
+    def stored_shape(self) -> tuple[int, ...]:
+        """The base tensor's shape as the checkpoint stores it."""
+        return _flip(self.logical_shape(), self._stored_axes())
+
+    def to_stored(self, logical: torch.Tensor) -> torch.Tensor:
+        """A tensor in this site's logical orientation, viewed in its stored one."""
+        axes = self._stored_axes()
+        return logical.transpose(*axes) if axes else logical
+
+    def to_logical(self, stored: torch.Tensor) -> torch.Tensor:
+        """A tensor in this site's stored orientation, viewed in its logical one."""
+        return self.to_stored(stored)  # a transpose is its own inverse
+
+    def stored_axis(self, logical_axis: int) -> int:
+        """Where axis ``logical_axis`` of the logical orientation is in the stored one."""
+        axes = self._stored_axes()
+        if logical_axis in axes:
+            return axes[1 - axes.index(logical_axis)]
+        return logical_axis
+
+    def _stored_axes(self) -> tuple[int, int] | tuple[()]:
+        """The two axes the stored orientation swaps, or none."""
+        if self.kind.stored_transposed:
+            return (0, 1)
+        if self.experts and self.transposed:
+            return (1, 2)
+        return ()
+
     @property
     def num_params(self) -> int:
         """Parameters the adapter stores for this site."""
         extra = [t for t in (self.lora_bias, self.magnitude, self.channel_scale) if t is not None]
         return self.lora_A.numel() + self.lora_B.numel() + sum(t.numel() for t in extra)
+
+
+def _flip(shape: tuple[int, ...], axes: tuple[int, int] | tuple[()]) -> tuple[int, ...]:
+    if not axes:
+        return shape
+    out = list(shape)
+    i, j = axes
+    out[i], out[j] = out[j], out[i]
+    return tuple(out)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -139,6 +211,30 @@ class TokenRows:
     target: str
     indices: tuple[int, ...]
     rows: torch.Tensor
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class TargetEdits:
+    """Everything an adapter does to one base tensor, in the fields' order of application
+    (:func:`loracc.kernels.apply_edits`): the whole replacement, trainable-token rows, each
+    site's delta (then its DoRA channel scale), each ``lora_bias`` whose bias this tensor is."""
+
+    replacement: Replacement | None = None
+    rows: tuple[TokenRows, ...] = ()
+    sites: tuple[Site, ...] = ()
+    bias_sites: tuple[Site, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.replacement or self.rows or self.sites or self.bias_sites)
+
+    @property
+    def whole_tensor(self) -> bool:
+        """Whether an edit acts on the tensor as a whole (not through a site's factors)."""
+        return bool(self.replacement or self.rows or self.bias_sites)
+
+    def before_deltas(self) -> TargetEdits:
+        """The edits that make the tensor the site deltas add to (replacement, rows)."""
+        return TargetEdits(self.replacement, self.rows)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -175,8 +271,34 @@ class Adapter:
 
     def targets(self) -> set[str]:
         """Every base key this adapter changes."""
-        keys = {s.target for s in self.sites}
-        keys |= {s.bias_target for s in self.sites if s.bias_target}
-        keys |= {r.target for r in self.replacements}
-        keys |= {t.target for t in self.token_rows}
-        return keys
+        return set(self.edits_by_target())
+
+    def edits_by_target(self) -> dict[str, TargetEdits]:
+        """The edits on each base key this adapter changes, keys in first-mention order
+        (replacements, token rows, sites), edits in adapter order."""
+        replacement: dict[str, Replacement] = {}
+        rows: dict[str, list[TokenRows]] = {}
+        sites: dict[str, list[Site]] = {}
+        bias_sites: dict[str, list[Site]] = {}
+        keys: dict[str, None] = {}
+        for r in self.replacements:
+            keys[r.target] = None
+            replacement[r.target] = r
+        for t in self.token_rows:
+            keys[t.target] = None
+            rows.setdefault(t.target, []).append(t)
+        for s in self.sites:
+            keys[s.target] = None
+            sites.setdefault(s.target, []).append(s)
+            if s.bias_target:
+                keys[s.bias_target] = None
+                bias_sites.setdefault(s.bias_target, []).append(s)
+        return {
+            key: TargetEdits(
+                replacement.get(key),
+                tuple(rows.get(key, ())),
+                tuple(sites.get(key, ())),
+                tuple(bias_sites.get(key, ())),
+            )
+            for key in keys
+        }

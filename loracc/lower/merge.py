@@ -16,8 +16,9 @@ The row blocks give the same bits as the whole-tensor formula (``tests/test_merg
 so the same bits as PEFT's merge. Reading, computing and writing overlap across the workers; the
 GIL is released in every torch op and system call. ``docs/BENCHMARKS.md`` has the measurements.
 
-Edit order on one tensor: whole replacement, trainable-token rows, LoRA deltas (each followed by
-its DoRA channel scale), lora_bias. This is the order peft's unmerged forward composes them in.
+Edit order on one tensor: :func:`loracc.kernels.apply_edits` (whole replacement, trainable-token
+rows, LoRA deltas each followed by its DoRA channel scale, lora_bias), the order peft's unmerged
+forward composes them in; a row block applies the delta step to its rows.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import re
 import shutil
 import sys
 import time
-from collections import defaultdict, deque
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -49,7 +50,7 @@ from loracc.io.safetensors import (
     pwrite_all,
     read_tensor,
 )
-from loracc.ir import Adapter, Replacement, Site, SiteKind, TokenRows
+from loracc.ir import Adapter, SiteKind, TargetEdits
 from loracc.legality import Target, require
 
 __all__ = ["MergeOptions", "MergeStats", "check_mergeable", "merge_into", "parse_size"]
@@ -108,24 +109,13 @@ class MergeStats:
     seconds: float = 0.0
 
 
-@dataclass(slots=True)
-class _Edits:
-    replacement: Replacement | None = None
-    rows: list[TokenRows] = field(default_factory=list)
-    sites: list[Site] = field(default_factory=list)
-    bias_sites: list[Site] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return bool(self.replacement or self.rows or self.sites or self.bias_sites)
-
-
 @dataclass(frozen=True, slots=True)
 class _Out:
     key: str
     source: TensorInfo
     dtype: torch.dtype
     shape: tuple[int, ...]
-    edits: _Edits
+    edits: TargetEdits
 
     @property
     def nbytes(self) -> int:
@@ -140,21 +130,8 @@ def check_mergeable(adapter: Adapter) -> None:
     require(adapter, Target.MERGE)
 
 
-def _index_edits(adapter: Adapter) -> dict[str, _Edits]:
-    edits: dict[str, _Edits] = defaultdict(_Edits)
-    for r in adapter.replacements:
-        edits[r.target].replacement = r
-    for t in adapter.token_rows:
-        edits[t.target].rows.append(t)
-    for s in adapter.sites:
-        edits[s.target].sites.append(s)
-        if s.bias_target:
-            edits[s.bias_target].bias_sites.append(s)
-    return edits
-
-
 def _plan(adapter: Adapter, base: Checkpoint, dtype: torch.dtype | None) -> list[_Out]:
-    edits = _index_edits(adapter)
+    edits = adapter.edits_by_target()
     keys = [k for k in base if k not in adapter.removed_keys]
     keys += [k for k in adapter.tensor_sources if k not in base]
     missing = set(edits) - set(keys)
@@ -163,7 +140,7 @@ def _plan(adapter: Adapter, base: Checkpoint, dtype: torch.dtype | None) -> list
     plan = []
     for key in keys:
         info = base.info(adapter.tensor_sources.get(key, key))
-        e = edits.get(key) or _Edits()
+        e = edits.get(key) or TargetEdits()
         shape = tuple(e.replacement.tensor.shape) if e.replacement else info.shape
         out_dtype = dtype if (dtype is not None and info.dtype.is_floating_point) else info.dtype
         plan.append(_Out(key, info, out_dtype, shape, e))
@@ -184,14 +161,7 @@ def _shards(plan: list[_Out], max_size: int) -> list[list[_Out]]:
 
 
 def _compute(item: _Out, device: str, allow_nonfinite: bool) -> torch.Tensor:
-    e = item.edits
-    w = kernels.start_weight(lambda: read_tensor(item.source), e.replacement, e.rows, device=device)
-    for site in e.sites:
-        w += kernels.site_delta(site, device=device)
-        if site.channel_scale is not None:
-            w = kernels.apply_channel_scale(site, w, site.channel_scale)
-    for site in e.bias_sites:
-        w += kernels.bias_delta(site, device=device)
+    w = kernels.apply_edits(lambda: read_tensor(item.source), item.edits, device=device)
     out = w.to(dtype=item.dtype).cpu()
     if not allow_nonfinite:
         _check_finite(out, item.key)
@@ -346,7 +316,8 @@ def _stream(item: _Out, writer: SafetensorsWriter, scratch: _Scratch, opts: Merg
         B = site.lora_B.to(device=device, dtype=torch.float32).contiguous()
         cs = site.channel_scale
         if cs is not None:
-            cs = cs.to(device=device, dtype=torch.float32).reshape(-1, 1)
+            cs = cs.to(device=device, dtype=torch.float32)
+            cs = cs.reshape(kernels.channel_shape(2, kernels.channel_axis(site)))
         factors.append((A, B, float(site.scale), cs))
     on_cpu = torch.device(device).type == "cpu"
     blocks = _row_blocks(rows, cols, None if on_cpu else _BLOCK_ACCEL)

@@ -2,7 +2,8 @@
 
 Identity: for each bound initializer ``W`` (read in its own orientation) the output holds
 ``round(edits(fp32(W)))`` with the edits applied in the order peft's forward composes them, the
-same order and the same single rounding as the checkpoint merge (:mod:`loracc.lower.merge`):
+same order (:class:`loracc.kernels.Step`), steps (:mod:`loracc.kernels`) and single rounding as
+the checkpoint merge (:mod:`loracc.lower.merge`):
 
 1. a whole replacement (modules_to_save, a trained bias, a replaced embedding),
 2. trainable-token rows (``W[idx] = rows``),
@@ -11,9 +12,10 @@ same order and the same single rounding as the checkpoint merge (:mod:`loracc.lo
    before this lowering), on the site's rows of a fused weight only,
 4. ``lora_bias``: ``b += s·b_B``.
 
-Every edit is written in its own orientation (the site's reference orientation, or the Hugging
+Every edit is written in its own orientation (the site's logical orientation, or the Hugging
 Face stored one) and applied through a transposed view when the initializer is stored the other
-way round. Nodes that read one initializer but need different edits get their own copies
+way round; a delta is applied to the site's stored view of it (:meth:`loracc.ir.Site.to_stored`).
+Nodes that read one initializer but need different edits get their own copies
 (:func:`~loracc.lower.onnx_bind.privatize`); a reader no edit concerns keeps the original.
 
 Edited tensors are :class:`onnx_ir.LazyTensor` objects: nothing is read or computed until the
@@ -33,7 +35,7 @@ import torch
 from loracc import kernels
 from loracc.errors import NonFiniteError, UnsupportedError
 from loracc.io.onnx_model import tensor_to_torch, torch_dtype, torch_to_tensor
-from loracc.ir import Adapter, Site, SiteKind
+from loracc.ir import Adapter, Site, TokenRows
 from loracc.lower.onnx_bind import (
     BindingTable,
     GraphIndex,
@@ -42,24 +44,14 @@ from loracc.lower.onnx_bind import (
     with_tied,
 )
 
-__all__ = ["Edit", "EditPlan", "apply_edits", "merge_edits", "ref_delta"]
-
-
-def ref_delta(site: Site) -> torch.Tensor:
-    """``s·B@A`` in the site's reference orientation (fp32, the bits peft merges)."""
-    delta = kernels.site_delta(site)
-    return delta.T if site.kind is SiteKind.CONV1D else delta
-
-
-def _out_axis(site: Site) -> int:
-    return 1 if site.kind is SiteKind.EMBEDDING else 0
+__all__ = ["Edit", "EditPlan", "apply_edits", "merge_edits"]
 
 
 @dataclass(eq=False)
 class Edit:
-    """One change to one initializer, in the order class ``rank``."""
+    """One change to one initializer, applied in :class:`~loracc.kernels.Step` order."""
 
-    rank: int
+    rank: kernels.Step
     transposed: bool
     apply: Callable[[torch.Tensor], torch.Tensor]
     label: str
@@ -100,10 +92,9 @@ def _replace(tensor: torch.Tensor, transposed: bool) -> Callable[[torch.Tensor],
     return run
 
 
-def _rows(indices: tuple[int, ...], rows: torch.Tensor, transposed: bool) -> Callable:
+def _rows(rows: TokenRows, transposed: bool) -> Callable:
     def run(w: torch.Tensor) -> torch.Tensor:
-        view = _view(w, transposed)
-        view[torch.tensor(indices)] = rows.to(torch.float32)
+        kernels.put_rows(_view(w, transposed), rows)
         return w
 
     return run
@@ -113,15 +104,10 @@ def _delta(site: Site, transposed: bool, block: tuple[int, int] | None) -> Calla
     assert site.magnitude is None, f"{site.module}: DoRA magnitude not folded (fold-dora)"
 
     def run(w: torch.Tensor) -> torch.Tensor:
-        view = _view(w, transposed)
+        view = _view(w, transposed)  # the site's logical orientation
         if block is not None:
             view = view[block[0] : block[1]]
-        scale = site.channel_scale
-        view += ref_delta(site)
-        if scale is not None:
-            shape = [1] * view.dim()
-            shape[_out_axis(site)] = -1
-            view *= scale.to(torch.float32).reshape(shape)
+        kernels.add_site(site.to_stored(view), site)
         return w
 
     return run
@@ -155,25 +141,30 @@ def merge_edits(
         if r.origin == "embedding":
             tb = with_tied(index, tb)
         for place in tb.places:
-            add(place, Edit(0, place.transposed, _replace(r.tensor, place.transposed), r.target))
+            replace = _replace(r.tensor, place.transposed)
+            add(place, Edit(kernels.Step.REPLACE, place.transposed, replace, r.target))
     for t in adapter.token_rows:
         tb = with_tied(index, table.tensors[t.target])
         for place in tb.places:
-            add(
-                place,
-                Edit(1, place.transposed, _rows(t.indices, t.rows, place.transposed), t.target),
-            )
+            rows = _rows(t, place.transposed)
+            add(place, Edit(kernels.Step.ROWS, place.transposed, rows, t.target))
     if lora:
         for site in adapter.sites:
             b = table.sites[site.module]
             for place in b.places():
                 add(
                     place,
-                    Edit(2, place.transposed, _delta(site, place.transposed, b.block), site.module),
+                    Edit(
+                        kernels.Step.DELTA,
+                        place.transposed,
+                        _delta(site, place.transposed, b.block),
+                        site.module,
+                    ),
                 )
             if site.lora_bias is not None:
                 for place in b.bias:
-                    add(place, Edit(3, False, _bias(site), f"{site.module} lora_bias"))
+                    bias = Edit(kernels.Step.BIAS, False, _bias(site), f"{site.module} lora_bias")
+                    add(place, bias)
     for node_edits in plan.edits.values():
         node_edits.sort(key=lambda e: e.rank)  # stable: adapter order within a rank
     return plan

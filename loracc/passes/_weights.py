@@ -3,8 +3,8 @@
 A pass reads one tensor at a time through :class:`~loracc.passes.base.PassContext`. The tensor an
 output key starts from is not always the base tensor of the same name: layer-replication copies
 and untied heads name their source in ``Adapter.tensor_sources``, a tied head that was not untied
-reads the input embedding, and whole replacements and trainable-token rows come first (the same
-order as :mod:`loracc.lower.merge`).
+reads the input embedding, and whole replacements and trainable-token rows come first
+(:func:`loracc.kernels.apply_edits`, the order every lowering applies).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 
 from loracc import kernels
 from loracc.errors import PassError
-from loracc.ir import Adapter
+from loracc.ir import Adapter, TargetEdits
 from loracc.passes.base import PassContext
 
 __all__ = ["source_key", "start_weight"]
@@ -40,9 +40,7 @@ def start_weight(
     """The fp32 tensor the deltas on ``key`` are added to: replacement or base, then rows."""
     base = ctx.base
     assert base is not None
-    return kernels.start_weight(
-        lambda: base.read(source_key(adapter, ctx, key)),
-        next((r for r in adapter.replacements if r.target == key), None),
-        [t for t in adapter.token_rows if t.target == key],
-        device=device,
+    edits = adapter.edits_by_target().get(key, TargetEdits())
+    return kernels.apply_edits(
+        lambda: base.read(source_key(adapter, ctx, key)), edits.before_deltas(), device=device
     )
