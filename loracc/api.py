@@ -227,7 +227,7 @@ def inspect(
             "module": s.module,
             "target": s.target,
             "kind": s.kind.value,
-            "shape": [int(d) for d in (s.lora_B.shape[0], s.lora_A.shape[1])],
+            "shape": [int(d) for d in s.logical_shape()],
             "rank": s.rank,
             "alpha": s.alpha,
             "scale": s.scale,

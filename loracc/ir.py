@@ -29,6 +29,7 @@ Two orientations of a base tensor, and the only place that converts between them
 from __future__ import annotations
 
 import enum
+from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -77,9 +78,26 @@ class SiteKind(str, enum.Enum):
         return (lora_B.shape[0], lora_A.shape[1], *lora_A.shape[2:])
 
     @property
-    def stored_transposed(self) -> bool:
-        """Whether this kind's checkpoint tensor is its logical weight transposed (Conv1D)."""
-        return self is SiteKind.CONV1D
+    def stored_axes(self) -> tuple[int, ...]:
+        """The two axes of the logical weight the checkpoint stores swapped: Conv1D's (in, out);
+        none for the other kinds (3-D parameters: :meth:`Site.to_stored`)."""
+        return (0, 1) if self is SiteKind.CONV1D else ()
+
+    def stored_shape(self, logical: tuple[int, ...]) -> tuple[int, ...]:
+        """A 2-D or convolution weight's stored shape from its logical one."""
+        return _swap(logical, self.stored_axes)
+
+    def stored_axis(self, logical_axis: int) -> int:
+        """Where axis ``logical_axis`` of the logical weight is in the stored one."""
+        return _moved(logical_axis, self.stored_axes)
+
+    def to_stored(self, logical: torch.Tensor) -> torch.Tensor:
+        """A 2-D or convolution weight in the logical orientation, viewed as stored."""
+        return logical.transpose(*self.stored_axes) if self.stored_axes else logical
+
+    def to_logical(self, stored: torch.Tensor) -> torch.Tensor:
+        """A 2-D or convolution weight as stored, viewed in the logical orientation."""
+        return self.to_stored(stored)  # a transpose is its own inverse
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -153,7 +171,7 @@ class Site:
 
     def stored_shape(self) -> tuple[int, ...]:
         """The base tensor's shape as the checkpoint stores it."""
-        return _flip(self.logical_shape(), self._stored_axes())
+        return _swap(self.logical_shape(), self._stored_axes())
 
     def to_stored(self, logical: torch.Tensor) -> torch.Tensor:
         """A tensor in this site's logical orientation, viewed in its stored one."""
@@ -166,18 +184,13 @@ class Site:
 
     def stored_axis(self, logical_axis: int) -> int:
         """Where axis ``logical_axis`` of the logical orientation is in the stored one."""
-        axes = self._stored_axes()
-        if logical_axis in axes:
-            return axes[1 - axes.index(logical_axis)]
-        return logical_axis
+        return _moved(logical_axis, self._stored_axes())
 
-    def _stored_axes(self) -> tuple[int, int] | tuple[()]:
+    def _stored_axes(self) -> tuple[int, ...]:
         """The two axes the stored orientation swaps, or none."""
-        if self.kind.stored_transposed:
-            return (0, 1)
-        if self.experts and self.transposed:
-            return (1, 2)
-        return ()
+        if self.experts:
+            return (1, 2) if self.transposed else ()
+        return self.kind.stored_axes
 
     @property
     def num_params(self) -> int:
@@ -186,13 +199,19 @@ class Site:
         return self.lora_A.numel() + self.lora_B.numel() + sum(t.numel() for t in extra)
 
 
-def _flip(shape: tuple[int, ...], axes: tuple[int, int] | tuple[()]) -> tuple[int, ...]:
+def _swap(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
+    """``shape`` with the two ``axes`` swapped (none: unchanged)."""
     if not axes:
         return shape
     out = list(shape)
     i, j = axes
     out[i], out[j] = out[j], out[i]
     return tuple(out)
+
+
+def _moved(axis: int, axes: tuple[int, ...]) -> int:
+    """Where ``axis`` goes when the two ``axes`` are swapped (none: stays)."""
+    return axes[1 - axes.index(axis)] if axis in axes else axis
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -219,22 +238,27 @@ class TargetEdits:
     (:func:`loracc.kernels.apply_edits`): the whole replacement, trainable-token rows, each
     site's delta (then its DoRA channel scale), each ``lora_bias`` whose bias this tensor is."""
 
-    replacement: Replacement | None = None
+    replacements: tuple[Replacement, ...] = ()
     rows: tuple[TokenRows, ...] = ()
     sites: tuple[Site, ...] = ()
     bias_sites: tuple[Site, ...] = ()
 
     def __bool__(self) -> bool:
-        return bool(self.replacement or self.rows or self.sites or self.bias_sites)
+        return bool(self.replacements or self.rows or self.sites or self.bias_sites)
+
+    @property
+    def replacement(self) -> Replacement | None:
+        """The replacement the tensor starts from: the last one the adapter lists."""
+        return self.replacements[-1] if self.replacements else None
 
     @property
     def whole_tensor(self) -> bool:
         """Whether an edit acts on the tensor as a whole (not through a site's factors)."""
-        return bool(self.replacement or self.rows or self.bias_sites)
+        return bool(self.replacements or self.rows or self.bias_sites)
 
     def before_deltas(self) -> TargetEdits:
         """The edits that make the tensor the site deltas add to (replacement, rows)."""
-        return TargetEdits(self.replacement, self.rows)
+        return TargetEdits(self.replacements, self.rows)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -276,26 +300,26 @@ class Adapter:
     def edits_by_target(self) -> dict[str, TargetEdits]:
         """The edits on each base key this adapter changes, keys in first-mention order
         (replacements, token rows, sites), edits in adapter order."""
-        replacement: dict[str, Replacement] = {}
-        rows: dict[str, list[TokenRows]] = {}
-        sites: dict[str, list[Site]] = {}
-        bias_sites: dict[str, list[Site]] = {}
-        keys: dict[str, None] = {}
+        keys: dict[str, None] = {}  # first-mention order
+        replacements: dict[str, list[Replacement]] = defaultdict(list)
+        rows: dict[str, list[TokenRows]] = defaultdict(list)
+        sites: dict[str, list[Site]] = defaultdict(list)
+        bias_sites: dict[str, list[Site]] = defaultdict(list)
         for r in self.replacements:
             keys[r.target] = None
-            replacement[r.target] = r
+            replacements[r.target].append(r)
         for t in self.token_rows:
             keys[t.target] = None
-            rows.setdefault(t.target, []).append(t)
+            rows[t.target].append(t)
         for s in self.sites:
             keys[s.target] = None
-            sites.setdefault(s.target, []).append(s)
+            sites[s.target].append(s)
             if s.bias_target:
                 keys[s.bias_target] = None
-                bias_sites.setdefault(s.bias_target, []).append(s)
+                bias_sites[s.bias_target].append(s)
         return {
             key: TargetEdits(
-                replacement.get(key),
+                tuple(replacements.get(key, ())),
                 tuple(rows.get(key, ())),
                 tuple(sites.get(key, ())),
                 tuple(bias_sites.get(key, ())),

@@ -30,6 +30,7 @@ __all__ = [
     "channel_axis",
     "channel_norm",
     "channel_shape",
+    "column_signs",
     "put_rows",
     "site_delta",
 ]
@@ -142,6 +143,18 @@ def add_site(weight: torch.Tensor, site: Site) -> torch.Tensor:
     if site.channel_scale is not None:
         apply_channel_scale(site, weight, site.channel_scale)
     return weight
+
+
+def column_signs(columns: torch.Tensor) -> torch.Tensor:
+    """The sign that makes each column's largest-magnitude entry positive (+1 for a zero column).
+
+    Multiplying a factor pair's rank-1 terms by these signs leaves ``B @ A`` unchanged and makes
+    SVD-derived factors independent of the LAPACK build's sign choices.
+    """
+    pick = columns.abs().argmax(dim=0)
+    signs = torch.sign(columns[pick, torch.arange(columns.shape[1])])
+    signs[signs == 0] = 1
+    return signs
 
 
 def all_finite(t: torch.Tensor) -> bool:

@@ -11,7 +11,6 @@ embeddings.
 from __future__ import annotations
 
 import math
-import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -24,6 +23,7 @@ import torch
 from loracc import kernels
 from loracc.arch import Layout
 from loracc.errors import ConfigError, FormatError, InputError, NonFiniteError, UnsupportedError
+from loracc.io import peft_keys
 from loracc.io.checkpoint import BaseWeights, Checkpoint, ExpertSplit, inside, open_safetensors
 from loracc.io.layout import LayoutRule, parse_layouts
 from loracc.io.peft_config import (
@@ -34,28 +34,14 @@ from loracc.io.peft_config import (
     read_config,
     resolve_pattern,
 )
+from loracc.io.peft_keys import CONFIG_NAME, KEY, PICKLE_NAME, WEIGHTS_NAME
 from loracc.io.replicated import ReplicatedCheckpoint
 from loracc.ir import PLAIN_INITS, Adapter, Replacement, Site, SiteKind, TokenRows
 
 __all__ = ["adapter_files", "load_adapter"]
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-_PREFIX = "base_model.model."
 # peft's MultiheadAttention wrapper saves its out_proj's factors under this suffix of its own path
-_MHA_OUT_PROJ = ".base_layer.out_proj"
-
-_KEY = re.compile(
-    r"^(?P<module>.+?)\.(?:"
-    r"lora_(?P<ab>[AB])\.weight"
-    r"|lora_B\.(?P<bias>bias)"
-    r"|lora_embedding_(?P<emb>[AB])"
-    r"|(?P<mag>lora_magnitude_vector)(?:\.weight)?"
-    r"|(?P<diag>lora_diag)"
-    r"|token_adapter\.(?P<tok>trainable_tokens_delta)"
-    r"|(?P<extra>lora_velora_embed|lora_monteclora_sampler\..+)"
-    r")$"
-)
+_MHA_OUT_PROJ = f"{peft_keys.BASE_LAYER}.out_proj"
 
 
 def adapter_files(folder: Path) -> tuple[Path, Path]:
@@ -66,12 +52,12 @@ def adapter_files(folder: Path) -> tuple[Path, Path]:
     if not config.exists():
         raise InputError(f"{folder}: no {CONFIG_NAME}")
     if not weights.exists():
-        if (folder / "adapter_model.bin").exists():
+        if (folder / PICKLE_NAME).exists():
             raise InputError(
-                f"{folder}: only adapter_model.bin (a pickle) is present; loracc never "
+                f"{folder}: only {PICKLE_NAME} (a pickle) is present; loracc never "
                 "unpickles. Convert it on a trusted machine: "
-                "safetensors.torch.save_file(torch.load('adapter_model.bin'), "
-                "'adapter_model.safetensors', metadata={'format': 'pt'})"
+                f"safetensors.torch.save_file(torch.load('{PICKLE_NAME}'), "
+                f"'{WEIGHTS_NAME}', metadata={{'format': 'pt'}})"
             )
         raise InputError(f"{folder}: no {WEIGHTS_NAME}")
     return inside(folder, CONFIG_NAME, str(folder)), inside(folder, WEIGHTS_NAME, str(folder))
@@ -128,7 +114,7 @@ def load_adapter(
 def _check_tensors(weights: Path, tensors: dict[str, torch.Tensor], allow_nonfinite: bool) -> None:
     """LoRA tensors are floating point, and no tensor holds NaN or Inf unless allowed."""
     for key, t in tensors.items():
-        m = _KEY.match(key.removeprefix(_PREFIX))
+        m = KEY.match(peft_keys.unprefixed(key))
         if m is not None and m["extra"]:
             continue  # training-only, never applied
         if m is not None and not t.is_floating_point():
@@ -215,8 +201,8 @@ class _Reader:
         replacements: list[Replacement] = []
         tokens: list[tuple[str, str, torch.Tensor]] = []
         for raw_key, tensor in tensors.items():
-            key = raw_key.removeprefix(_PREFIX)
-            m = _KEY.match(key)
+            key = peft_keys.unprefixed(raw_key)
+            m = KEY.match(key)
             if m is None:
                 if ".lora_" in key:
                     raise UnsupportedError(
@@ -263,8 +249,7 @@ class _Reader:
     # -- whole-tensor replacements and trainable tokens -------------------------------------
 
     def replacement(self, raw_key: str, key: str, tensor: torch.Tensor) -> Replacement:
-        target = key.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
-        target = target.replace(".original_module.", ".").replace(".token_adapter.", ".")
+        target = peft_keys.unwrap(key)
         origin = "modules_to_save"
         if target.endswith(".bias") and self.cfg["bias"] != "none":
             origin = "bias"
@@ -286,7 +271,7 @@ class _Reader:
         return Replacement(target, tensor, origin)
 
     def tokens(self, raw_key: str, module: str, rows: torch.Tensor) -> TokenRows:
-        module = module.replace(".base_layer", "")
+        module = module.replace(peft_keys.BASE_LAYER, "")
         spec = self.cfg["trainable_token_indices"]
         if isinstance(spec, dict):
             matches = [v for k, v in spec.items() if module.endswith(k)]
@@ -335,7 +320,7 @@ class _Reader:
             attention = raw.removesuffix(_MHA_OUT_PROJ)
             if attention != raw and attention in groups:  # peft's MultiheadAttention wrapper
                 self._refuse_mha(groups[attention].keys[0], attention)
-            by_owner[raw.replace(".base_layer", "")].append((raw, g))
+            by_owner[raw.replace(peft_keys.BASE_LAYER, "")].append((raw, g))
         self.out_dims = {g.B.shape[0] for g in groups.values() if g.B is not None and g.B.dim()}
         sites: list[Site] = []
         for owner, members in by_owner.items():
@@ -406,7 +391,7 @@ class _Reader:
                 "compose (B must be (out, r) for A (r, in))"
             )
         target = f"{module}.weight"
-        expected = _logical_shape(kind, A, B)
+        expected = kind.logical_shape(A, B)
         if self.cfg["use_qalora"] and kind is SiteKind.LINEAR:
             self._check_qalora(module, key, A, B)
         if self.base is not None:
@@ -418,8 +403,7 @@ class _Reader:
             if kind is SiteKind.LINEAR and len(shape) == 2:
                 decision = self.layout.weight(module, shape, (expected[0], expected[1]))
                 kind, source = _KINDS[decision.layout], decision.source
-            if kind is SiteKind.CONV1D:
-                expected = expected[::-1]
+            expected = kind.stored_shape(expected)
             if kind is SiteKind.CONV and tuple(shape[2:]) != tuple(A.shape[2:]):
                 raise FormatError(f"{self.where(key)}: kernel {tuple(A.shape[2:])}, base {shape}")
             grouped = kind is SiteKind.CONV and 0 < shape[1] < A.shape[1]
@@ -433,8 +417,7 @@ class _Reader:
         elif kind is SiteKind.LINEAR:
             decision = self.layout.unbased(module)
             kind, source = _KINDS[decision.layout], decision.source
-            if kind is SiteKind.CONV1D:
-                expected = expected[::-1]
+            expected = kind.stored_shape(expected)
         if self.cfg["use_qalora"] and kind is SiteKind.LINEAR:
             self.notes.append(f"{module}: use_qalora ignored on a dense layer, as peft does")
         full_rank = min(expected[:2]) if len(expected) == 2 else None
@@ -455,7 +438,7 @@ class _Reader:
                 bias_target = stored
         magnitude = g.magnitude
         if magnitude is not None:
-            want = expected[1] if kind in (SiteKind.EMBEDDING, SiteKind.CONV1D) else expected[0]
+            want = expected[kind.stored_axis(kind.channel_axis)]
             if magnitude.numel() != want:
                 raise FormatError(
                     f"{self.where(key)}: DoRA magnitude has {magnitude.numel()} values, "
@@ -605,7 +588,7 @@ class _Reader:
     ) -> list[Site]:
         # peft nests one wrapper per parameter; the first registered is innermost (most
         # .base_layer infixes). Shapes decide first; registration order breaks ties.
-        by_depth = sorted(members, key=lambda m: m[0].count(".base_layer"))
+        by_depth = sorted(members, key=lambda m: m[0].count(peft_keys.BASE_LAYER))
         order = list(reversed(params))
         sites = []
         for depth, (raw, g) in enumerate(by_depth):
@@ -712,13 +695,6 @@ def _split_experts(site: Site, split: ExpertSplit, base: BaseWeights | None) -> 
             )
             row += rows
     return out
-
-
-def _logical_shape(kind: SiteKind, A: torch.Tensor, B: torch.Tensor) -> tuple[int, ...]:
-    """The base tensor shape the factors imply, for non-Conv1D layouts."""
-    if kind is SiteKind.EMBEDDING:
-        return (A.shape[1], B.shape[0])
-    return (B.shape[0], A.shape[1], *A.shape[2:])
 
 
 _KINDS = {Layout.LINEAR: SiteKind.LINEAR, Layout.CONV1D: SiteKind.CONV1D}

@@ -33,13 +33,13 @@ from typing import Any
 
 import torch
 
+from loracc.io import peft_keys
 from loracc.io.safetensors import SafetensorsWriter
 from loracc.ir import Adapter, Site, SiteKind
 from loracc.legality import Target, require
 
 __all__ = ["adapter_config", "adapter_tensors", "write_peft_adapter"]
 
-_PREFIX = "base_model.model."
 _DROPPED = (
     "layers_to_transform",
     "layers_pattern",
@@ -63,22 +63,15 @@ def adapter_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     wrapped = {_owner(s) for s in adapter.sites}
     for site in sorted(adapter.sites, key=lambda s: s.module):
-        key = _PREFIX + _owner(site)
-        if site.kind is SiteKind.EMBEDDING:
-            out[f"{key}.lora_embedding_A"] = site.lora_A
-            out[f"{key}.lora_embedding_B"] = site.lora_B
-        else:
-            out[f"{key}.lora_A.weight"] = site.lora_A
-            out[f"{key}.lora_B.weight"] = site.lora_B
+        module = _owner(site)
+        key_A, key_B = peft_keys.factor_keys(module, embedding=site.kind is SiteKind.EMBEDDING)
+        out[key_A], out[key_B] = site.lora_A, site.lora_B
         if site.lora_bias is not None:
-            out[f"{key}.lora_B.bias"] = site.lora_bias
+            out[peft_keys.lora_bias_key(module)] = site.lora_bias
     for r in adapter.replacements:
-        module, _, param = r.target.rpartition(".")
-        name = f"{module}.base_layer.{param}" if module in wrapped else r.target
-        out[_PREFIX + name] = r.tensor
+        out[peft_keys.whole_tensor_key(r.target, wrapped)] = r.tensor
     for t in adapter.token_rows:
-        module = t.target.removesuffix(".weight")
-        out[f"{_PREFIX}{module}.token_adapter.trainable_tokens_delta"] = t.rows
+        out[peft_keys.token_rows_key(t.target.removesuffix(".weight"))] = t.rows
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
 
@@ -116,7 +109,7 @@ def write_peft_adapter(adapter: Adapter, folder: Path) -> list[str]:
     config = adapter_config(adapter)
     folder = Path(folder)
     writer = SafetensorsWriter(
-        folder / "adapter_model.safetensors",
+        folder / peft_keys.WEIGHTS_NAME,
         [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()],
         {"format": "pt"},
     )
@@ -128,5 +121,5 @@ def write_peft_adapter(adapter: Adapter, folder: Path) -> list[str]:
         raise
     writer.close()
     text = json.dumps(config, indent=2, sort_keys=True, default=str)
-    (folder / "adapter_config.json").write_text(text + "\n")
+    (folder / peft_keys.CONFIG_NAME).write_text(text + "\n")
     return list(tensors)

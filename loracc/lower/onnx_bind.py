@@ -74,7 +74,7 @@ __all__ = [
     "graph_layout",
     "privatize",
     "read_ref",
-    "ref_shape",
+    "unique_name",
     "with_tied",
 ]
 
@@ -133,6 +133,13 @@ class WeightUse:
         """Whether the initializer carries a parameter name (not a folded constant)."""
         name = self.init.name or ""
         return bool(name) and not _generic(name) and _FOLDED_FROM not in self.init.metadata_props
+
+    @property
+    def reads_conv1d(self) -> bool:
+        """Whether the graph shows a Conv1D parameter: one kept under its own name and read as
+        (in, out) without a Transpose is stored so (the graph's Linear-or-Conv1D evidence)."""
+        transposes = any(p.op_type == "Transpose" for p in self.path)
+        return self.named and self.transposed and not transposes
 
 
 def _generic(name: str) -> bool:
@@ -304,8 +311,8 @@ def _lift_weight_constants(graph: ir.Graph) -> None:
         if attr is None:
             continue
         tensor = attr.as_tensor()
-        name = value.name or _unique(taken, f"{node.name or node.op_type}.weight")
-        lifted = ir.Value(name=_unique(taken, name + ".lifted"), shape=tensor.shape)
+        name = value.name or unique_name(taken, f"{node.name or node.op_type}.weight")
+        lifted = ir.Value(name=unique_name(taken, name + ".lifted"), shape=tensor.shape)
         lifted.type = ir.TensorType(tensor.dtype)
         lifted.const_value = tensor
         graph.register_initializer(lifted)
@@ -313,7 +320,8 @@ def _lift_weight_constants(graph: ir.Graph) -> None:
         graph.remove(producer, safe=True)
 
 
-def _unique(taken: set[str], name: str) -> str:
+def unique_name(taken: set[str], name: str) -> str:
+    """``name``, or ``name.1``, ``name.2``, ... : the first not in ``taken``, which it joins."""
     if name not in taken:
         taken.add(name)
         return name
@@ -326,16 +334,6 @@ def _unique(taken: set[str], name: str) -> str:
 
 
 # -- bindings ---------------------------------------------------------------------------------
-
-
-def ref_shape(site: Site) -> tuple[int, ...]:
-    """The site's weight shape in its reference orientation."""
-    A, B = site.lora_A, site.lora_B
-    if site.kind is SiteKind.EMBEDDING:
-        return (A.shape[1], B.shape[0])
-    if site.kind is SiteKind.CONV:
-        return (B.shape[0], A.shape[1], *A.shape[2:])
-    return (B.shape[0], A.shape[1])
 
 
 @dataclass(eq=False)
@@ -611,16 +609,14 @@ def bind_adapter(
 
 
 def _tensor_keys(adapter: Adapter) -> list[str]:
-    keys = [r.target for r in adapter.replacements] + [t.target for t in adapter.token_rows]
-    keys += [s.bias_target for s in adapter.sites if s.bias_target and s.lora_bias is not None]
-    return list(dict.fromkeys(keys))
+    return [key for key, edits in adapter.edits_by_target().items() if edits.whole_tensor]
 
 
 def _bind_site(binder: _Binder, site: Site, siblings: dict[str, Site]) -> Binding:
     # 3-D expert sites never get here: loracc.legality refuses them for ONNX targets on reading.
     ops = _KIND_OPS[site.kind]
     module = _owner(site)
-    shape = ref_shape(site)
+    shape = site.logical_shape()
     for aliases in (False, True):
         uses, how = binder.by_path(module, ops, aliases)
         if uses:
@@ -637,7 +633,7 @@ def _bind_site(binder: _Binder, site: Site, siblings: dict[str, Site]) -> Bindin
                 f"and the adapter's factors give {list(shape)}"
             )
     if binder.base is not None and site.target in binder.base:
-        expected = _stored_to_ref(site.kind, binder.base.read(site.target))
+        expected = site.to_logical(binder.base.read(site.target))
         uses = binder.by_value(expected, ops)
         if uses:
             return _finish(binder, site, uses, "fingerprint")
@@ -660,7 +656,7 @@ def _finish(
     fused: str | None = None,
 ) -> Binding:
     if block is not None and binder.base is not None and site.target in binder.base:
-        expected = _stored_to_ref(site.kind, binder.base.read(site.target))
+        expected = site.to_logical(binder.base.read(site.target))
         got = read_ref(uses[0], dtype=expected.dtype)[block[0] : block[1]]
         if not torch.equal(got, expected):
             raise LoweringError(
@@ -678,10 +674,6 @@ def _finish(
                 f"to the output of '{uses[0].node_name}'"
             )
     return binding
-
-
-def _stored_to_ref(kind: SiteKind, stored: torch.Tensor) -> torch.Tensor:
-    return stored.T if kind is SiteKind.CONV1D else stored
 
 
 def find_bias(index: GraphIndex, use: WeightUse) -> Place | None:
@@ -770,8 +762,8 @@ def _stored_places(uses: list[WeightUse]) -> list[Place]:
     """
     by_init: dict[int, Place] = {}
     for u in uses:
-        conv1d = u.named and u.transposed and not any(p.op_type == "Transpose" for p in u.path)
-        place = by_init.setdefault(id(u.init), Place(u.init, set(), u.transposed and not conv1d))
+        transposed = u.transposed and not u.reads_conv1d
+        place = by_init.setdefault(id(u.init), Place(u.init, set(), transposed))
         place.nodes.add(u.node)
     return list(by_init.values())
 
@@ -880,7 +872,7 @@ class OnnxBase:
             use = b.uses[0]
             entries.setdefault(
                 b.site.target,
-                BaseEntry(use.init, use.transposed, b.block, b.site.kind, ref_shape(b.site)),
+                BaseEntry(use.init, use.transposed, b.block, b.site.kind, b.site.logical_shape()),
             )
         return cls(entries, path)
 
@@ -914,7 +906,7 @@ class OnnxBase:
         e = self._entries.get(key)
         if e is None:
             return None
-        return e.ref_shape[::-1] if e.kind is SiteKind.CONV1D else e.ref_shape
+        return e.kind.stored_shape(e.ref_shape)
 
     def read_ref(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The base weight of ``key`` in the reference orientation."""
@@ -928,8 +920,7 @@ class OnnxBase:
         return ref.contiguous()
 
     def read(self, key: str) -> torch.Tensor:
-        ref = self.read_ref(key)
-        return ref.T.contiguous() if self._entry(key).kind is SiteKind.CONV1D else ref
+        return self._entry(key).kind.to_stored(self.read_ref(key)).contiguous()
 
 
 # Layout sources (Site.layout_source) the graph does not overrule: loracc.io.layout's
@@ -964,10 +955,7 @@ def correct_kinds(adapter: Adapter, table: BindingTable) -> Adapter:
             b is not None
             and site.kind is SiteKind.LINEAR
             and b.block is None
-            and all(
-                u.named and u.transposed and not any(p.op_type == "Transpose" for p in u.path)
-                for u in b.uses
-            )
+            and all(u.reads_conv1d for u in b.uses)
             and any(_common_suffix(m, site.module) for m in _param_modules(b.uses[0].names))
         ):
             graph = f"ONNX graph: '{b.uses[0].init.name}' is read as (in, out)"
@@ -991,7 +979,7 @@ def privatize(index: GraphIndex, init: ir.Value, nodes: Iterable[ir.Node], suffi
     graph = index.graph
     taken = set(graph.initializers) | {v.name for n in graph for v in n.outputs if v.name}
     copy = ir.Value(
-        name=_unique(taken, f"{init.name}.{suffix}"),
+        name=unique_name(taken, f"{init.name}.{suffix}"),
         shape=init.shape,
         type=init.type,
         const_value=init.const_value,
@@ -1012,9 +1000,9 @@ def privatize(index: GraphIndex, init: ir.Value, nodes: Iterable[ir.Node], suffi
                     step.op_type,
                     [new_value],
                     attributes=list(step.attributes.values()),
-                    name=_unique(taken, f"{step.name or step.op_type}.{suffix}"),
+                    name=unique_name(taken, f"{step.name or step.op_type}.{suffix}"),
                 )
-                clone.outputs[0].name = _unique(taken, f"{step.outputs[0].name}.{suffix}")
+                clone.outputs[0].name = unique_name(taken, f"{step.outputs[0].name}.{suffix}")
                 clone.outputs[0].type = step.outputs[0].type
                 clone.outputs[0].shape = step.outputs[0].shape
                 clones.append(clone)

@@ -36,16 +36,16 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from itertools import count
 from typing import Any
 
 import onnx_ir as ir
 import torch
 
+from loracc import kernels
 from loracc.errors import FormatError, LoweringError, UnsupportedError
 from loracc.io.onnx_model import tensor_to_torch, torch_dtype, torch_to_tensor
 from loracc.ir import Adapter, Site, SiteKind
-from loracc.lower.onnx_bind import BindingTable, GraphIndex, OnnxBase, WeightUse
+from loracc.lower.onnx_bind import BindingTable, GraphIndex, OnnxBase, WeightUse, unique_name
 
 __all__ = [
     "MANIFEST_KEY",
@@ -93,10 +93,10 @@ class SlotGroup:
 
     @property
     def channel_shape(self) -> list[int]:
-        """Shape of the DoRA scale slot: broadcast over the node output's channel axis."""
-        if self.op == "Conv":
-            return [self.fan_out] + [1] * len(self.kernel)
-        return [self.fan_out]
+        """Shape of the DoRA scale slot: broadcast over the node output's channel axis (Conv's
+        (N, C, *k) output: C, the one before the kernel axes; MatMul's (..., out): the last)."""
+        trailing = len(self.kernel) if self.op == "Conv" else 0
+        return kernels.channel_shape(1 + trailing, 0, self.fan_out)
 
     def member(self, module: str) -> Member | None:
         return next((m for m in self.members if m.module == module), None)
@@ -112,17 +112,6 @@ class SlotGroup:
 
 def _elem(dtype: ir.DataType | None) -> int:
     return int(dtype) if dtype is not None else int(ir.DataType.FLOAT)
-
-
-def _unique(taken: set[str], name: str) -> str:
-    if name not in taken:
-        taken.add(name)
-        return name
-    for i in count(1):
-        if f"{name}.{i}" not in taken:
-            taken.add(f"{name}.{i}")
-            return f"{name}.{i}"
-    raise AssertionError
 
 
 def _graph_names(graph: ir.Graph) -> set[str]:
@@ -158,8 +147,8 @@ def plan_groups(table: BindingTable, adapters: Sequence[Adapter]) -> list[SlotGr
                     fan_out=ref[0],
                     kernel=ref[2:],
                     dtype=dtype,
-                    A=_unique(taken, f"{key}.lora_A.weight"),
-                    B=_unique(taken, f"{key}.lora_B.weight"),
+                    A=unique_name(taken, f"{key}.lora_A.weight"),
+                    B=unique_name(taken, f"{key}.lora_B.weight"),
                     rank_dim=f"{key}.lora_r",
                     members=[],
                     weight=use.init.name or "",
@@ -173,9 +162,9 @@ def plan_groups(table: BindingTable, adapters: Sequence[Adapter]) -> list[SlotGr
                 start, stop = b.block or (0, group.fan_out)
                 group.members.append(Member(site.module, site.kind.value, start, stop))
             if (site.magnitude is not None or site.channel_scale is not None) and not group.scale:
-                group.scale = _unique(taken, f"{key}.dora_scale")
+                group.scale = unique_name(taken, f"{key}.dora_scale")
             if site.lora_bias is not None and not group.bias:
-                group.bias = _unique(taken, f"{key}.lora_B.bias")
+                group.bias = unique_name(taken, f"{key}.lora_B.bias")
     return list(groups.values())
 
 
@@ -345,7 +334,7 @@ def insert_slots(
 def _const(
     graph: ir.Graph, taken: set[str], name: str, value: torch.Tensor, dtype: int
 ) -> ir.Value:
-    v = ir.Value(name=_unique(taken, name), shape=ir.Shape(list(value.shape)))
+    v = ir.Value(name=unique_name(taken, name), shape=ir.Shape(list(value.shape)))
     v.type = ir.TensorType(ir.DataType(dtype))
     v.const_value = torch_to_tensor(value, ir.DataType(dtype), name=v.name)
     graph.register_initializer(v)
@@ -365,9 +354,9 @@ def _branch(
             op_type,
             inputs,
             attributes=ir.convenience.convert_attributes(attrs),
-            name=_unique(taken, f"{prefix}/{tag}"),
+            name=unique_name(taken, f"{prefix}/{tag}"),
         )
-        n.outputs[0].name = _unique(taken, f"{prefix}/{tag}_output_0")
+        n.outputs[0].name = unique_name(taken, f"{prefix}/{tag}_output_0")
         new.append(n)
         return n.outputs[0]
 
@@ -433,7 +422,7 @@ def _branch(
     graph.insert_after(node, new)
     if y.is_graph_output():  # keep the graph output's name on the adapted value
         name = y.name
-        y.name = _unique(taken, f"{name}.base")
+        y.name = unique_name(taken, f"{name}.base")
         out.name = name
     y.replace_all_uses_with(out, replace_graph_outputs=True)
     join.replace_input_with(0, y)  # the branch's own Add still reads the base output

@@ -52,6 +52,7 @@ from typing import ClassVar
 
 import torch
 
+from loracc import kernels
 from loracc.errors import FormatError, InputError, UnsupportedError
 from loracc.ir import PLAIN_INITS, Adapter, Site, SiteKind
 from loracc.passes._weights import source_key, start_weight
@@ -81,9 +82,7 @@ def _canonical(A0: torch.Tensor, B0: torch.Tensor) -> tuple[torch.Tensor, torch.
 
     ``B0·A0`` is unchanged; the factors no longer depend on the LAPACK build's sign choices.
     """
-    pick = B0.abs().argmax(dim=0)
-    signs = torch.sign(B0[pick, torch.arange(B0.shape[1])])
-    signs[signs == 0] = 1
+    signs = kernels.column_signs(B0)
     return (A0 * signs[:, None] + 0.0).contiguous(), (B0 * signs + 0.0).contiguous()
 
 
@@ -223,5 +222,5 @@ class ReconstructResidual(SitePass):
                     "(merge crashes in peft unless the layer is square); refused"
                 )
             return _olora(stored, r)
-        weight = stored.T if site.kind is SiteKind.CONV1D else stored
+        weight = site.to_logical(stored)
         return _pissa(weight, r, s)

@@ -33,6 +33,7 @@ from typing import ClassVar
 
 import torch
 
+from loracc import kernels
 from loracc.ir import PLAIN_INITS, Adapter, Site, SiteKind
 from loracc.passes.base import PassContext, Rewritten, SitePass, Skip
 
@@ -71,9 +72,7 @@ def truncate_factors(
     left = Qb @ U[:, :k]
     right = Qa @ Vh[:k].T
     # Sign convention: the largest-magnitude entry of each left singular vector is positive.
-    pick = left.abs().argmax(dim=0)
-    signs = torch.sign(left[pick, torch.arange(k)])
-    signs[signs == 0] = 1
+    signs = kernels.column_signs(left)
     left, right = left * signs, right * signs
     root = S[:k].sqrt()
     dropped = max(total - float(cumulative[k - 1]), 0.0)

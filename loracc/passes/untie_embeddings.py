@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 
 from loracc.errors import PassError
-from loracc.ir import Adapter, Replacement, Site, SiteKind, TokenRows
+from loracc.ir import Adapter, Site, SiteKind, TargetEdits
 from loracc.passes.base import Pass, PassContext, PassResult, Skip
 
 __all__ = ["UntieEmbeddings"]
@@ -58,12 +58,13 @@ class UntieEmbeddings(Pass):
         if tied is None:
             return PassResult(adapter, skipped=(Skip("*", "the base has no tied embeddings"),))
         head_key, emb_key = tied
-        head, emb = _Edits.on(adapter, head_key), _Edits.on(adapter, emb_key)
-        if not head and not emb.differs_alone():
+        edits = adapter.edits_by_target()
+        head, emb = edits.get(head_key, TargetEdits()), edits.get(emb_key, TargetEdits())
+        if not head and not _differs_alone(emb):
             return PassResult(
                 adapter, skipped=(Skip(head_key, "no edit differs between the tied pair"),)
             )
-        if head.same_as(emb):
+        if _same_as(head, emb):
             dropped = {id(x) for x in (*head.sites, *head.rows, *head.replacements)}
             return PassResult(
                 replace(
@@ -98,46 +99,28 @@ class UntieEmbeddings(Pass):
         )
 
 
-@dataclass(frozen=True, slots=True)
-class _Edits:
-    """What an adapter saved for one tensor of the tied pair."""
+def _differs_alone(emb: TargetEdits) -> bool:
+    """Whether these embedding edits change the lookup but not the shared weight."""
+    return bool(emb.sites) or any(r.origin != "embedding" for r in emb.replacements)
 
-    sites: tuple[Site, ...]
-    rows: tuple[TokenRows, ...]
-    replacements: tuple[Replacement, ...]
 
-    @classmethod
-    def on(cls, adapter: Adapter, key: str) -> _Edits:
-        return cls(
-            tuple(s for s in adapter.sites if s.target == key),
-            tuple(t for t in adapter.token_rows if t.target == key),
-            tuple(r for r in adapter.replacements if r.target == key),
+def _same_as(head: TargetEdits, emb: TargetEdits) -> bool:
+    """Whether the head, as the forward sees it, equals the embedding after these edits."""
+    sites = (not head.sites and not emb.sites) or (
+        len(head.sites) == len(emb.sites) == 1 and _mirrors(head.sites[0], emb.sites[0])
+    )
+    rows = not head.rows or (
+        len(head.rows) == len(emb.rows)
+        and all(
+            h.indices == e.indices and torch.equal(h.rows, e.rows)
+            for h, e in zip(head.rows, emb.rows, strict=True)
         )
-
-    def __bool__(self) -> bool:
-        return bool(self.sites or self.rows or self.replacements)
-
-    def differs_alone(self) -> bool:
-        """Whether these embedding edits change the lookup but not the shared weight."""
-        return bool(self.sites) or any(r.origin != "embedding" for r in self.replacements)
-
-    def same_as(self, emb: _Edits) -> bool:
-        """Whether the head, as the forward sees it, equals the embedding after these edits."""
-        sites = (not self.sites and not emb.sites) or (
-            len(self.sites) == len(emb.sites) == 1 and _mirrors(self.sites[0], emb.sites[0])
+    )
+    if head.replacements:
+        reps = len(head.replacements) == len(emb.replacements) and all(
+            torch.equal(h.tensor, e.tensor)
+            for h, e in zip(head.replacements, emb.replacements, strict=True)
         )
-        rows = not self.rows or (
-            len(self.rows) == len(emb.rows)
-            and all(
-                h.indices == e.indices and torch.equal(h.rows, e.rows)
-                for h, e in zip(self.rows, emb.rows, strict=True)
-            )
-        )
-        if self.replacements:
-            reps = len(self.replacements) == len(emb.replacements) and all(
-                torch.equal(h.tensor, e.tensor)
-                for h, e in zip(self.replacements, emb.replacements, strict=True)
-            )
-        else:
-            reps = all(r.origin == "embedding" for r in emb.replacements)
-        return sites and rows and reps
+    else:
+        reps = all(r.origin == "embedding" for r in emb.replacements)
+    return sites and rows and reps
