@@ -29,6 +29,7 @@ Two orientations of a base tensor, and the only place that converts between them
 from __future__ import annotations
 
 import enum
+import weakref
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -232,6 +233,10 @@ class TokenRows:
     rows: torch.Tensor
 
 
+# Adapter.edits_by_target per live adapter.
+_EDITS: weakref.WeakKeyDictionary[Adapter, Mapping[str, TargetEdits]] = weakref.WeakKeyDictionary()
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class TargetEdits:
     """Everything an adapter does to one base tensor, in the fields' order of application
@@ -261,7 +266,7 @@ class TargetEdits:
         return TargetEdits(self.replacements, self.rows)
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@dataclass(frozen=True, slots=True, eq=False, weakref_slot=True)
 class Adapter:
     """A whole adapter: the sites and replacements, plus what the base's structure must become.
 
@@ -297,9 +302,16 @@ class Adapter:
         """Every base key this adapter changes."""
         return set(self.edits_by_target())
 
-    def edits_by_target(self) -> dict[str, TargetEdits]:
+    def edits_by_target(self) -> Mapping[str, TargetEdits]:
         """The edits on each base key this adapter changes, keys in first-mention order
-        (replacements, token rows, sites), edits in adapter order."""
+        (replacements, token rows, sites), edits in adapter order. Computed once per adapter
+        (it is frozen): passes ask for one key per site."""
+        edits = _EDITS.get(self)
+        if edits is None:
+            edits = _EDITS[self] = MappingProxyType(self._group_edits())
+        return edits
+
+    def _group_edits(self) -> dict[str, TargetEdits]:
         keys: dict[str, None] = {}  # first-mention order
         replacements: dict[str, list[Replacement]] = defaultdict(list)
         rows: dict[str, list[TokenRows]] = defaultdict(list)

@@ -141,8 +141,8 @@ def merge_edits(
         if r.origin == "embedding":
             tb = with_tied(index, tb)
         for place in tb.places:
-            replace = _replace(r.tensor, place.transposed)
-            add(place, Edit(kernels.Step.REPLACE, place.transposed, replace, r.target))
+            whole = _replace(r.tensor, place.transposed)
+            add(place, Edit(kernels.Step.REPLACE, place.transposed, whole, r.target))
     for t in adapter.token_rows:
         tb = with_tied(index, table.tensors[t.target])
         for place in tb.places:
