@@ -53,8 +53,7 @@ class FoldDora(SitePass):
                 f"{site.module}: fold-dora must run after reconstruct-residual "
                 f"(init_lora_weights='{site.init}')"
             )
-        weight = start_weight(adapter, ctx, site.target, device=ctx.device)
-        weight += kernels.site_delta(site, device=ctx.device)
+        weight = kernels.add_site(start_weight(adapter, ctx, site.target, device=ctx.device), site)
         norm = kernels.channel_norm(site, weight).reshape(-1)
         bad = ~torch.isfinite(norm) | (norm == 0)
         if bool(bad.any()):
