@@ -1072,6 +1072,12 @@ CASES: tuple[Case, ...] = (
     Case("adapter-factor-1d", "lora_A is 1-D",
          _with(_set_tensor(f"{_Q0}.lora_A.weight", torch.randn(HIDDEN))),
          2, "do not compose", "q_proj", group="adapter tensors"),
+    Case("adapter-two-replacements", "lm_head saved twice (plain and modules_to_save wrapper)",
+         _with(_adapter_tensors_edit(lambda t: t.update({
+             f"{PREFIX}lm_head.weight": torch.zeros(VOCAB, HIDDEN),
+             f"{PREFIX}lm_head.modules_to_save.default.weight": torch.ones(VOCAB, HIDDEN),
+         }))),
+         2, "both replace", "lm_head.weight", group="adapter tensors"),
     Case("adapter-int-dtype", "lora_A stored as int32",
          _with(_set_tensor(f"{_Q0}.lora_A.weight", torch.ones(RANK, HIDDEN, dtype=torch.int32))),
          2, "floating-point dtype", "q_proj.lora_A.weight", group="adapter tensors"),

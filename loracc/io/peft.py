@@ -200,6 +200,7 @@ class _Reader:
         groups: dict[str, _Group] = defaultdict(_Group)
         replacements: list[Replacement] = []
         tokens: list[tuple[str, str, torch.Tensor]] = []
+        replaced_by: dict[str, str] = {}  # replaced target -> the key that replaces it
         for raw_key, tensor in tensors.items():
             key = peft_keys.unprefixed(raw_key)
             m = KEY.match(key)
@@ -209,7 +210,15 @@ class _Reader:
                         f"{self.where(raw_key)}: unknown LoRA tensor; loracc refuses rather than "
                         "drop it"
                     )
-                replacements.append(self.replacement(raw_key, key, tensor))
+                replacement = self.replacement(raw_key, key, tensor)
+                if replacement.target in replaced_by:
+                    raise FormatError(
+                        f"{self.weights}: '{replaced_by[replacement.target]}' and '{raw_key}' "
+                        f"both replace '{replacement.target}'; which one was trained cannot be "
+                        "known from the file"
+                    )
+                replaced_by[replacement.target] = raw_key
+                replacements.append(replacement)
                 continue
             module = m["module"]
             if m["extra"]:
