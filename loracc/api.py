@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from loracc.errors import ConfigError, LoweringError, NonFiniteError, UnsupportedError
-from loracc.io.checkpoint import BaseWeights, Checkpoint
+from loracc.io.checkpoint import Checkpoint
 from loracc.io.output import atomic_dir
 from loracc.io.peft import load_adapter as _load_adapter
 from loracc.io.peft_writer import write_peft_adapter
@@ -28,6 +28,7 @@ from loracc.pipeline import (
     run_pipeline,
 )
 from loracc.printer import print_ir
+from loracc.weights import BaseWeights
 
 __all__ = [
     "DTYPES",

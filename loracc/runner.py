@@ -2,8 +2,10 @@
 
 This is the shared core of ``loracc run`` and ``loracc golden`` around the session that
 :func:`loracc.io.ort.open_session` creates (providers, adapters, bf16, feed checks): it resolves
-the model file, fingerprints models and adapters, reads and writes ``.npz`` files, generates
-seeded inputs from the graph's input specs, and summarises outputs.
+the model file, fingerprints models and adapters, generates seeded inputs from the graph's input
+specs, and summarises outputs. It does no I/O of its own: ONNX files are read by
+:mod:`loracc.io.onnx_model`, sessions by :mod:`loracc.io.ort`, ``.npz`` files by
+:mod:`loracc.io.npz`.
 """
 
 from __future__ import annotations
@@ -21,15 +23,15 @@ from loracc.errors import FormatError, InputError
 from loracc.io import ort as ort_io
 from loracc.io.inputs import open_input
 from loracc.io.npz import read_npz
+from loracc.io.npz import write_npz as save_npz
 from loracc.io.ort import Session, TensorSpec
-from loracc.io.output import atomic_files, check_complete
+from loracc.io.output import check_complete
 
 __all__ = [
     "RunResult",
     "file_digest",
     "generate_inputs",
     "input_files",
-    "load_npz",
     "model_fingerprint",
     "open_session",
     "parse_dims",
@@ -72,46 +74,22 @@ def file_digest(path: Path) -> str:
 
 
 def _external_data_files(path: Path) -> list[Path]:
-    """Files named by the model's external-data initializers (none when onnx is missing)."""
+    """:func:`loracc.io.onnx_model.external_data_files`; none when the onnx extra is missing
+    (onnxruntime alone can run a model)."""
     try:
-        import onnx
+        from loracc.io.onnx_model import external_data_files
     except ImportError:  # pragma: no cover - onnx ships with the onnx extras
         return []
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # protobuf raises its own DecodeError types
-        raise FormatError(f"{path}: not a readable ONNX model ({e})") from e
-    names: set[str] = set()
-    for t in proto.graph.initializer:
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            names.update(e.value for e in t.external_data if e.key == "location")
-    return [path.parent / n for n in sorted(names)]
+    return external_data_files(path)
 
 
 def model_fingerprint(path: Path) -> str:
-    """sha256 over the model file and, in name order, the external-data files it points to."""
+    """sha256 over the model file and, in name order, the external-data files its tensors point
+    to, in any graph: an initializer of an If/Loop body counts as much as one of the main graph."""
     h = hashlib.sha256(file_digest(path).encode())
     for f in _external_data_files(path):
         h.update(f.name.encode() + b"\0" + file_digest(f).encode())
     return h.hexdigest()
-
-
-def load_npz(path: str | os.PathLike[str], what: str = "inputs") -> dict[str, np.ndarray]:
-    """Arrays of an ``.npz`` file by name (no pickles; sizes bounded: :mod:`loracc.io.npz`)."""
-    return read_npz(Path(path), what)
-
-
-def save_npz(
-    path: str | os.PathLike[str],
-    arrays: Mapping[str, np.ndarray],
-    *,
-    inputs: Sequence[Path],
-    force: bool,
-) -> None:
-    """Write ``arrays`` to ``path`` (compressed) under loracc's output rules: not over one of
-    ``inputs``, existing only with ``force``, atomic (:mod:`loracc.io.output`)."""
-    with atomic_files([Path(path)], inputs, force=force) as (tmp,), open(tmp, "wb") as f:
-        np.savez_compressed(f, **dict(arrays))
 
 
 def input_files(
@@ -160,33 +138,12 @@ def parse_dims(items: Sequence[str]) -> dict[str, int]:
     return dims
 
 
-def vocab_sizes(path: Path) -> dict[str, int]:
-    """Integer graph inputs that index an embedding table (``Gather``): name -> table rows."""
+def _embedding_rows(path: Path) -> dict[str, int]:
     try:
-        import onnx
-    except ImportError:  # pragma: no cover
+        from loracc.io.onnx_model import embedding_rows
+    except ImportError:  # pragma: no cover - onnx ships with the onnx extras
         return {}
-    proto = onnx.load(str(path), load_external_data=False)
-    g = proto.graph
-    rows = {t.name: int(t.dims[0]) for t in g.initializer if len(t.dims) >= 1}
-    for n in g.node:  # Constant-node tables
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].t.dims:
-            rows[n.output[0]] = int(n.attribute[0].t.dims[0])
-    inputs = {i.name for i in g.input}
-    alias = {name: name for name in inputs}
-    for n in g.node:  # follow Cast/Reshape/Unsqueeze/Identity from a graph input
-        if n.op_type in ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Identity") and n.input:
-            src = alias.get(n.input[0])
-            if src is not None:
-                alias[n.output[0]] = src
-    out: dict[str, int] = {}
-    for n in g.node:
-        if n.op_type == "Gather" and len(n.input) == 2 and n.input[1] in alias:
-            axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
-            if axis == 0 and n.input[0] in rows:
-                name = alias[n.input[1]]
-                out[name] = min(out.get(name, rows[n.input[0]]), rows[n.input[0]])
-    return out
+    return embedding_rows(path)
 
 
 def generate_inputs(
@@ -227,7 +184,7 @@ def generate_inputs(
             f"--dim {unused[0]}: the graph has no such dimension "
             f"(it has {', '.join(sorted(_dim_names(sess.inputs))) or 'none'})"
         )
-    vocab = vocab_sizes(sess.path)
+    vocab = _embedding_rows(sess.path)
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
     for s in sess.inputs:
@@ -314,7 +271,7 @@ def run(
     providers: str | Sequence[str] = "cpu",
 ) -> RunResult:
     """Run ``model`` (with ``adapter`` active) on ``inputs`` (an ``.npz`` path or arrays)."""
-    feeds = dict(inputs) if isinstance(inputs, Mapping) else load_npz(inputs)
+    feeds = dict(inputs) if isinstance(inputs, Mapping) else read_npz(inputs)
     sess = open_session(model, providers, adapter=adapter)
     outputs = sess.run(feeds)
     return RunResult(

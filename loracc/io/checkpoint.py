@@ -11,9 +11,8 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -30,12 +29,12 @@ from loracc.arch import (
 from loracc.errors import ConfigError, FormatError, InputError, shorten
 from loracc.io.inputs import read_json
 from loracc.io.safetensors import SafetensorsFile, TensorInfo, read_tensor
+from loracc.weights import ExpertSplit
 
 __all__ = [
     "INDEX_NAME",
     "SINGLE_NAME",
     "WEIGHT_SUFFIXES",
-    "BaseWeights",
     "Checkpoint",
     "inside",
     "open_safetensors",
@@ -46,59 +45,6 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
-
-
-@dataclass(frozen=True, slots=True)
-class ExpertSplit:
-    """A fused expert parameter (E, out, in) stored as per-expert 2-D tensors.
-
-    ``keys[e]`` lists the stored tensors whose rows, stacked in order, make expert ``e``.
-    """
-
-    keys: tuple[tuple[str, ...], ...]
-    shape: tuple[int, int, int]
-
-
-class BaseWeights(Protocol):
-    """Base weights by Hugging Face key: what passes (``PassContext.base``) and the PEFT reader use.
-
-    :class:`Checkpoint` is the real one; the PEFT reader's view through ``layer_replication``
-    (``ReplicatedCheckpoint``) and the ONNX export's bound initializers (``OnnxBase``) stand in
-    for it.
-    """
-
-    @property
-    def config(self) -> Mapping[str, Any]:
-        """The model's ``config.json`` (empty when there is none)."""
-        ...
-
-    @property
-    def tied_embeddings(self) -> tuple[str, str] | None:
-        """(output key, input-embedding key) when the output embedding is tied and not stored."""
-        ...
-
-    @property
-    def expert_splits(self) -> Mapping[str, ExpertSplit]:
-        """Fused expert parameters stored as per-expert tensors, by parameter key."""
-        ...
-
-    def keys(self) -> list[str]:
-        """Stored tensor names."""
-        ...
-
-    def __contains__(self, key: object) -> bool: ...
-
-    def resolve(self, key: str) -> str | None:
-        """The stored name of a module-path key, or None."""
-        ...
-
-    def shape(self, key: str) -> tuple[int, ...] | None:
-        """The shape of ``key`` (stored, renamed, fused or tied), or None."""
-        ...
-
-    def read(self, key: str) -> torch.Tensor:
-        """One stored tensor, as a fresh CPU tensor."""
-        ...
 
 
 # config.json keys loracc reads, and the JSON type each must have when present.

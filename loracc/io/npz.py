@@ -1,4 +1,4 @@
-"""Reading ``.npz`` files (``--inputs``, ``--golden``) within bounds, never unpickling.
+"""``.npz`` files: read within bounds, never unpickling; written under the output rules.
 
 An ``.npz`` is a zip of ``.npy`` members, and a few megabytes of deflated zeros unpack to
 gigabytes. Before anything is decompressed, the zip's central directory (each member's declared
@@ -6,6 +6,9 @@ size) and each member's ``.npy`` header (dtype and shape) are checked: the decla
 add up to at most :data:`MIN_UNPACKED_LIMIT` or :data:`MAX_RATIO` times the file's size,
 whichever is larger, and each member's shape must account for exactly its declared size. The
 zip reader never returns more than a member's declared size, so these checks bound the memory.
+
+Writing (``run -o``, ``golden record``) goes through :func:`loracc.io.output.atomic_files`: not
+over an input, an existing file only with ``--force``, renamed into place when complete.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import zipfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -20,8 +24,9 @@ import numpy as np
 
 from loracc.errors import FormatError
 from loracc.io.inputs import open_input
+from loracc.io.output import atomic_files
 
-__all__ = ["MAX_MEMBERS", "MAX_RATIO", "MIN_UNPACKED_LIMIT", "read_npz"]
+__all__ = ["MAX_MEMBERS", "MAX_RATIO", "MIN_UNPACKED_LIMIT", "read_npz", "write_npz"]
 
 # Real inputs and golden files hold a few to a few hundred arrays of floats or token ids, which
 # deflate 1-10x; 64x leaves room for masks and padding, and any file may unpack to 256 MiB.
@@ -30,8 +35,9 @@ MAX_RATIO = 64
 MAX_MEMBERS = 10_000
 
 
-def read_npz(path: Path, what: str = "inputs") -> dict[str, np.ndarray]:
+def read_npz(path: str | os.PathLike[str], what: str = "inputs") -> dict[str, np.ndarray]:
     """The arrays of the ``.npz`` file ``path`` by name, after checking what it declares."""
+    path = Path(path)
     with open_input(path, f"{what} file") as f:
         size = os.fstat(f.fileno()).st_size
         try:
@@ -40,6 +46,19 @@ def read_npz(path: Path, what: str = "inputs") -> dict[str, np.ndarray]:
                 return {name: _read_member(path, z, info) for name, info in members.items()}
         except (zipfile.BadZipFile, NotImplementedError, EOFError, OSError, ValueError) as e:
             raise FormatError(f"{path}: not a readable .npz {what} file ({e})") from e
+
+
+def write_npz(
+    path: str | os.PathLike[str],
+    arrays: Mapping[str, np.ndarray],
+    *,
+    inputs: Sequence[Path],
+    force: bool,
+) -> None:
+    """Write ``arrays`` to ``path`` (compressed) under loracc's output rules: not over one of
+    ``inputs``, existing only with ``force``, atomic (:mod:`loracc.io.output`)."""
+    with atomic_files([Path(path)], inputs, force=force) as (tmp,), open(tmp, "wb") as f:
+        np.savez_compressed(f, **dict(arrays))
 
 
 def _checked_members(path: Path, z: zipfile.ZipFile, size: int) -> dict[str, zipfile.ZipInfo]:

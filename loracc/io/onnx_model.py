@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,8 @@ from loracc.io.output import atomic_files, check_complete
 __all__ = [
     "MAX_IR_VERSION",
     "PROTO_LIMIT",
+    "embedding_rows",
+    "external_data_files",
     "external_tensors",
     "load_model",
     "needs_external_data",
@@ -190,8 +192,8 @@ def _point_locations(onnx_path: Path, old: str, new: str) -> None:
     """Rewrite the external-data location ``old`` to ``new`` in a saved (small) graph file."""
     proto = onnx.load(os.fspath(onnx_path), load_external_data=False)
     changed = False
-    for init in _all_initializer_protos(proto):
-        for entry in init.external_data:
+    for tensor in _tensor_protos(proto):
+        for entry in tensor.external_data:
             if entry.key == "location" and entry.value == old:
                 entry.value = new
                 changed = True
@@ -199,16 +201,87 @@ def _point_locations(onnx_path: Path, old: str, new: str) -> None:
         onnx.save(proto, os.fspath(onnx_path))
 
 
-def _all_initializer_protos(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    graphs = [proto.graph]
-    while graphs:
-        g = graphs.pop()
-        yield from g.initializer
-        for node in g.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    graphs.append(attr.g)
-                graphs.extend(attr.graphs)
+def _graph_proto(path: Path) -> onnx.ModelProto:
+    """The model's protobuf with external data left on disk."""
+    try:
+        return onnx.load(os.fspath(path), load_external_data=False)
+    except Exception as e:  # protobuf raises its own DecodeError types
+        raise FormatError(f"{path}: not a readable ONNX model ({e})") from e
+
+
+def _subgraphs(nodes: Iterable[onnx.NodeProto]) -> Iterator[onnx.GraphProto]:
+    for node in nodes:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                yield attr.g
+            yield from attr.graphs
+
+
+def _graphs(proto: onnx.ModelProto) -> Iterator[onnx.GraphProto]:
+    """The main graph and every subgraph (If/Loop/Scan bodies at any depth, in functions too)."""
+    pending = [proto.graph, *_subgraphs(n for f in proto.functions for n in f.node)]
+    while pending:
+        graph = pending.pop()
+        yield graph
+        pending.extend(_subgraphs(graph.node))
+
+
+def _tensor_protos(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor the model stores: initializers (sparse ones too) and tensor attributes
+    (``Constant`` values), in every graph and function."""
+    nodes: list[onnx.NodeProto] = [n for f in proto.functions for n in f.node]
+    sparse: list[onnx.SparseTensorProto] = []
+    for graph in _graphs(proto):
+        yield from graph.initializer
+        sparse.extend(graph.sparse_initializer)
+        nodes.extend(graph.node)
+    for node in nodes:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("sparse_tensor"):
+                sparse.append(attr.sparse_tensor)
+            sparse.extend(attr.sparse_tensors)
+    for s in sparse:
+        yield from (s.values, s.indices)
+
+
+def external_data_files(path: Path) -> list[Path]:
+    """The files that any tensor of the model (subgraphs and functions included) keeps its
+    external data in, in name order: a fingerprint or an overlap check must see them all."""
+    names = {
+        entry.value
+        for tensor in _tensor_protos(_graph_proto(path))
+        if tensor.data_location == onnx.TensorProto.EXTERNAL
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    return [path.parent / n for n in sorted(names)]
+
+
+def embedding_rows(path: Path) -> dict[str, int]:
+    """Integer graph inputs that index an embedding table (``Gather`` on axis 0, reached through
+    Cast/Reshape/Unsqueeze/Squeeze/Identity): input name -> table rows (the least, if several)."""
+    graph = _graph_proto(path).graph
+    rows = {t.name: int(t.dims[0]) for t in graph.initializer if len(t.dims) >= 1}
+    for n in graph.node:  # Constant-node tables
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].t.dims:
+            rows[n.output[0]] = int(n.attribute[0].t.dims[0])
+    alias = {i.name: i.name for i in graph.input}
+    for n in graph.node:  # follow Cast/Reshape/Unsqueeze/Identity from a graph input
+        if n.op_type in ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Identity") and n.input:
+            src = alias.get(n.input[0])
+            if src is not None:
+                alias[n.output[0]] = src
+    out: dict[str, int] = {}
+    for n in graph.node:
+        if n.op_type == "Gather" and len(n.input) == 2 and n.input[1] in alias:
+            axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
+            if axis == 0 and n.input[0] in rows:
+                name = alias[n.input[1]]
+                out[name] = min(out.get(name, rows[n.input[0]]), rows[n.input[0]])
+    return out
 
 
 def write_outputs(

@@ -24,7 +24,7 @@ from loracc import kernels
 from loracc.arch import Layout
 from loracc.errors import ConfigError, FormatError, InputError, NonFiniteError, UnsupportedError
 from loracc.io import peft_keys
-from loracc.io.checkpoint import BaseWeights, Checkpoint, ExpertSplit, inside, open_safetensors
+from loracc.io.checkpoint import Checkpoint, inside, open_safetensors
 from loracc.io.layout import LayoutRule, parse_layouts
 from loracc.io.peft_config import (
     KNOWN_PEFT,
@@ -37,6 +37,7 @@ from loracc.io.peft_config import (
 from loracc.io.peft_keys import CONFIG_NAME, KEY, PICKLE_NAME, WEIGHTS_NAME
 from loracc.io.replicated import ReplicatedCheckpoint
 from loracc.ir import PLAIN_INITS, Adapter, Replacement, Site, SiteKind, TokenRows
+from loracc.weights import BaseWeights, ExpertSplit
 
 __all__ = ["adapter_files", "load_adapter"]
 

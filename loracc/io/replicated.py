@@ -21,7 +21,7 @@ from loracc.errors import ConfigError, UnsupportedError
 if TYPE_CHECKING:
     import torch
 
-    from loracc.io.checkpoint import BaseWeights, ExpertSplit
+    from loracc.weights import BaseWeights, ExpertSplit
 
 __all__ = ["MAX_REPLICATION", "LayerLayout", "ReplicatedCheckpoint"]
 

@@ -58,7 +58,8 @@ from loracc.io.onnx_model import tensor_to_torch, torch_dtype
 from loracc.ir import Adapter, Site, SiteKind
 
 if TYPE_CHECKING:
-    from loracc.io.checkpoint import Checkpoint, ExpertSplit
+    from loracc.io.checkpoint import Checkpoint
+    from loracc.weights import ExpertSplit
 
 __all__ = [
     "BaseEntry",
@@ -852,7 +853,7 @@ class BaseEntry:
 
 
 class OnnxBase:
-    """The ONNX model's base weights as :class:`~loracc.io.checkpoint.BaseWeights`.
+    """The ONNX model's base weights as :class:`~loracc.weights.BaseWeights`.
 
     Passes that read base weights (DoRA folding, PiSSA/OLoRA reconstruction) get the bound
     initializers under their Hugging Face keys, in the stored orientation of each site's kind.

@@ -21,7 +21,7 @@ from loracc.errors import LoraccError, PassError
 from loracc.ir import Adapter, Site
 
 if TYPE_CHECKING:
-    from loracc.io.checkpoint import BaseWeights
+    from loracc.weights import BaseWeights
 
 __all__ = ["Pass", "PassContext", "PassResult", "Rewritten", "SitePass", "Skip"]
 
