@@ -23,7 +23,7 @@ from loracc.errors import LoraccError, LoweringError, UnsupportedError
 from loracc.ir import PLAIN_INITS, Adapter, Site, SiteKind
 
 if TYPE_CHECKING:
-    from loracc.io.checkpoint import BaseWeights
+    from loracc.weights import BaseWeights
 
 __all__ = ["FEATURES", "TABLE", "Feature", "Refuse", "Target", "require"]
 

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from loracc.errors import LoweringError, UnsupportedError
-from loracc.io.checkpoint import ExpertSplit
 from loracc.ir import Adapter, Replacement, Site, SiteKind, TokenRows
 from loracc.legality import FEATURES, TABLE, Target, require
+from loracc.weights import ExpertSplit
 
 OUT, IN, R = 4, 3, 2
 Q = "layers.0.q_proj"
