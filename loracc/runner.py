@@ -15,6 +15,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,7 @@ from loracc.errors import FormatError, InputError
 from loracc.io import ort as ort_io
 from loracc.io.inputs import open_input
 from loracc.io.npz import read_npz
-from loracc.io.npz import write_npz as save_npz
+from loracc.io.npz import write_npz as save_npz  # the name cli_golden (`run -o`) calls
 from loracc.io.ort import Session, TensorSpec
 from loracc.io.output import check_complete
 
@@ -74,13 +75,18 @@ def file_digest(path: Path) -> str:
 
 
 def _external_data_files(path: Path) -> list[Path]:
-    """:func:`loracc.io.onnx_model.external_data_files`; none when the onnx extra is missing
-    (onnxruntime alone can run a model)."""
+    """:func:`loracc.io.onnx_model.external_data_files`; none without the onnx extra
+    (onnxruntime alone can run a model, and its fingerprint is then the file's alone)."""
+    onnx_model = _onnx_model()
+    return [] if onnx_model is None else onnx_model.external_data_files(path)
+
+
+def _onnx_model() -> ModuleType | None:
     try:
-        from loracc.io.onnx_model import external_data_files
+        from loracc.io import onnx_model
     except ImportError:  # pragma: no cover - onnx ships with the onnx extras
-        return []
-    return external_data_files(path)
+        return None
+    return onnx_model
 
 
 def model_fingerprint(path: Path) -> str:
@@ -138,14 +144,6 @@ def parse_dims(items: Sequence[str]) -> dict[str, int]:
     return dims
 
 
-def _embedding_rows(path: Path) -> dict[str, int]:
-    try:
-        from loracc.io.onnx_model import embedding_rows
-    except ImportError:  # pragma: no cover - onnx ships with the onnx extras
-        return {}
-    return embedding_rows(path)
-
-
 def generate_inputs(
     sess: Session, *, seed: int = 0, dims: Mapping[str, int] | None = None
 ) -> dict[str, np.ndarray]:
@@ -184,7 +182,8 @@ def generate_inputs(
             f"--dim {unused[0]}: the graph has no such dimension "
             f"(it has {', '.join(sorted(_dim_names(sess.inputs))) or 'none'})"
         )
-    vocab = _embedding_rows(sess.path)
+    onnx_model = _onnx_model()
+    vocab = {} if onnx_model is None else onnx_model.embedding_rows(sess.path)
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
     for s in sess.inputs:

@@ -22,6 +22,7 @@ from onnx.external_data_helper import set_external_data  # noqa: E402
 
 from loracc import golden, runner  # noqa: E402
 from loracc.errors import OutputError  # noqa: E402
+from loracc.io.npz import write_npz  # noqa: E402
 
 THEN = np.array([1.0, 2.0, 3.0], np.float32)
 ELSE = np.array([10.0, 20.0, 30.0], np.float32)
@@ -123,9 +124,7 @@ def test_outputs_may_not_overwrite_subgraph_data(recorded: tuple[Path, Path]) ->
         with pytest.raises(OutputError):
             golden.record(model, target, seed=0, force=True)
         with pytest.raises(OutputError):
-            runner.save_npz(
-                target, {"y": np.zeros(3)}, inputs=runner.input_files(model), force=True
-            )
+            write_npz(target, {"y": np.zeros(3)}, inputs=runner.input_files(model), force=True)
         assert target.read_bytes() == before
 
 
