@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 
     from loracc.io.checkpoint import Checkpoint
     from loracc.ir import Adapter
-    from loracc.lower.onnx_bind import BindingTable, OnnxBase
+    from loracc.lower.onnx.bind import BindingTable
+    from loracc.lower.onnx.weights import OnnxBase
 
 __all__ = ["OnnxReport", "PackReport", "bind_onnx", "export_onnx", "pack"]
 
@@ -111,8 +112,9 @@ def _compile(
     adapter: Adapter, base: OnnxBase, target: Target
 ) -> tuple[Adapter, list[dict[str, Any]]]:
     from loracc.api import compile_adapter, pass_steps
+    from loracc.pipeline import onnx_pipeline
 
-    result = compile_adapter(adapter, base)
+    result = compile_adapter(adapter, base, onnx_pipeline())
     steps = [s for s in pass_steps(result) if s["changed"] or s["details"]]
     require(result.adapter, target)
     return result.adapter, steps
@@ -183,16 +185,11 @@ def _adapter_paths(out: Path, adapters: Sequence[Path]) -> list[Path]:
 def _bind_all(
     index: Any, adapters: list[Adapter], ckpt: Checkpoint | None, base_path: Path, target: Target
 ) -> tuple[BindingTable, list[Adapter], list[dict[str, Any]]]:
-    from loracc.lower.onnx_bind import (
-        OnnxBase,
-        bind_adapter,
-        correct_kinds,
-        drop_noop_replacements,
-    )
+    from loracc.lower.onnx.bind import bind_adapter
+    from loracc.lower.onnx.weights import OnnxBase
 
     table = bind_adapter(index, adapters, base=ckpt)
-    adapters = [correct_kinds(a, table) for a in adapters]
-    onnx_base = OnnxBase.from_table(table, str(base_path))
+    onnx_base = OnnxBase.from_table(table, adapters, str(base_path))
     compiled, steps = [], []
     for a in adapters:
         c, s = _compile(a, onnx_base, target)
@@ -200,14 +197,7 @@ def _bind_all(
         steps.extend(s)
     # passes may add targets (untying); bind whatever is new
     bind_adapter(index, compiled, base=ckpt, table=table)
-    for c in compiled:  # keep the bindings pointing at the compiled sites
-        for site in c.sites:
-            table.sites[site.module].site = site
-    pruned = []
-    for c in compiled:
-        c, notes = drop_noop_replacements(table, c)
-        pruned.append(replace(c, notes=c.notes + tuple(notes)) if notes else c)
-    return table, pruned, steps
+    return table, compiled, steps
 
 
 def export_onnx(
@@ -245,9 +235,10 @@ def export_onnx(
         layout: ``--layout`` choices for sites nothing else decides (docs/FORMATS.md).
     """
     from loracc.io.onnx_model import load_model, needs_external_data, write_outputs
-    from loracc.lower.onnx_bind import GraphIndex
-    from loracc.lower.onnx_lora import insert_slots, pack_params, plan_groups
-    from loracc.lower.onnx_merge import apply_edits, merge_edits
+    from loracc.lower.onnx.index import GraphIndex
+    from loracc.lower.onnx.lora import insert_slots, pack_params, plan_groups
+    from loracc.lower.onnx.merge import apply_edits, merge_edits
+    from loracc.lower.onnx.surgery import lift_weight_constants
 
     start = time.perf_counter()
     base_path = Path(base_onnx)
@@ -268,6 +259,7 @@ def export_onnx(
         _load(p, ckpt, initial_adapter, allow_nonfinite, layout, target=target)
         for p in adapter_paths
     ]
+    lift_weight_constants(model.graph)
     index = GraphIndex(model)
     table, compiled, steps = _bind_all(index, loaded, ckpt, base_path, target)
     notes = [n for a in compiled for n in a.notes]
@@ -275,7 +267,7 @@ def export_onnx(
         base=str(base_path),
         mode="keep-lora" if keep_lora else "merged",
         outputs=[],
-        bindings=table.describe(),
+        bindings=table.describe([*loaded, *compiled]),
         tensors=[tb.describe() for tb in table.tensors.values()],
         changed=[],
         passes=steps,
@@ -365,13 +357,14 @@ def pack(
     from loracc.io.onnx_model import load_model
     from loracc.io.output import atomic_files
     from loracc.ir import SiteKind
-    from loracc.lower.onnx_bind import (
-        GraphIndex,
-        bind_adapter,
-        drop_noop_replacements,
-        graph_layout,
-    )
-    from loracc.lower.onnx_lora import check_fits, manifest_base, pack_params, read_manifest
+    from loracc.lower.onnx.bind import bind_adapter
+    from loracc.lower.onnx.index import GraphIndex
+    from loracc.lower.onnx.lora import check_fits, manifest_base, pack_params, read_manifest
+    from loracc.lower.onnx.surgery import lift_weight_constants
+    from loracc.lower.onnx.weights import OnnxBase
+    from loracc.passes import PassContext
+    from loracc.passes.apply_graph_layout import graph_layout
+    from loracc.passes.drop_noop_replacements import DropNoopReplacements
 
     model_path, adapter_path, out = Path(model), Path(adapter), Path(output)
     if out.suffix != ".onnx_adapter":
@@ -386,11 +379,12 @@ def pack(
         layout,
         target=Target.ONNX_KEEP_LORA,
     )
-    notes: list[str] = []
     if loaded.replacements:
-        index = GraphIndex(onnx_model)
-        table = bind_adapter(index, [replace(loaded, sites=(), token_rows=())])
-        loaded, notes = drop_noop_replacements(table, loaded)
+        lift_weight_constants(onnx_model.graph)
+        replacing = replace(loaded, sites=(), token_rows=())
+        table = bind_adapter(GraphIndex(onnx_model), [replacing])
+        ctx = PassContext(base=OnnxBase.from_table(table, [replacing], str(model_path)))
+        loaded = DropNoopReplacements()(loaded, ctx).adapter
     if loaded.replacements or loaded.token_rows:
         names = [r.target for r in loaded.replacements] + [t.target for t in loaded.token_rows]
         raise UnsupportedError(
@@ -425,5 +419,5 @@ def pack(
         filled=sorted(used),
         empty=sorted(g.key for g in groups if g.key not in used),
         params=sum(int(v.numel()) for v, _ in params.values()),
-        notes=notes + list(compiled.notes),
+        notes=list(compiled.notes),
     )

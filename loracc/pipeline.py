@@ -27,6 +27,8 @@ from itertools import pairwise
 from loracc.errors import ConfigError
 from loracc.ir import Adapter
 from loracc.passes import Pass, PassContext, PassResult
+from loracc.passes.apply_graph_layout import ApplyGraphLayout
+from loracc.passes.drop_noop_replacements import DropNoopReplacements
 from loracc.passes.expand_layer_replication import ExpandLayerReplication
 from loracc.passes.fold_dora import FoldDora
 from loracc.passes.fold_scaling import FoldScaling
@@ -43,17 +45,20 @@ __all__ = [
     "convert_pipeline",
     "in_order",
     "merge_pipeline",
+    "onnx_pipeline",
     "pipeline_spec",
     "run_pipeline",
 ]
 
 ORDER: tuple[type[Pass], ...] = (
+    ApplyGraphLayout,
     ExpandLayerReplication,
     ReconstructResidual,
     UntieEmbeddings,
     TruncateRank,
     FoldDora,
     FoldScaling,
+    DropNoopReplacements,
 )
 
 # What every lowering of a merged model needs: without one of them the merged tensors are wrong
@@ -90,6 +95,12 @@ def in_order(required: Sequence[Pass], requested: Sequence[Pass]) -> list[Pass]:
 def merge_pipeline(requested: Sequence[Pass] = ()) -> list[Pass]:
     """The passes every lowering runs (:data:`MERGE_REQUIRED`), plus ``requested``, in order."""
     return in_order([cls() for cls in MERGE_REQUIRED], requested)
+
+
+def onnx_pipeline() -> list[Pass]:
+    """The passes both ONNX lowerings run: the merge pipeline between the two that read the
+    graph (the layer kinds it shows first, replacements equal to its tensors dropped last)."""
+    return in_order([ApplyGraphLayout(), *merge_pipeline(), DropNoopReplacements()], ())
 
 
 def convert_pipeline(

@@ -40,9 +40,11 @@ if str(REPO) not in sys.path:
 from loracc.io.checkpoint import Checkpoint  # noqa: E402
 from loracc.io.peft import load_adapter  # noqa: E402
 from loracc.io.safetensors import SafetensorsWriter  # noqa: E402
+from loracc.ir import Adapter  # noqa: E402
 from loracc.passes import PassContext, parse_pipeline  # noqa: E402
 from loracc.pipeline import run_pipeline  # noqa: E402
 from loracc.printer import print_ir  # noqa: E402
+from loracc.weights import BaseWeights  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from golden_models import suite as models_suite  # noqa: E402
@@ -254,6 +256,55 @@ def _fold_scaling(root: Path) -> tuple[None, Path, None]:
     return None, save_adapter(root / "adapter", tensors, config), None
 
 
+def save_onnx(path: Path, nodes: list[Any], weights: dict[str, torch.Tensor]) -> Path:
+    """A graph of ``nodes`` over the float input ``x`` and the ``weights`` (an ONNX base)."""
+    from onnx import TensorProto, helper, numpy_helper, save_model
+
+    graph = helper.make_graph(
+        nodes,
+        "golden",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(t.numpy(), name) for name, t in weights.items()],
+    )
+    save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def _graph_layout(root: Path) -> tuple[Path, Path, None]:
+    from onnx import helper
+
+    # c_attn is read as (in, out) with no Transpose: stored as Conv1D; q_proj goes through one.
+    c_attn, q = "transformer.h.0.attn.c_attn", "transformer.h.0.attn.q_proj"
+    nodes = [
+        helper.make_node("MatMul", ["x", f"{c_attn}.weight"], ["h"]),
+        helper.make_node("Transpose", [f"{q}.weight"], ["qt"], perm=[1, 0]),
+        helper.make_node("MatMul", ["h", "qt"], ["y"]),
+    ]
+    weights = {f"{c_attn}.weight": ints((4, 6), 1), f"{q}.weight": ints((6, 6), 2)}
+    base = save_onnx(root / "base.onnx", nodes, weights)
+    tensors = {
+        **lora(c_attn, ints((2, 4), 3), ints((6, 2), 4)),
+        **lora(q, ints((2, 6), 5), ints((6, 2), 6)),
+    }
+    return base, save_adapter(root / "adapter", tensors, {}), None
+
+
+def _drop_noop(root: Path) -> tuple[Path, Path, None]:
+    from onnx import helper
+
+    embed, head = "model.embed_tokens.weight", "lm_head.weight"
+    nodes = [
+        helper.make_node("Gather", [embed, "x"], ["h"]),
+        helper.make_node("Gemm", ["h", head], ["y"], transB=1),
+    ]
+    base = save_onnx(root / "base.onnx", nodes, {embed: ints((8, 4), 1), head: ints((8, 4), 2)})
+    # the embedding is saved whole but unchanged (dropped); the head is changed (kept)
+    tensors = {embed: ints((8, 4), 1), head: ints((8, 4), 3)}
+    config = {"modules_to_save": ["embed_tokens", "lm_head"]}
+    return base, save_adapter(root / "adapter", tensors, config), None
+
+
 def _untie(root: Path) -> tuple[Path, Path, None]:
     base = save_base(
         root / "base",
@@ -295,6 +346,18 @@ IR_CASES: tuple[IrCase, ...] = (
     ),
     IrCase("fold-scaling", _fold_scaling, ("fold-scaling",), "rsLoRA and alpha_pattern folded"),
     IrCase("untie", _untie, ("untie-embeddings",), "LoRA on a tied lm_head"),
+    IrCase(
+        "graph-layout",
+        _graph_layout,
+        ("apply-graph-layout",),
+        "ONNX base: a parameter read (in, out) with no Transpose is Conv1D",
+    ),
+    IrCase(
+        "drop-noop",
+        _drop_noop,
+        ("drop-noop-replacements",),
+        "ONNX base: a modules_to_save tensor equal to the graph's is dropped",
+    ),
 )
 
 
@@ -304,6 +367,20 @@ def _file_name(spec: str) -> str:
     return f"after-{spec}.txt"
 
 
+def bound_onnx_base(path: Path, adapter: Adapter) -> BaseWeights:
+    """The ONNX model at ``path`` as base weights, bound to ``adapter`` (as export binds it)."""
+    from loracc.io.onnx_model import load_model
+    from loracc.lower.onnx.bind import bind_adapter
+    from loracc.lower.onnx.index import GraphIndex
+    from loracc.lower.onnx.surgery import lift_weight_constants
+    from loracc.lower.onnx.weights import OnnxBase
+
+    model = load_model(path)
+    lift_weight_constants(model.graph)
+    table = bind_adapter(GraphIndex(model), [adapter])
+    return OnnxBase.from_table(table, [adapter], path.name)
+
+
 def generate_ir(scratch: Path) -> dict[str, str]:
     """Every ir case's before/after texts, keyed ``<case>/<file>``."""
     files: dict[str, str] = {}
@@ -311,8 +388,12 @@ def generate_ir(scratch: Path) -> dict[str, str]:
         root = scratch / case.name
         root.mkdir()
         base_dir, adapter_dir, initial_dir = case.build(root)
-        base = Checkpoint(base_dir) if base_dir is not None else None
-        adapter = load_adapter(adapter_dir, base, initial=initial_dir)
+        if base_dir is not None and base_dir.suffix == ".onnx":
+            adapter = load_adapter(adapter_dir, None, initial=initial_dir)
+            base: BaseWeights | None = bound_onnx_base(base_dir, adapter)
+        else:
+            base = Checkpoint(base_dir) if base_dir is not None else None
+            adapter = load_adapter(adapter_dir, base, initial=initial_dir)
         header = f"# {case.name}: {case.doc}\n" if case.doc else ""
         files[f"{case.name}/before.txt"] = header + print_ir(adapter)
         for spec in case.passes:

@@ -430,7 +430,7 @@ def test_conv1d_table_matches_transformers() -> None:
 
 
 def test_onnx_graph_does_not_overrule_the_table() -> None:
-    from loracc.lower.onnx_bind import graph_layout
+    from loracc.passes.apply_graph_layout import graph_layout
 
     site = loracc.Site(
         "m",

@@ -12,7 +12,7 @@ import loracc
 from loracc import kernels
 from loracc.io import peft_keys
 from loracc.ir import Adapter, Replacement, Site, SiteKind, TargetEdits, TokenRows
-from loracc.lower.onnx_lora import Member, SlotGroup
+from loracc.lower.onnx.lora import Member, SlotGroup
 
 
 def _site(kind: SiteKind, A: torch.Tensor, B: torch.Tensor, **kw: object) -> Site:

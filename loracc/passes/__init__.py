@@ -9,7 +9,9 @@ import typing
 from collections.abc import Callable, Mapping
 
 from loracc.errors import ConfigError
+from loracc.passes.apply_graph_layout import ApplyGraphLayout
 from loracc.passes.base import Pass, PassContext, PassResult, Rewritten, SitePass, Skip
+from loracc.passes.drop_noop_replacements import DropNoopReplacements
 from loracc.passes.expand_layer_replication import ExpandLayerReplication
 from loracc.passes.fold_dora import FoldDora
 from loracc.passes.fold_scaling import FoldScaling
@@ -31,12 +33,14 @@ __all__ = [
 PASSES: Mapping[str, type[Pass]] = {
     cls.name: cls
     for cls in (
+        ApplyGraphLayout,
         ExpandLayerReplication,
         ReconstructResidual,
         UntieEmbeddings,
         FoldDora,
         FoldScaling,
         TruncateRank,
+        DropNoopReplacements,
     )
 }
 

@@ -45,7 +45,10 @@ from loracc import kernels
 from loracc.errors import FormatError, LoweringError, UnsupportedError
 from loracc.io.onnx_model import tensor_to_torch, torch_dtype, torch_to_tensor
 from loracc.ir import Adapter, Site, SiteKind
-from loracc.lower.onnx_bind import BindingTable, GraphIndex, OnnxBase, WeightUse, unique_name
+from loracc.lower.onnx.bind import BindingTable
+from loracc.lower.onnx.index import GraphIndex, WeightUse
+from loracc.lower.onnx.surgery import unique_name
+from loracc.lower.onnx.weights import BaseEntry, OnnxBase
 
 __all__ = [
     "MANIFEST_KEY",
@@ -453,8 +456,6 @@ def read_manifest(model: ir.Model, where: str) -> list[SlotGroup]:
 
 def manifest_base(model: ir.Model, groups: Sequence[SlotGroup], where: str) -> OnnxBase:
     """The base weights behind the slots, for passes (DoRA norms, PiSSA reconstruction)."""
-    from loracc.lower.onnx_bind import BaseEntry
-
     entries: dict[str, BaseEntry] = {}
     for g in groups:
         init = model.graph.initializers.get(g.weight)

@@ -16,7 +16,7 @@ Every edit is written in its own orientation (the site's logical orientation, or
 Face stored one) and applied through a transposed view when the initializer is stored the other
 way round; a delta is applied to the site's stored view of it (:meth:`loracc.ir.Site.to_stored`).
 Nodes that read one initializer but need different edits get their own copies
-(:func:`~loracc.lower.onnx_bind.privatize`); a reader no edit concerns keeps the original.
+(:func:`~loracc.lower.onnx.surgery.privatize`); a reader no edit concerns keeps the original.
 
 Edited tensors are :class:`onnx_ir.LazyTensor` objects: nothing is read or computed until the
 model is written, one tensor at a time. NaN or Inf is refused in the tensor *as written*, after
@@ -36,13 +36,9 @@ from loracc import kernels
 from loracc.errors import NonFiniteError, UnsupportedError
 from loracc.io.onnx_model import tensor_to_torch, torch_dtype, torch_to_tensor
 from loracc.ir import Adapter, Site, TokenRows
-from loracc.lower.onnx_bind import (
-    BindingTable,
-    GraphIndex,
-    Place,
-    privatize,
-    with_tied,
-)
+from loracc.lower.onnx.bind import BindingTable, with_tied
+from loracc.lower.onnx.index import GraphIndex, Place
+from loracc.lower.onnx.surgery import privatize
 
 __all__ = ["Edit", "EditPlan", "apply_edits", "merge_edits"]
 
