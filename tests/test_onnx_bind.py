@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from loracc.errors import LoweringError
 from loracc.ir import Adapter, Replacement, Site, SiteKind
-from loracc.lower.onnx.bind import bind_adapter
+from loracc.lower.onnx.bind import Binding, bind_adapter
 from loracc.lower.onnx.index import GraphIndex
 from loracc.lower.onnx.surgery import lift_weight_constants, privatize
 from loracc.lower.onnx.weights import OnnxBase
@@ -49,17 +49,24 @@ def _model(
     return model
 
 
-def _site(module: str, fan_in: int, fan_out: int, kind: SiteKind = SiteKind.LINEAR, **kw) -> Site:
-    return Site(
-        module,
-        f"{module}.weight",
-        kind,
-        torch.ones(2, fan_in),
-        torch.ones(fan_out, 2),
-        2.0,
-        1.0,
-        **kw,
-    )
+def _site(
+    module: str,
+    fan_in: int,
+    fan_out: int,
+    kind: SiteKind = SiteKind.LINEAR,
+    kernel: tuple[int, ...] = (),
+    **kw,
+) -> Site:
+    """A rank-2 site whose factors give the weight (fan_out, fan_in, *kernel); an embedding's
+    (num, dim) is (fan_in, fan_out)."""
+    A, B = torch.ones(2, fan_in, *kernel), torch.ones(fan_out, 2, *kernel)
+    return Site(module, f"{module}.weight", kind, A, B, 2.0, 1.0, **kw)
+
+
+def _found(b: Binding) -> tuple[str, str, str | None, bool]:
+    """What a binding found: the rule, the op, the initializer, stored transposed or not."""
+    use = b.uses[0]
+    return b.how, use.op, use.init.name, use.transposed
 
 
 def _bind(model: ir.Model, *sites: Site, base: object = None, **kw):
@@ -94,38 +101,12 @@ def test_rule_1_node_scope_from_torchscript_names_on_conv_and_gather():
     ]
     inits = {"emb": _weight((10, 4), 1), "onnx::Conv_1": _weight((6, 3, 1, 1), 2)}
     model = _model(nodes, inits, {"ids": [1], "img": [1, 3, 2, 2]})
-    embed = Site(
-        "model.embed_tokens",
-        "model.embed_tokens.weight",
-        SiteKind.EMBEDDING,
-        torch.ones(2, 10),
-        torch.ones(4, 2),
-        2.0,
-        1.0,
-    )
-    conv = Site(
-        "model.conv",
-        "model.conv.weight",
-        SiteKind.CONV,
-        torch.ones(2, 3, 1, 1),
-        torch.ones(6, 2, 1, 1),
-        2.0,
-        1.0,
-    )
+    embed = _site("model.embed_tokens", 10, 4, SiteKind.EMBEDDING)
+    conv = _site("model.conv", 3, 6, SiteKind.CONV, kernel=(1, 1))
     table, _ = _bind(model, embed, conv)
     e, c = table.sites["model.embed_tokens"], table.sites["model.conv"]
-    assert (e.how, e.uses[0].op, e.uses[0].init.name, e.uses[0].transposed) == (
-        "scope",
-        "Gather",
-        "emb",
-        False,
-    )
-    assert (c.how, c.uses[0].op, c.uses[0].init.name, c.uses[0].transposed) == (
-        "scope",
-        "Conv",
-        "onnx::Conv_1",
-        False,
-    )
+    assert _found(e) == ("scope", "Gather", "emb", False)
+    assert _found(c) == ("scope", "Conv", "onnx::Conv_1", False)
 
 
 def test_rule_2_parameter_name_on_gemm_and_transposed_matmul():
@@ -140,18 +121,8 @@ def test_rule_2_parameter_name_on_gemm_and_transposed_matmul():
     model = _model(nodes, inits, {"x": [1, 4]})
     table, _ = _bind(model, _site("m.a", 4, 6), _site("m.b", 6, 5))
     a, b = table.sites["m.a"], table.sites["m.b"]
-    assert (a.how, a.uses[0].op, a.uses[0].init.name, a.uses[0].transposed) == (
-        "name",
-        "Gemm",
-        "m.a.weight",
-        False,
-    )
-    assert (b.how, b.uses[0].op, b.uses[0].init.name, b.uses[0].transposed) == (
-        "name",
-        "MatMul",
-        "m.b.weight",
-        False,
-    )
+    assert _found(a) == ("name", "Gemm", "m.a.weight", False)
+    assert _found(b) == ("name", "MatMul", "m.b.weight", False)
     assert [p.op_type for p in b.uses[0].path] == ["Transpose"]
 
 
