@@ -88,9 +88,8 @@ def test_rule_1_node_scope_from_dynamo_metadata():
     model = _model([node], {"val_0": _weight((4, 6), 0)}, {"x": [1, 4]})
     table, _ = _bind(model, _site("model.layers.0.q_proj", 4, 6))
     b = table.sites["model.layers.0.q_proj"]
-    assert (b.how, b.block, b.fused) == ("scope", None, None)
-    assert [u.node.name for u in b.uses] == ["node_linear"]
-    assert b.uses[0].init.name == "val_0" and b.uses[0].transposed
+    assert _found(b) == ("scope", "MatMul", "val_0", True)
+    assert [u.node.name for u in b.uses] == ["node_linear"] and (b.block, b.fused) == (None, None)
 
 
 def test_rule_1_node_scope_from_torchscript_names_on_conv_and_gather():
@@ -156,7 +155,7 @@ def test_rule_3_alias_binds_self_attn_to_modelbuilder_attn():
     model = _model([node], {"w": _weight((4, 6), 6)}, {"x": [1, 4]})
     table, _ = _bind(model, _site("model.layers.0.self_attn.q_proj", 4, 6))
     b = table.sites["model.layers.0.self_attn.q_proj"]
-    assert (b.how, b.uses[0].init.name, b.uses[0].transposed) == ("scope+alias", "w", True)
+    assert _found(b) == ("scope+alias", "MatMul", "w", True)
 
 
 class _Base:
@@ -188,7 +187,7 @@ def test_rule_4_fingerprint_finds_an_anonymous_weight_by_value():
     stored = torch.from_numpy(w2).T.contiguous()  # HF stores (out, in); the graph (in, out)
     table, _ = _bind(model, _site("m.o_proj", 4, 4), base=_Base({"m.o_proj.weight": stored}))
     b = table.sites["m.o_proj"]
-    assert (b.how, b.uses[0].init.name, b.uses[0].transposed) == ("fingerprint", "val_2", True)
+    assert _found(b) == ("fingerprint", "MatMul", "val_2", True)
     with pytest.raises(LoweringError, match=r"m\.o_proj: cannot bind.*--base-weights"):
         _bind(model, _site("m.o_proj", 4, 4))
 

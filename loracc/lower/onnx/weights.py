@@ -91,7 +91,9 @@ class OnnxBase:
     def holds(self, key: str, tensor: torch.Tensor) -> bool:
         """Whether every initializer bound to ``key`` equals ``tensor`` (drop-noop-replacements)."""
         places = self._tensors.get(key)
-        return bool(places) and all(_holds(p, tensor) for p in places)  # type: ignore[union-attr]
+        if not places:
+            return False
+        return all(_holds(p, tensor) for p in places)
 
     def keys(self) -> list[str]:
         return list(self._entries)
