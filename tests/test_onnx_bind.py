@@ -25,6 +25,7 @@ from loracc.lower.onnx.weights import OnnxBase
 from loracc.passes import PassContext
 from loracc.passes.apply_graph_layout import ApplyGraphLayout
 from loracc.passes.drop_noop_replacements import DropNoopReplacements
+from loracc.pipeline import onnx_pipeline, run_pipeline
 
 _FLOAT = TensorProto.FLOAT
 
@@ -254,3 +255,19 @@ def test_drop_noop_replacements_drops_only_equal_tensors():
         assert any("equal to the model's tensor" in n for n in result.adapter.notes) is dropped
     skipped = DropNoopReplacements()(adapter, PassContext())
     assert skipped.adapter is adapter and skipped.skipped[0].reason.startswith("the base is not")
+
+
+def test_the_onnx_pipeline_runs_the_graph_passes_first_and_last_verified():
+    """The ONNX pipeline names both graph passes, and a GPT-2-style graph's correction shows in
+    its steps (with the IR verified around every pass)."""
+    node = helper.make_node("MatMul", ["x", "h.0.mlp.c_fc.weight"], ["y"])
+    model = _model([node], {"h.0.mlp.c_fc.weight": _weight((4, 8), 13)}, {"x": [1, 4]})
+    table, adapter = _bind(model, _site("h.0.mlp.c_fc", 4, 8, layout_source="fan_in_fan_out"))
+    passes = onnx_pipeline()
+    assert passes[0].name == "apply-graph-layout"
+    assert passes[-1].name == "drop-noop-replacements"
+    ctx = PassContext(base=OnnxBase.from_table(table, [adapter]))
+    result = run_pipeline(adapter, passes, ctx, check=True)
+    changed = {spec: step.changed for spec, step in result.steps}
+    assert changed["apply-graph-layout"] == ("h.0.mlp.c_fc",)
+    assert result.adapter.sites[0].kind is SiteKind.CONV1D
