@@ -18,7 +18,7 @@ from loracc.api import (
 )
 from loracc.errors import LoraccError
 from loracc.ir import Adapter, Replacement, Site, SiteKind, TokenRows
-from loracc.onnx_api import OnnxReport, PackReport, export_onnx, pack
+from loracc.onnx_api import OnnxReport, PackReport, check_adapter_files, export_onnx, pack
 
 __all__ = [
     # IR
@@ -39,4 +39,5 @@ __all__ = [
     "load_adapter",
     "merge",
 ]
-__all__ += ["OnnxReport", "PackReport", "export_onnx", "pack"]  # ONNX (needs the onnx extra)
+# ONNX (needs the onnx extra)
+__all__ += ["OnnxReport", "PackReport", "check_adapter_files", "export_onnx", "pack"]

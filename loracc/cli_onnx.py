@@ -54,9 +54,12 @@ base_weights_option = click.option(
     "OUT.onnx_adapter beside OUT.onnx.",
 )
 @click.option(
-    "--empty-slots",
-    is_flag=True,
-    help="With --keep-lora: rank-0 slot defaults, so the plain model behaves as the base.",
+    "--empty-slots/--filled-slots",
+    "empty_slots",
+    default=None,
+    help="With --keep-lora: rank-0 slot defaults, so the plain model behaves as the base and "
+    "the adapter ships only as OUT.onnx_adapter (the default); --filled-slots: the defaults hold "
+    "the first adapter (a file naming only some slots then mixes with them; docs/ONNX.md).",
 )
 @base_weights_option
 @initial_adapter_option
@@ -77,7 +80,7 @@ def export(
     adapters: tuple[str, ...],
     output: str | None,
     keep_lora: bool,
-    empty_slots: bool,
+    empty_slots: bool | None,
     base_weights: str | None,
     initial_adapter: str | None,
     external_data: bool | None,

@@ -26,9 +26,10 @@ if TYPE_CHECKING:
     from loracc.io.checkpoint import Checkpoint
     from loracc.ir import Adapter
     from loracc.lower.onnx.bind import BindingTable
+    from loracc.lower.onnx.lora import SlotGroup
     from loracc.lower.onnx.weights import OnnxBase
 
-__all__ = ["OnnxReport", "PackReport", "bind_onnx", "export_onnx", "pack"]
+__all__ = ["OnnxReport", "PackReport", "bind_onnx", "check_adapter_files", "export_onnx", "pack"]
 
 PathLike = str | os.PathLike[str]
 # --layout choices: "MODULE_PATTERN=LAYOUT" strings or {pattern: layout} (loracc.io.layout).
@@ -206,7 +207,7 @@ def export_onnx(
     output: PathLike | None,
     *,
     keep_lora: bool = False,
-    empty_slots: bool = False,
+    empty_slots: bool | None = None,
     base_weights: PathLike | None = None,
     initial_adapter: PathLike | None = None,
     external_data: bool | None = None,
@@ -223,7 +224,10 @@ def export_onnx(
             of their targets, one adapter file each, the first adapter in the defaults).
         output: the ``.onnx`` path to write (None with ``dry_run``).
         keep_lora: explicit LoRA branches with slots, plus ``<output stem>.onnx_adapter``.
-        empty_slots: with ``keep_lora``, rank-0 defaults: the plain model behaves as the base.
+        empty_slots: with ``keep_lora``, rank-0 defaults: the plain model behaves as the base
+            and the adapter is only in its file. None (the default) means True; False writes
+            the first adapter into the defaults (an adapter file that names only some slots
+            then mixes with them, see docs/ONNX.md).
         base_weights: the base Hugging Face folder, to bind by value when names say nothing
             and to decide layer kinds from the checkpoint.
         initial_adapter: the adapter saved before training (pissa_niter, corda, ...).
@@ -245,8 +249,11 @@ def export_onnx(
     adapter_paths = _paths(adapters)
     if len(adapter_paths) > 1 and not keep_lora:
         raise ConfigError("several --adapter need --keep-lora (a merge takes one adapter)")
-    if empty_slots and not keep_lora:
-        raise ConfigError("--empty-slots needs --keep-lora")
+    if empty_slots is not None and not keep_lora:
+        flag = "--empty-slots" if empty_slots else "--filled-slots"
+        raise ConfigError(f"{flag} needs --keep-lora")
+    if empty_slots is None:
+        empty_slots = True  # a model's slots never mix two adapters (docs/ONNX.md)
     if output is None and not dry_run:
         raise ConfigError("-o/--output is required unless --dry-run")
     ckpt = _checkpoint(base_weights)
@@ -345,8 +352,11 @@ def pack(
     allow_nonfinite: bool = False,
     layout: LayoutChoices = None,
 ) -> PackReport:
-    """Write an ``.onnx_adapter`` file of ``adapter`` for a model exported with slots.
+    """Write an ``.onnx_adapter`` file of ``adapter`` for a model with adapter slots.
 
+    The model is a keep-lora export (its ``loracc.slots`` manifest), or a slotted model another
+    tool wrote (Olive, onnxruntime-genai's builder): slots found by their names, the file in
+    the model's names, a fused q/k/v adapter split as the model's slots are (docs/ONNX.md).
     The adapter is checked against the model's slots: every module it targets must have one,
     with the same input and output sizes (ranks may differ); DoRA and lora_bias need their
     slots. Slots the adapter does not use get rank-0 values, so no other adapter's default
@@ -356,6 +366,52 @@ def pack(
     """
     from loracc.io.onnx_model import load_model
     from loracc.io.output import atomic_files
+    from loracc.lower.onnx.lora import MANIFEST_KEY
+
+    model_path, adapter_path, out = Path(model), Path(adapter), Path(output)
+    if out.suffix != ".onnx_adapter":
+        raise ConfigError(f"{out}: an adapter file name must end in .onnx_adapter")
+    onnx_model = load_model(model_path)
+    foreign = MANIFEST_KEY not in onnx_model.metadata_props
+    if foreign:  # before the adapter is read: a model without slots is refused first
+        from loracc.lower.onnx.lora import foreign_groups
+
+        found = foreign_groups(onnx_model, str(model_path))
+    loaded = _load(
+        adapter_path,
+        _checkpoint(base_weights),
+        initial_adapter,
+        allow_nonfinite,
+        layout,
+        target=Target.ONNX_KEEP_LORA,
+    )
+    if foreign:
+        groups, params, notes = _pack_foreign(*found, loaded, model_path, adapter_path)
+    else:
+        groups, params, notes = _pack_manifest(onnx_model, loaded, model_path, adapter_path)
+    inputs = _inputs(model_path, [adapter_path], onnx_model, initial_adapter, base_weights)
+    with atomic_files([out], inputs, force=force) as (tmp,):
+        _adapter_writer(params)(tmp)
+    return PackReport(
+        model=str(model_path),
+        adapter=str(adapter_path),
+        output=str(out),
+        slots=len(groups),
+        filled=sorted(g.key for g in groups if g.members),
+        empty=sorted(g.key for g in groups if not g.members),
+        params=sum(int(v.numel()) for v, _ in params.values()),
+        notes=notes,
+    )
+
+
+SlotParams = dict[str, tuple["torch.Tensor", int]]
+
+
+def _pack_manifest(
+    onnx_model: Any, loaded: Adapter, model_path: Path, adapter_path: Path
+) -> tuple[list[SlotGroup], SlotParams, list[str]]:
+    """The slot values of ``loaded`` for a keep-lora export: its manifest's groups, the passes
+    run against the base weights behind the slots. Groups keep only the members it fills."""
     from loracc.ir import SiteKind
     from loracc.lower.onnx.bind import bind_adapter
     from loracc.lower.onnx.index import GraphIndex
@@ -366,31 +422,16 @@ def pack(
     from loracc.passes.apply_graph_layout import graph_layout
     from loracc.passes.drop_noop_replacements import DropNoopReplacements
 
-    model_path, adapter_path, out = Path(model), Path(adapter), Path(output)
-    if out.suffix != ".onnx_adapter":
-        raise ConfigError(f"{out}: an adapter file name must end in .onnx_adapter")
-    onnx_model = load_model(model_path)
     groups = read_manifest(onnx_model, str(model_path))
-    loaded = _load(
-        adapter_path,
-        _checkpoint(base_weights),
-        initial_adapter,
-        allow_nonfinite,
-        layout,
-        target=Target.ONNX_KEEP_LORA,
-    )
     if loaded.replacements:
         lift_weight_constants(onnx_model.graph)
         replacing = replace(loaded, sites=(), token_rows=())
         table = bind_adapter(GraphIndex(onnx_model), [replacing])
         ctx = PassContext(base=OnnxBase.from_table(table, [replacing], str(model_path)))
         loaded = DropNoopReplacements()(loaded, ctx).adapter
-    if loaded.replacements or loaded.token_rows:
-        names = [r.target for r in loaded.replacements] + [t.target for t in loaded.token_rows]
-        raise UnsupportedError(
-            f"{adapter_path}: replaces base tensors ({', '.join(names)}); an adapter file holds "
-            "only LoRA slots: export a model with this adapter (--keep-lora) to bake them"
-        )
+    _refuse_replacements(
+        loaded, adapter_path, ": export a model with this adapter (--keep-lora) to bake them"
+    )
     kinds = {m.module: SiteKind(m.kind) for g in groups for m in g.members}
     sites = tuple(
         graph_layout(s, kinds[s.module], f"slot manifest of {model_path}")
@@ -407,17 +448,83 @@ def pack(
     compiled, _ = _compile(loaded, base, Target.ONNX_KEEP_LORA)
     check_fits(group_of, compiled, str(model_path))
     params = pack_params(groups, compiled)
-    inputs = _inputs(model_path, [adapter_path], onnx_model, initial_adapter, base_weights)
-    with atomic_files([out], inputs, force=force) as (tmp,):
-        _adapter_writer(params)(tmp)
-    used = {group_of[s.module].key for s in compiled.sites}
-    return PackReport(
-        model=str(model_path),
-        adapter=str(adapter_path),
-        output=str(out),
-        slots=len(groups),
-        filled=sorted(used),
-        empty=sorted(g.key for g in groups if g.key not in used),
-        params=sum(int(v.numel()) for v, _ in params.values()),
-        notes=list(compiled.notes),
-    )
+    used = {s.module for s in compiled.sites}
+    for g in groups:
+        g.members = [m for m in g.members if m.module in used]
+    return groups, params, list(compiled.notes)
+
+
+def _refuse_replacements(adapter: Adapter, adapter_path: Path, hint: str) -> None:
+    if adapter.replacements or adapter.token_rows:
+        names = [r.target for r in adapter.replacements] + [t.target for t in adapter.token_rows]
+        raise UnsupportedError(
+            f"{adapter_path}: replaces base tensors ({', '.join(names)}); an adapter file holds "
+            f"only LoRA slots{hint}"
+        )
+
+
+def _pack_foreign(
+    groups: list[SlotGroup],
+    fixed: dict[str, int],
+    loaded: Adapter,
+    model_path: Path,
+    adapter_path: Path,
+) -> tuple[list[SlotGroup], SlotParams, list[str]]:
+    """The slot values of ``loaded`` for a slotted model another tool wrote (``groups`` and
+    ``fixed`` ranks from :func:`~loracc.lower.onnx.lora.foreign_groups`). The base weights
+    behind its slots are not described, so only plain LoRA factors are packed."""
+    from torch.nn.functional import pad
+
+    from loracc.lower.onnx.lora import MANIFEST_KEY, match_foreign, pack_params
+    from loracc.lower.onnx.weights import OnnxBase
+
+    where = str(model_path)
+    _refuse_replacements(loaded, adapter_path, "")
+    # the checks before any pass: a pass that needs base weights fails on the empty base below
+    match_foreign(groups, loaded, where)
+    compiled, _ = _compile(loaded, OnnxBase({}, where), Target.ONNX_KEEP_LORA)
+    compiled = match_foreign(groups, compiled, where)
+    params = pack_params(groups, compiled)
+    for g in groups:
+        rank = fixed.get(g.key)
+        have = params[g.A][0].shape[1]
+        if rank is not None and have != rank:
+            if have > rank:
+                raise UnsupportedError(
+                    f"{adapter_path}: rank {have} for '{g.key}', whose slot in {where} has the "
+                    f"fixed rank {rank}"
+                )
+            a, b = params[g.A][0], params[g.B][0]  # zero rank columns/rows add nothing
+            params[g.A] = (pad(a, (0, rank - have)), g.dtype)
+            params[g.B] = (pad(b, (0, 0, 0, rank - have)), g.dtype)
+    notes = [*compiled.notes, f"slots found by their names (no '{MANIFEST_KEY}' metadata)"]
+    return groups, params, notes
+
+
+def check_adapter_files(model: PathLike, *adapter_files: PathLike) -> None:
+    """Refuse adapter files that, activated together on ``model``, leave some of its active
+    slot defaults in place (a model exported with ``--filled-slots`` holds an adapter in its
+    defaults; a file naming only some slots would run beside the rest of it, two adapters
+    mixed, with no error from onnxruntime).
+
+    Raises:
+        UnsupportedError: naming the model, the files and the uncovered slots.
+    """
+    from loracc.io.onnx_model import load_model
+    from loracc.io.ort import adapter_names
+    from loracc.lower.onnx.lora import uncovered_defaults
+
+    if not adapter_files:
+        return
+    names = set().union(*(adapter_names(f) for f in adapter_files))
+    model_path = Path(model)
+    left = uncovered_defaults(load_model(model_path), names, str(model_path))
+    if left:
+        files = ", ".join(str(f) for f in adapter_files)
+        more = f" (and {len(left) - 4} more)" if len(left) > 4 else ""
+        raise UnsupportedError(
+            f"{files}: does not set the slot(s) {', '.join(repr(n) for n in left[:4])}{more} "
+            f"whose defaults in {model_path} hold another adapter; onnxruntime would mix the "
+            "two. Write the file with `loracc pack --model` for this model, or export the model "
+            "with --empty-slots (the default)"
+        )

@@ -1327,7 +1327,7 @@ CASES: tuple[Case, ...] = (
     Case("pack-module-without-slot", "pack an adapter on q_proj and v_proj; only q_proj has slots",
          _slotted, 2, "no adapter slot", "model.layers.0.self_attn.v_proj", needs="onnxruntime",
          group="onnx"),
-    Case("pack-no-manifest", "pack for a model without the loracc.slots manifest",
+    Case("pack-no-manifest", "pack for a model with neither the loracc.slots manifest nor slots",
          _pack_with(lambda lay: lay.argv.__setitem__(2, str(lay.root / "base" / "model.onnx"))),
          2, "no 'loracc.slots' metadata", "model.onnx", needs="onnxruntime", group="onnx"),
     Case("pack-adapter-is-file", "pack --adapter names a corrupt .onnx_adapter file, not a folder",

@@ -6,7 +6,7 @@ loracc itself:
 * merged exports vs PEFT's ``merge_and_unload`` forward (and, for fp32/bf16 Linear, the merged
   initializers bit for bit vs PEFT's merged state dict, mapped through the TorchScript node
   names by this file, not by loracc's binding),
-* keep-lora exports (default slots, or empty slots plus an activated adapter file) vs the
+* keep-lora exports (filled slots, or empty slots plus an activated adapter file) vs the
   unmerged ``PeftModel`` forward,
 * empty slots without an adapter vs the base model.
 
@@ -411,7 +411,7 @@ def test_merged_torchscript_bits_and_untouched_bytes(oc: OnnxCases) -> None:
 def test_keep_lora_default_slots_match_unmerged(oc: OnnxCases, how: str, name: str) -> None:
     case = oc.case(name)
     assert_effect(case)
-    out, report = oc.export(how, name, keep_lora=True)
+    out, report = oc.export(how, name, keep_lora=True, empty_slots=False)
     assert_close(run(out, case), case.peft_logits, f"{how} keep-lora vs PEFT unmerged")
     slots = slot_inputs(out)
     assert len(slots) == 2 * len(case.sites)
@@ -463,7 +463,11 @@ def test_several_adapters_one_model(oc: OnnxCases) -> None:
     """--keep-lora with two adapters: slots are the union, one file each, defaults = first."""
     big, small = oc.case("llama_linear"), oc.case("llama_r4_qv")
     out, report = oc.export(
-        "ts", "llama_r4_qv", adapters=("llama_r4_qv", "llama_linear"), keep_lora=True
+        "ts",
+        "llama_r4_qv",
+        adapters=("llama_r4_qv", "llama_linear"),
+        keep_lora=True,
+        empty_slots=False,
     )
     assert len(report.slots) == len(big.sites)
     files = [Path(f["file"]) for f in report.adapter_files]
@@ -486,7 +490,7 @@ def test_embedding_gather(oc: OnnxCases) -> None:
     assert emb["op"] == "Gather" and not emb["transposed"]
     assert case.peft_merged_logits is not None
     assert_close(run(merged, case), case.peft_merged_logits, "merged vs PEFT merge")
-    kept, _ = oc.export("ts", "llama_embed", keep_lora=True)
+    kept, _ = oc.export("ts", "llama_embed", keep_lora=True, empty_slots=False)
     assert_close(run(kept, case), case.peft_logits, "keep-lora vs PEFT")
     empty, _ = oc.export("ts", "llama_embed", keep_lora=True, empty_slots=True)
     assert_close(run(empty, case), case.base_logits, "empty vs base")
@@ -518,7 +522,7 @@ def test_gpt2_conv1d(oc: OnnxCases, name: str) -> None:
         assert b["op"] == "Gemm" and b["transposed"] and b["kind"] == "conv1d", b
     assert case.peft_merged_logits is not None
     assert_close(run(merged, case), case.peft_merged_logits, "merged vs PEFT merge")
-    kept, _ = oc.export("ts", name, keep_lora=True)
+    kept, _ = oc.export("ts", name, keep_lora=True, empty_slots=False)
     assert_close(run(kept, case), case.peft_logits, "keep-lora vs PEFT")
     if name == "gpt2_lora_bias":
         assert any(k.endswith(".lora_B.bias") for k in slot_inputs(kept))
@@ -529,7 +533,7 @@ def test_dora_scale_slot(oc: OnnxCases, tmp_path: Path) -> None:
     assert_effect(case)
     merged, _ = oc.export("ts", "llama_dora")
     assert_close(run(merged, case), case.peft_logits, "merged DoRA vs PEFT unmerged")
-    kept, _ = oc.export("ts", "llama_dora", keep_lora=True)
+    kept, _ = oc.export("ts", "llama_dora", keep_lora=True, empty_slots=False)
     assert_close(run(kept, case), case.peft_logits, "keep-lora DoRA vs PEFT")
     empty, _ = oc.export("ts", "llama_dora", keep_lora=True, empty_slots=True)
     slots = slot_inputs(empty)
@@ -575,7 +579,7 @@ def test_lora_on_tied_gpt2_embedding(oc: OnnxCases, name: str) -> None:
     assert_effect(case)
     merged, _ = oc.export("ts", name)
     assert_close(run(merged, case), case.peft_logits, "merged vs PEFT unmerged")
-    kept, _ = oc.export("ts", name, keep_lora=True)
+    kept, _ = oc.export("ts", name, keep_lora=True, empty_slots=False)
     assert_close(run(kept, case), case.peft_logits, "keep-lora vs PEFT unmerged")
 
 
@@ -636,7 +640,7 @@ def test_bf16(oc: OnnxCases, tmp_path: Path) -> None:
         assert np.array_equal(got[init].view(np.uint16), bits), f"{init}: bf16 bits differ"
         n += 1
     assert n == len(case.sites)
-    kept, _report = oc.export("ts", "llama_bf16", keep_lora=True)
+    kept, _report = oc.export("ts", "llama_bf16", keep_lora=True, empty_slots=False)
     # onnxruntime's CPU provider cannot open a bf16 graph: read the slot types from the file
     graph = onnx.load(str(kept)).graph
     inits = {i.name for i in graph.initializer}
@@ -697,7 +701,7 @@ def test_whole_tensor_edits(oc: OnnxCases, name: str) -> None:
     assert_effect(case)
     merged, _ = oc.export("ts", name)
     assert_close(run(merged, case), case.peft_logits, "merged vs PEFT")
-    kept, report = oc.export("ts", name, keep_lora=True)
+    kept, report = oc.export("ts", name, keep_lora=True, empty_slots=False)
     assert report.baked and any("baked" in n for n in report.notes)
     assert_close(run(kept, case), case.peft_logits, "keep-lora vs PEFT")
 

@@ -318,7 +318,7 @@ def test_ir_version_written_is_readable(tiny: dict, tmp_path: Path) -> None:
     src.parent.mkdir()
     onnx.save_model(model, str(src), save_as_external_data=True, location="m.onnx.data")
     out = tmp_path / "out.onnx"
-    loracc.export_onnx(src, tiny["adapter"], out, keep_lora=True)
+    loracc.export_onnx(src, tiny["adapter"], out, keep_lora=True, empty_slots=False)
     assert onnx.load(str(out)).ir_version == MAX_IR_VERSION
     torch.testing.assert_close(_run(out, tiny["x"]), tiny["peft"], rtol=0, atol=1e-5)
 
@@ -408,7 +408,10 @@ def test_deduplicated_weight_is_split(tmp_path: Path, targets: list[str]) -> Non
     ref = _peft_pair(base, targets, tmp_path / "adapter", x)
     for keep in (False, True):
         out = tmp_path / f"out{keep}.onnx"
-        loracc.export_onnx(tmp_path / "twin.onnx", tmp_path / "adapter", out, keep_lora=keep)
+        slots = {"empty_slots": False} if keep else {}  # the adapter in the defaults
+        loracc.export_onnx(
+            tmp_path / "twin.onnx", tmp_path / "adapter", out, keep_lora=keep, **slots
+        )
         torch.testing.assert_close(_run(out, x), ref, rtol=0, atol=1e-5)
 
 
@@ -447,7 +450,11 @@ def test_named_parameters_through_transpose(tmp_path: Path) -> None:
     assert all(b["kind"] == "linear" for b in report.bindings)
     torch.testing.assert_close(_run(tmp_path / "m.onnx", x), ref, rtol=0, atol=1e-5)
     loracc.export_onnx(
-        tmp_path / "named.onnx", tmp_path / "adapter", tmp_path / "k.onnx", keep_lora=True
+        tmp_path / "named.onnx",
+        tmp_path / "adapter",
+        tmp_path / "k.onnx",
+        keep_lora=True,
+        empty_slots=False,
     )
     torch.testing.assert_close(_run(tmp_path / "k.onnx", x), ref, rtol=0, atol=1e-5)
 
@@ -481,7 +488,10 @@ def test_tied_initializer_split(tmp_path: Path, targets: list[str]) -> None:
     ref = _peft_pair(base, targets, tmp_path / "adapter", ids)
     for keep in (False, True):
         out = tmp_path / f"out{keep}.onnx"
-        loracc.export_onnx(tmp_path / "tied.onnx", tmp_path / "adapter", out, keep_lora=keep)
+        slots = {"empty_slots": False} if keep else {}  # the adapter in the defaults
+        loracc.export_onnx(
+            tmp_path / "tied.onnx", tmp_path / "adapter", out, keep_lora=keep, **slots
+        )
         options = ort.SessionOptions()
         options.log_severity_level = 3
         sess = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])

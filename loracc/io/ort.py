@@ -346,20 +346,29 @@ def write_adapter(
         raise OSError(errno.EIO, why, os.fspath(path)) from e
 
 
+def _adapter_parameters(path: Path) -> dict[str, Any]:
+    """name -> OrtValue (zero-copy views) of an adapter file."""
+    ort = _ort()
+    if not path.is_file():
+        raise InputError(f"{path}: adapter file not found")
+    try:
+        return dict(ort.AdapterFormat.read_adapter(os.fspath(path)).get_parameters())
+    except Exception as e:  # onnxruntime's own exception classes
+        raise FormatError(f"{path}: not an onnxruntime adapter file ({e})") from e
+
+
+def adapter_names(path: str | os.PathLike[str]) -> set[str]:
+    """The tensor names an adapter file holds (the slots it sets)."""
+    return set(_adapter_parameters(Path(path)))
+
+
 def read_adapter(path: str | os.PathLike[str]) -> dict[str, tuple[tuple[int, ...], int, bytes]]:
     """The tensors of an adapter file: name -> (shape, ONNX element type, raw bytes).
 
     The bytes are copied from the OrtValue's CPU buffer (numpy has no bfloat16).
     """
-    ort = _ort()
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: adapter file not found")
-    try:
-        reader = ort.AdapterFormat.read_adapter(os.fspath(path))
-        params = reader.get_parameters()
-    except Exception as e:
-        raise FormatError(f"{path}: not an onnxruntime adapter file ({e})") from e
+    params = _adapter_parameters(path)
     return {
         name: (tuple(v.shape()), int(v.element_type()), _raw_bytes(v, f"{path}: {name}"))
         for name, v in params.items()

@@ -34,8 +34,9 @@ The slot layout is recorded in the model's metadata (``loracc.slots``, JSON) so 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import onnx_ir as ir
@@ -54,10 +55,13 @@ __all__ = [
     "MANIFEST_KEY",
     "Member",
     "SlotGroup",
+    "foreign_groups",
     "insert_slots",
+    "match_foreign",
     "pack_params",
     "plan_groups",
     "read_manifest",
+    "uncovered_defaults",
 ]
 
 MANIFEST_KEY = "loracc.slots"
@@ -472,3 +476,184 @@ def manifest_base(model: ir.Model, groups: Sequence[SlotGroup], where: str) -> O
 
 def torch_of(dtype: int) -> torch.dtype:
     return torch_dtype(ir.DataType(dtype))
+
+
+def _neutral(value: ir.Value, groups: Sequence[SlotGroup]) -> bool:
+    """A default that adds nothing: rank 0, zeros, or a loracc DoRA scale of ones."""
+    tensor = value.const_value
+    assert tensor is not None
+    if tensor.size == 0:
+        return True
+    identity = 1 if any(value.name == g.scale for g in groups) else 0
+    return bool((tensor_to_torch(tensor) == identity).all())
+
+
+def slot_values(model: ir.Model, groups: Sequence[SlotGroup] = ()) -> dict[str, ir.Value]:
+    """The model's adapter slots: graph inputs with a same-name float initializer (the
+    onnxruntime contract); those of ``groups`` (loracc's manifest) when given. Otherwise only
+    names that say LoRA/DoRA count, so a model that lists every initializer as an input (IR < 4)
+    does not turn its weights into slots."""
+    graph = model.graph
+    named = {n for g in groups for n in (g.A, g.B, g.scale, g.bias) if n}
+    slots: dict[str, ir.Value] = {}
+    for v in graph.inputs:
+        init = graph.initializers.get(v.name or "")
+        tensor = init.const_value if init is not None else None
+        if init is None or tensor is None or not tensor.dtype.is_floating_point():
+            continue
+        lower = (v.name or "").lower()
+        if v.name in named or (not named and ("lora_" in lower or "dora" in lower)):
+            slots[v.name or ""] = init
+    return slots
+
+
+def uncovered_defaults(model: ir.Model, names: set[str], where: str) -> list[str]:
+    """Slots whose default is active (not rank 0, zeros, or a DoRA scale of ones) that ``names``
+    (the tensors of the adapter files activated together) leave out: onnxruntime would run
+    those defaults beside the files' values, two adapters mixed. Empty when nothing is active."""
+    if not names:
+        return []
+    groups = read_manifest(model, where) if MANIFEST_KEY in model.metadata_props else []
+    return sorted(
+        name
+        for name, value in slot_values(model, groups).items()
+        if name not in names and not _neutral(value, groups)
+    )
+
+
+# -- slotted models other tools wrote ---------------------------------------------------------
+
+# Slot names of the tools that write adapter slots (docs/ONNX.md, "Models loracc did not make"):
+# loracc, Olive's convert-adapters and its ExtractAdapters on TorchScript graphs write
+# ``<module>.lora_A.weight``; ExtractAdapters on dynamo graphs keeps PEFT's parameter name
+# (``base_model.model.<module>.lora_A.default.weight``); onnxruntime-genai's model builder and
+# ``olive extract-adapters`` write ``<module>.lora_A.MatMul.weight`` with ``attn`` for
+# ``self_attn``. Every one holds A as (in, r) and B as (r, out), the scale folded into B.
+_SLOT_NAME = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])"
+    r"(?:\.(?P<tag>[A-Za-z0-9_]+))?\.weight$"
+)
+# Fused projections (Phi-3's) and the split slots the builder and Olive write for them.
+FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def _canonical(module: str) -> str:
+    """A module path as both namings spell it (the builder's ``attn`` is HF's ``self_attn``)."""
+    return module.replace(".self_attn.", ".attn.")
+
+
+def foreign_groups(model: ir.Model, where: str) -> tuple[list[SlotGroup], dict[str, int]]:
+    """The LoRA slot pairs of a model without loracc's manifest, from the graph alone: graph
+    inputs with same-name float initializers named as some tool names them, in/out from the
+    shapes. Also the fixed rank of slots whose rank dimension is a number (quantized or
+    ``dynamic_lora_r=False`` exports)."""
+    pairs: dict[str, dict[str, ir.Value]] = {}
+    for name, value in slot_values(model).items():
+        m = _SLOT_NAME.match(name)
+        if m is None:
+            continue
+        if m["tag"] == "quant":
+            raise UnsupportedError(
+                f"{where}: slot '{name}' holds quantized LoRA weights; pack writes float slots only"
+            )
+        pairs.setdefault(m["module"], {})[m["which"]] = value
+    if not pairs:
+        raise FormatError(
+            f"{where}: no '{MANIFEST_KEY}' metadata and no LoRA slots (graph inputs with "
+            "same-name initializers named '<module>.lora_A[.MatMul|.default].weight')"
+        )
+    groups: list[SlotGroup] = []
+    fixed: dict[str, int] = {}
+    seen: dict[str, str] = {}
+    for module, ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            missing = "lora_B" if "A" in ab else "lora_A"
+            raise FormatError(f"{where}: slot of '{module}' has no {missing} input")
+        a, b = ab["A"], ab["B"]
+        a_shape, b_shape = a.const_value.shape, b.const_value.shape  # type: ignore[union-attr]
+        if len(a_shape) != 2 or len(b_shape) != 2:
+            raise UnsupportedError(f"{where}: slots of '{module}' are not 2-D MatMul factors")
+        other = seen.setdefault(_canonical(module), module)
+        if other != module:
+            raise FormatError(f"{where}: slots of '{other}' and '{module}' name one module")
+        declared = a.shape.dims[1] if a.shape is not None and len(a.shape) == 2 else None
+        groups.append(
+            SlotGroup(
+                key=module,
+                op="MatMul",
+                fan_in=int(a_shape[0]),
+                fan_out=int(b_shape[1]),
+                kernel=[],
+                dtype=_elem(a.const_value.dtype),  # type: ignore[union-attr]
+                A=a.name or "",
+                B=b.name or "",
+                rank_dim=str(declared) if declared is not None else "",
+                members=[],
+                weight="",
+                weight_transposed=False,
+            )
+        )
+        if isinstance(declared, int):
+            fixed[module] = declared
+    return groups, fixed
+
+
+def match_foreign(groups: Sequence[SlotGroup], adapter: Adapter, where: str) -> Adapter:
+    """Give each of ``adapter``'s sites its slot in ``groups`` (:func:`foreign_groups`), by
+    module path in either naming; a fused q/k/v (gate/up) site whose model has split slots is
+    split into one site per slot (A shared, B's rows in the slots' order and sizes). Refuses
+    sites with no slot, and what a slot pair without the base weights cannot hold."""
+    by_module = {_canonical(g.key): g for g in groups}
+    sites: list[Site] = []
+    missing: list[str] = []
+    for site in adapter.sites:
+        if site.kind not in (SiteKind.LINEAR, SiteKind.CONV1D):
+            raise UnsupportedError(
+                f"{adapter.name}: module '{site.module}' is a {site.kind.value} layer; slots of "
+                f"{where} (not written by loracc) are read as MatMul factors only"
+            )
+        dora = site.magnitude is not None or site.channel_scale is not None
+        if site.lora_bias is not None or dora:
+            what = "DoRA" if dora else "lora_bias"
+            raise UnsupportedError(
+                f"{adapter.name}: module '{site.module}' uses {what}; {where} was not written "
+                "by loracc and its slots hold LoRA factors only"
+            )
+        canon = _canonical(site.module)
+        parent, _, leaf = canon.rpartition(".")
+        parts = [by_module.get(f"{parent}.{p}") for p in FUSED_PARTS.get(leaf, ())]
+        if canon in by_module:
+            sites.append(site)
+        elif parts and all(parts):
+            sites.extend(_split_site(site, parts, adapter.name, where))  # type: ignore[arg-type]
+        else:
+            missing.append(site.module)
+    if missing:
+        more = f" (and {len(missing) - 8} more)" if len(missing) > 8 else ""
+        raise UnsupportedError(
+            f"{adapter.name}: targets {', '.join(repr(m) for m in missing[:8])}{more}, which "
+            f"{'has' if len(missing) == 1 else 'have'} no adapter slot in {where}"
+        )
+    for group in groups:
+        group.members = []
+    for site in sites:
+        group = by_module[_canonical(site.module)]
+        group.members.append(Member(site.module, site.kind.value, 0, group.fan_out))
+    return replace(adapter, sites=tuple(sites))
+
+
+def _split_site(site: Site, parts: Sequence[SlotGroup], name: str, where: str) -> list[Site]:
+    """One site per split slot: the fused A for each, B's rows in the slots' order."""
+    sizes = [g.fan_out for g in parts]
+    if sum(sizes) != site.lora_B.shape[0]:
+        raise UnsupportedError(
+            f"{name}: module '{site.module}' has {site.lora_B.shape[0]} output rows; its split "
+            f"slots in {where} ({', '.join(g.key for g in parts)}) take {sizes}"
+        )
+    out, start = [], 0
+    for group, size in zip(parts, sizes, strict=True):
+        module = f"{site.module.rpartition('.')[0]}.{group.key.rpartition('.')[2]}"
+        b = site.lora_B[start : start + size]
+        out.append(replace(site, module=module, target=f"{module}.weight", lora_B=b))
+        start += size
+    return out
