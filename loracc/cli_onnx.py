@@ -162,10 +162,12 @@ def pack(
     layout: tuple[str, ...],
     as_json: bool,
 ) -> None:
-    """Write an onnxruntime adapter file for a model exported with --keep-lora.
+    """Write an onnxruntime adapter file for a model with adapter slots.
 
-    The adapter is checked against the model's slots (module, shapes, dtype); ranks may differ
-    from the export's. Activate it with RunOptions.add_active_adapter.
+    The model is one exported with --keep-lora, or a slotted Olive / onnxruntime-genai model
+    (the file then uses its slot names, a fused q/k/v adapter split as its slots are). The
+    adapter is checked against the model's slots (module, shapes, dtype); ranks may differ from
+    the export's. Activate it with RunOptions.add_active_adapter.
     """
     from loracc.onnx_api import pack as pack_api
 

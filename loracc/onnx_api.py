@@ -293,6 +293,12 @@ def export_onnx(
             )
         groups = plan_groups(table, compiled)
         defaults = pack_params(groups, None if empty_slots else compiled[0])
+        if not empty_slots:
+            report.notes.append(
+                f"--filled-slots: the slot defaults hold {compiled[0].name}; a file that names "
+                "only some slots runs beside the rest of it (loracc run refuses such a file; "
+                "a raw onnxruntime session does not)"
+            )
         files = (
             _adapter_paths(Path(output), adapter_paths)
             if output is not None

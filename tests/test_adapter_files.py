@@ -217,7 +217,10 @@ def test_partial_file_is_exactly_its_adapter_on_the_default_export(
     loracc.export_onnx(base, tiny["adapters"]["all"], empty, keep_lora=True)
     assert _err(_run(empty, x, partial), out["qv"]) < TOL
     filled = tmp_path / "filled.onnx"
-    loracc.export_onnx(base, tiny["adapters"]["all"], filled, keep_lora=True, empty_slots=False)
+    report = loracc.export_onnx(
+        base, tiny["adapters"]["all"], filled, keep_lora=True, empty_slots=False
+    )
+    assert any("--filled-slots" in n for n in report.notes)
     assert _err(_run(filled, x), out["all"]) < TOL  # the old behaviour, kept behind the flag
     assert _err(_run(filled, x, partial), out["qv"]) > 1e-2  # onnxruntime mixes silently
 
