@@ -35,8 +35,9 @@ from onnx import TensorProto, helper, numpy_helper
 from safetensors.torch import load_file
 
 import loracc
-from loracc.errors import FormatError, UnsupportedError
+from loracc.errors import FormatError, InputError, UnsupportedError
 
+FIXTURES = Path(__file__).parent / "fixtures"
 H, Q, KV = 16, 16, 8  # hidden size, q rows, k/v rows (grouped-query sizes)
 LAYERS = 2
 PROJ_ROWS = {"q_proj": Q, "k_proj": KV, "v_proj": KV}
@@ -79,6 +80,11 @@ class Inner(torch.nn.Module):
         super().__init__()
         self.layers = torch.nn.ModuleList(Layer(fused) for _ in range(LAYERS))
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
 
 class Tiny(torch.nn.Module):
     """``model.layers.N.self_attn.{q,k,v,o}_proj`` (or ``qkv_proj``), as HF decoders name them."""
@@ -88,12 +94,10 @@ class Tiny(torch.nn.Module):
         self.model = Inner(fused)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.model.layers:
-            x = layer(x)
-        return x
+        return self.model(x)
 
 
-def _fused_copy(split: Tiny) -> Tiny:
+def fused_copy(split: Tiny) -> Tiny:
     """The same function with q/k/v stacked into one ``qkv_proj`` weight."""
     fused = Tiny(fused=True)
     with torch.no_grad():
@@ -106,7 +110,9 @@ def _fused_copy(split: Tiny) -> Tiny:
     return fused.eval()
 
 
-def _adapter(base: Tiny, folder: Path, targets: list[str], r: int, alpha: int, seed: int) -> Any:
+def peft_adapter(
+    base: Tiny, folder: Path, targets: list[str], r: int, alpha: int, seed: int
+) -> Any:
     """A PEFT adapter with random (non-zero) factors saved to ``folder``; PEFT's model back."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -126,16 +132,16 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("adapter_files")
     torch.manual_seed(0)
     base = Tiny().eval()
-    fused = _fused_copy(base)
+    fused = fused_copy(base)
     x = torch.randn(1, 5, H)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(base, (x,), str(root / "base.onnx"), dynamo=False, input_names=["x"])
     all4 = ["q_proj", "k_proj", "v_proj", "o_proj"]
     peft = {
-        "all": _adapter(base, root / "all", all4, r=4, alpha=8, seed=1),
-        "qv": _adapter(base, root / "qv", ["q_proj", "v_proj"], r=2, alpha=6, seed=2),
-        "fused": _adapter(fused, root / "fused", ["qkv_proj", "o_proj"], r=3, alpha=6, seed=3),
+        "all": peft_adapter(base, root / "all", all4, r=4, alpha=8, seed=1),
+        "qv": peft_adapter(base, root / "qv", ["q_proj", "v_proj"], r=2, alpha=6, seed=2),
+        "fused": peft_adapter(fused, root / "fused", ["qkv_proj", "o_proj"], r=3, alpha=6, seed=3),
     }
     with torch.no_grad():
         out = {k: m(x) for k, m in peft.items()}
@@ -419,3 +425,50 @@ def test_pack_for_a_fixed_rank_foreign_model(tiny: dict, tmp_path: Path) -> None
     small = _slotted_graph(tiny["base"], tmp_path / "r2.onnx", _builder_names, ALL_PROJ, rank=2)
     with pytest.raises(UnsupportedError, match="fixed rank 2"):
         loracc.pack(small, tiny["adapters"]["all"], tmp_path / "x.onnx_adapter")
+
+
+# --------------------------------------------------------------------------------------------
+# Models Olive itself wrote (tests/fixtures, scripts/build_olive_fixture.py)
+
+
+def _tensors(file: Path) -> dict[str, np.ndarray]:
+    reader = ort.AdapterFormat.read_adapter(str(file))  # its values are views into the reader
+    return {n: np.array(v.numpy(), copy=True) for n, v in reader.get_parameters().items()}
+
+
+@pytest.mark.parametrize("adapter", ["all", "qv", "fused"])
+@pytest.mark.parametrize("export", ["olive_dynamo", "olive_torchscript"])
+def test_pack_for_olive_models(tmp_path: Path, export: str, adapter: str) -> None:
+    model = FIXTURES / export / "model.onnx"
+    ref = {
+        k: torch.from_numpy(v)
+        for k, v in np.load(FIXTURES / "olive_adapters/reference.npz").items()
+    }
+    assert _err(_run(model, ref["x"]), ref["base"]) < TOL
+    file = tmp_path / "a.onnx_adapter"
+    loracc.pack(model, FIXTURES / "olive_adapters" / adapter, file)
+    assert _err(_run(model, ref["x"], file), ref[adapter]) < TOL
+    olive = _tensors(FIXTURES / export / "adapter_weights.onnx_adapter")
+    mine = _tensors(file)
+    assert set(mine) == set(olive)  # the model's slot names, every slot
+    if adapter == "all":  # the adapter Olive exported: its file, bit for bit
+        assert all(np.array_equal(mine[n], olive[n]) for n in olive)
+
+
+def test_olive_file_on_a_loracc_export(tiny: dict, tmp_path: Path) -> None:
+    """Olive's TorchScript-path file names slots as loracc does: it runs on loracc's export of
+    the same base (and a dynamo-path file's ``.default.`` names are refused by ``run``)."""
+    from loracc import runner
+
+    ref = {
+        k: torch.from_numpy(v)
+        for k, v in np.load(FIXTURES / "olive_adapters/reference.npz").items()
+    }
+    out = tmp_path / "m.onnx"
+    loracc.export_onnx(tiny["root"] / "base.onnx", tiny["adapters"]["all"], out, keep_lora=True)
+    olive = FIXTURES / "olive_torchscript" / "adapter_weights.onnx_adapter"
+    assert _err(_run(out, ref["x"], olive), ref["all"]) < TOL
+    with pytest.raises(InputError, match=r"loracc pack --model"):
+        runner.open_session(
+            out, "cpu", adapter=FIXTURES / "olive_dynamo" / "adapter_weights.onnx_adapter"
+        ).run({"x": ref["x"].numpy()})

@@ -468,7 +468,10 @@ class Session:
             msg = _first_line(e)
             hint = ""
             if self.adapter is not None and "Invalid input name" in msg:
-                hint = f" ({self.adapter.name} holds a tensor the model has no LoRA slot for)"
+                hint = (
+                    f" ({self.adapter.name} holds a tensor the model has no LoRA slot for; "
+                    "`loracc pack --model` writes a file in this model's slot names)"
+                )
             raise InputError(f"{self.path}: onnxruntime run failed: {msg}{hint}") from e
         return {n: to_numpy(v, f"output '{n}'") for n, v in zip(names, result, strict=True)}
 
