@@ -472,3 +472,17 @@ def test_olive_file_on_a_loracc_export(tiny: dict, tmp_path: Path) -> None:
         runner.open_session(
             out, "cpu", adapter=FIXTURES / "olive_dynamo" / "adapter_weights.onnx_adapter"
         ).run({"x": ref["x"].numpy()})
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pack_for_olive_models_refuses_inits_that_need_the_base(tmp_path: Path, init: str) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=init)
+    get_peft_model(Tiny(), config).save_pretrained(str(tmp_path / init))
+    with pytest.raises(UnsupportedError, match=rf"q_proj' uses {init}; .*base weights"):
+        loracc.pack(
+            FIXTURES / "olive_dynamo" / "model.onnx", tmp_path / init, tmp_path / "a.onnx_adapter"
+        )
+    assert not (tmp_path / "a.onnx_adapter").exists()

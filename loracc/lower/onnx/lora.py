@@ -45,7 +45,7 @@ import torch
 from loracc import kernels
 from loracc.errors import FormatError, LoweringError, UnsupportedError
 from loracc.io.onnx_model import tensor_to_torch, torch_dtype, torch_to_tensor
-from loracc.ir import Adapter, Site, SiteKind
+from loracc.ir import PLAIN_INITS, Adapter, Site, SiteKind
 from loracc.lower.onnx.bind import BindingTable
 from loracc.lower.onnx.index import GraphIndex, WeightUse
 from loracc.lower.onnx.surgery import unique_name
@@ -613,11 +613,12 @@ def match_foreign(groups: Sequence[SlotGroup], adapter: Adapter, where: str) -> 
                 f"{where} (not written by loracc) are read as MatMul factors only"
             )
         dora = site.magnitude is not None or site.channel_scale is not None
-        if site.lora_bias is not None or dora:
-            what = "DoRA" if dora else "lora_bias"
+        if site.lora_bias is not None or dora or site.init not in PLAIN_INITS:
+            what = "DoRA" if dora else "lora_bias" if site.lora_bias is not None else site.init
             raise UnsupportedError(
                 f"{adapter.name}: module '{site.module}' uses {what}; {where} was not written "
-                "by loracc and its slots hold LoRA factors only"
+                "by loracc: its slots hold LoRA factors only, and the base weights behind them "
+                "are unknown"
             )
         canon = _canonical(site.module)
         parent, _, leaf = canon.rpartition(".")
