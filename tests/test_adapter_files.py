@@ -319,7 +319,8 @@ def _slotted_graph(
     for i, layer in enumerate(base.model.layers):
         attn = layer.self_attn
         outs = []
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        projs = ("qkv_proj", "o_proj") if attn.fused else ("q_proj", "k_proj", "v_proj", "o_proj")
+        for proj in projs:
             src = h if proj != "o_proj" else f"l{i}.act"
             w = getattr(attn, proj).weight.detach().numpy().T
             path_name, a_name, b_name = names(i, proj)
@@ -348,12 +349,12 @@ def _slotted_graph(
                 ]  # fmt: skip
                 y = f"{y}.lora"
             outs.append(y)
-            if proj == "v_proj":
+            if proj in ("v_proj", "qkv_proj"):
                 nodes += [
-                    helper.make_node("Concat", outs[:3], [f"l{i}.qkv"], axis=-1),
+                    helper.make_node("Concat", outs, [f"l{i}.qkv"], axis=-1),
                     helper.make_node("Tanh", [f"l{i}.qkv"], [f"l{i}.act"]),
                 ]
-        nodes.append(helper.make_node("Add", [h, outs[3]], [f"l{i}.out"]))
+        nodes.append(helper.make_node("Add", [h, outs[-1]], [f"l{i}.out"]))
         h = f"l{i}.out"
     nodes.append(helper.make_node("Identity", [h], ["y"]))
     graph = helper.make_graph(
@@ -391,6 +392,20 @@ def test_pack_for_a_model_loracc_did_not_make(
     assert names == {n for i in range(LAYERS) for p in ALL_PROJ for n in naming(i, p)[1:]}
     assert _err(_run(model, tiny["x"], file), tiny["out"][adapter]) < TOL
     loracc.check_adapter_files(model, file)
+
+
+@pytest.mark.parametrize("adapter", ["all", "qv", "fused"])
+def test_pack_fuses_split_adapters_into_a_fused_foreign_slot(
+    tiny: dict, tmp_path: Path, adapter: str
+) -> None:
+    """A model with one ``qkv_proj`` slot per layer: q/k/v adapters become its blocks (A
+    stacked, B block-diagonal; a missing k takes v's size), a fused adapter fills it as is."""
+    fused = fused_copy(tiny["base"])
+    model = _slotted_graph(fused, tmp_path / "fused.onnx", _dynamo_names, ["qkv_proj", "o_proj"])
+    assert _err(_run(model, tiny["x"]), tiny["out"]["base"]) < TOL
+    file = tmp_path / "a.onnx_adapter"
+    loracc.pack(model, tiny["adapters"][adapter], file)
+    assert _err(_run(model, tiny["x"], file), tiny["out"][adapter]) < TOL
 
 
 def test_pack_for_a_foreign_model_refuses_a_module_without_slot(tiny: dict, tmp_path: Path) -> None:

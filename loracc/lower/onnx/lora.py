@@ -601,10 +601,14 @@ def foreign_groups(model: ir.Model, where: str) -> tuple[list[SlotGroup], dict[s
 def match_foreign(groups: Sequence[SlotGroup], adapter: Adapter, where: str) -> Adapter:
     """Give each of ``adapter``'s sites its slot in ``groups`` (:func:`foreign_groups`), by
     module path in either naming; a fused q/k/v (gate/up) site whose model has split slots is
-    split into one site per slot (A shared, B's rows in the slots' order and sizes). Refuses
-    sites with no slot, and what a slot pair without the base weights cannot hold."""
+    split into one site per slot (A shared, B's rows in the slots' order and sizes), and split
+    q/k/v (gate/up) sites whose model has one fused slot become block members of it (rows in
+    q, k, v order; k and v, gate and up, have equal sizes). Refuses sites with no slot, and
+    what a slot pair without the base weights cannot hold."""
     by_module = {_canonical(g.key): g for g in groups}
+    fused_of = {p: f for f, parts in FUSED_PARTS.items() for p in parts}
     sites: list[Site] = []
+    blocks: dict[str, dict[str, Site]] = {}  # fused slot -> part name -> site
     missing: list[str] = []
     for site in adapter.sites:
         if site.kind not in (SiteKind.LINEAR, SiteKind.CONV1D):
@@ -623,10 +627,13 @@ def match_foreign(groups: Sequence[SlotGroup], adapter: Adapter, where: str) -> 
         canon = _canonical(site.module)
         parent, _, leaf = canon.rpartition(".")
         parts = [by_module.get(f"{parent}.{p}") for p in FUSED_PARTS.get(leaf, ())]
+        fused = f"{parent}.{fused_of.get(leaf, '')}"
         if canon in by_module:
             sites.append(site)
         elif parts and all(parts):
             sites.extend(_split_site(site, parts, adapter.name, where))  # type: ignore[arg-type]
+        elif leaf in fused_of and fused in by_module:
+            blocks.setdefault(fused, {})[leaf] = site
         else:
             missing.append(site.module)
     if missing:
@@ -640,7 +647,41 @@ def match_foreign(groups: Sequence[SlotGroup], adapter: Adapter, where: str) -> 
     for site in sites:
         group = by_module[_canonical(site.module)]
         group.members.append(Member(site.module, site.kind.value, 0, group.fan_out))
+    for fused, parts_of in blocks.items():
+        group = by_module[fused]
+        rows = _block_rows(group, parts_of, adapter.name, where)
+        for leaf, site in parts_of.items():
+            group.members.append(Member(site.module, site.kind.value, *rows[leaf]))
+            sites.append(site)
     return replace(adapter, sites=tuple(sites))
+
+
+def _block_rows(
+    group: SlotGroup, parts_of: Mapping[str, Site], name: str, where: str
+) -> dict[str, tuple[int, int]]:
+    """Each part's rows of a fused slot's output: the sizes the adapter gives, the rest from
+    the slot's size (k and v, gate and up, are equally wide)."""
+    order = FUSED_PARTS[group.key.rpartition(".")[2]]
+    known = {leaf: int(site.lora_B.shape[0]) for leaf, site in parts_of.items()}
+    total = group.fan_out
+    if len(order) == 2:  # gate/up
+        sizes = dict.fromkeys(order, total // 2)
+    else:  # q/k/v
+        kv = known.get("k_proj", known.get("v_proj"))
+        if kv is None:
+            kv = (total - known["q_proj"]) // 2
+        sizes = {"q_proj": total - 2 * kv, "k_proj": kv, "v_proj": kv}
+    if any(known[leaf] != sizes[leaf] for leaf in known) or sum(sizes.values()) != total:
+        given = ", ".join(f"{leaf} {size}" for leaf, size in known.items())
+        raise UnsupportedError(
+            f"{name}: the output sizes of {', '.join(repr(s.module) for s in parts_of.values())}"
+            f" ({given}) do not split the fused slot '{group.key}' of {where} ({total} rows)"
+        )
+    rows, start = {}, 0
+    for leaf in order:
+        rows[leaf] = (start, start + sizes[leaf])
+        start += sizes[leaf]
+    return rows
 
 
 def _split_site(site: Site, parts: Sequence[SlotGroup], name: str, where: str) -> list[Site]:
