@@ -19,9 +19,14 @@ to the branch (``s·b``). DoRA multiplies ``y + branch`` by a per-output-channel
 
 **Slots** are graph inputs that also have initializers of the same name, with a symbolic rank
 dimension, named ``<module>.lora_A.weight``, ``<module>.lora_B.weight``, ``<module>.dora_scale``
-and ``<module>.lora_B.bias``. Their initializers hold the export's adapter, or, with empty
-slots, rank 0 (``A (in, 0)``, ``B (0, out)``), ones and zeros, so the plain model is the base.
-An adapter file names every slot: slots its adapter does not use hold rank 0.
+and ``<module>.lora_B.bias``. Their initializers are empty slots by default: rank 0
+(``A (in, 0)``, ``B (0, out)``), ones and zeros, so the plain model is the base and a file that
+names only some slots is exactly its adapter; with filled slots they hold the export's adapter.
+An adapter file loracc writes names every slot: slots its adapter does not use hold rank 0.
+
+Slotted models other tools wrote (Olive, onnxruntime-genai's builder) have no manifest:
+:func:`foreign_groups` reads their slot pairs from the graph and :func:`match_foreign` maps an
+adapter's modules onto them in the model's naming, splitting or fusing q/k/v as its slots are.
 
 **Fused weights**: sites bound to blocks of one fused weight (q/k/v in a ``qkv_proj``) share
 one branch with block-structured factors: A stacks the members' A along the rank axis, B is
