@@ -50,7 +50,10 @@ PASS_OPS = frozenset({"Identity", "Cast", "Transpose"})
 _QUANTIZED = frozenset({"MatMulNBits", "MatMulInteger", "QLinearMatMul", "DequantizeLinear"})
 _NAME_SCOPES = "pkg.torch.onnx.name_scopes"
 _FOLDED_FROM = "pkg.onnxscript.optimizer.folded_from"
-_PARAM_SUFFIXES = (".MatMul.weight", ".Gemm.weight", ".weight")
+# onnxruntime-genai's model builder names the weight it made for a node ``<module>.<Op>.weight``:
+# its own copy, transposed for the MatMul, not the module's parameter as transformers stores it.
+_BUILDER_SUFFIXES = (".MatMul.weight", ".Gemm.weight")
+_PARAM_SUFFIXES = (*_BUILDER_SUFFIXES, ".weight")
 
 
 @dataclass(eq=False)
@@ -90,11 +93,19 @@ class WeightUse:
         return bool(name) and not _generic(name) and _FOLDED_FROM not in self.init.metadata_props
 
     @property
+    def own_parameter(self) -> bool:
+        """Whether the initializer is the module's parameter as the model stores it: kept under
+        its own name, not a folded constant or a builder's ``<module>.MatMul.weight`` copy."""
+        return self.named and not (self.init.name or "").endswith(_BUILDER_SUFFIXES)
+
+    @property
     def reads_conv1d(self) -> bool:
-        """Whether the graph shows a Conv1D parameter: one kept under its own name and read as
-        (in, out) without a Transpose is stored so (the graph's Linear-or-Conv1D evidence)."""
+        """Whether the graph shows a Conv1D parameter: one kept as it is stored (its own name)
+        and read as (in, out) without a Transpose is stored so (the graph's Linear-or-Conv1D
+        evidence). A builder's ``lm_head.MatMul.weight`` read the same way shows nothing: the
+        builder transposed it when it wrote the graph."""
         transposes = any(p.op_type == "Transpose" for p in self.path)
-        return self.named and self.transposed and not transposes
+        return self.own_parameter and self.transposed and not transposes
 
 
 def _generic(name: str) -> bool:
