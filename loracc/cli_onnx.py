@@ -69,7 +69,12 @@ base_weights_option = click.option(
     help="Write weights to OUT.onnx.data (default: as the base, or when over 2 GB).",
 )
 @force_option
-@click.option("--dry-run", is_flag=True, help="Bind and show the binding; write nothing.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Every check of a real export (binding, passes, edited tensors, output paths); "
+    "write nothing.",
+)
 @allow_nonfinite_option
 @layout_option
 @json_option

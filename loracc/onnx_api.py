@@ -158,13 +158,44 @@ def _array(value: torch.Tensor, element_type: int) -> Any:
     return torch_to_tensor(value, ir.DataType(element_type)).numpy()
 
 
-def _adapter_writer(params: dict[str, tuple[torch.Tensor, int]]) -> Any:
-    from loracc.io.ort import write_adapter
+class _AdapterWriter:
+    """Writes one ``.onnx_adapter`` file of ``params``; ``arrays`` converts without writing."""
 
-    def write(path: Path) -> None:
-        write_adapter(path, {n: (_array(v, t), t) for n, (v, t) in params.items()})
+    def __init__(self, params: dict[str, tuple[torch.Tensor, int]]) -> None:
+        self.params = params
 
-    return write
+    def arrays(self) -> dict[str, tuple[Any, int]]:
+        return {n: (_array(v, t), t) for n, (v, t) in self.params.items()}
+
+    def __call__(self, path: Path) -> None:
+        from loracc.io.ort import write_adapter
+
+        write_adapter(path, self.arrays())
+
+
+def _rehearse(
+    model: Any,
+    changed: Sequence[str],
+    extra: Sequence[tuple[Path, _AdapterWriter]],
+    output: PathLike | None,
+    protected: Sequence[Path],
+    force: bool,
+    external_data: bool,
+) -> None:
+    """A dry run's write without the writing: every edited tensor is computed and checked
+    (shape, NaN/Inf as written), every adapter file's arrays are made, and with ``output``
+    every path is checked as the writer would (suffix, inputs, existing files, --force)."""
+    from loracc.io.onnx_model import output_paths
+    from loracc.io.output import check_output
+
+    for name in changed:
+        model.graph.initializers[name].const_value.numpy()  # computed, checked, dropped
+    for _, writer in extra:
+        writer.arrays()
+    if output is not None:
+        paths = output_paths(Path(output), external_data=external_data, extra=[p for p, _ in extra])
+        for path in paths:
+            check_output(path, protected, force=force)
 
 
 def _adapter_paths(out: Path, adapters: Sequence[Path]) -> list[Path]:
@@ -233,7 +264,9 @@ def export_onnx(
         initial_adapter: the adapter saved before training (pissa_niter, corda, ...).
         external_data: force external data on/off; default: as the base, or when over 2 GB.
         force: replace existing outputs.
-        dry_run: bind and compile only; write nothing.
+        dry_run: everything a real export does (binding, passes, edited tensors computed and
+            checked, slots, adapter files packed, the outputs' paths checked when ``output``
+            is given) except writing.
         allow_nonfinite: accept NaN or Inf in the adapters' tensors, and write edited
             initializers (or slot values) holding NaN or Inf.
         layout: ``--layout`` choices for sites nothing else decides (docs/FORMATS.md).
@@ -280,11 +313,10 @@ def export_onnx(
         passes=steps,
         notes=notes,
     )
-    extra: list[tuple[Path, Any]] = []
+    extra: list[tuple[Path, _AdapterWriter]] = []
     if not keep_lora:
         plan = merge_edits(index, table, compiled[0])
-        if not dry_run:
-            report.changed = apply_edits(index, plan, allow_nonfinite=allow_nonfinite)
+        report.changed = apply_edits(index, plan, allow_nonfinite=allow_nonfinite)
     else:
         if sum(1 for a in compiled if a.replacements or a.token_rows) > 1:
             raise UnsupportedError(
@@ -305,7 +337,7 @@ def export_onnx(
             else [Path(f"{p.name}.onnx_adapter") for p in adapter_paths]
         )
         for a, path in zip(compiled, files, strict=True):
-            extra.append((path, _adapter_writer(pack_params(groups, a))))
+            extra.append((path, _AdapterWriter(pack_params(groups, a))))
             report.adapter_files.append({"adapter": a.name, "file": str(path)})
         bake = next((a for a in compiled if a.replacements or a.token_rows), None)
         if bake is not None:
@@ -316,8 +348,7 @@ def export_onnx(
                 "baked into the base initializers (not swappable, present with empty slots "
                 "too): " + ", ".join(report.baked)
             )
-            if not dry_run:
-                report.changed = apply_edits(index, baked, allow_nonfinite=allow_nonfinite)
+            report.changed = apply_edits(index, baked, allow_nonfinite=allow_nonfinite)
         report.slots = [
             {
                 "key": g.key,
@@ -330,9 +361,10 @@ def export_onnx(
             }
             for g in groups
         ]
-        if not dry_run:
-            insert_slots(index, table, groups, defaults)
-    if not dry_run:
+        insert_slots(index, table, groups, defaults)
+    if dry_run:
+        _rehearse(model, report.changed, extra, output, protected, force, external_data)
+    else:
         assert output is not None
         written = write_outputs(
             model,
@@ -397,7 +429,7 @@ def pack(
         groups, params, notes = _pack_manifest(onnx_model, loaded, model_path, adapter_path)
     inputs = _inputs(model_path, [adapter_path], onnx_model, initial_adapter, base_weights)
     with atomic_files([out], inputs, force=force) as (tmp,):
-        _adapter_writer(params)(tmp)
+        _AdapterWriter(params)(tmp)
     return PackReport(
         model=str(model_path),
         adapter=str(adapter_path),

@@ -36,6 +36,7 @@ __all__ = [
     "external_tensors",
     "load_model",
     "needs_external_data",
+    "output_paths",
     "save_model",
     "tensor_to_torch",
     "torch_dtype",
@@ -284,6 +285,19 @@ def embedding_rows(path: Path) -> dict[str, int]:
     return out
 
 
+def output_paths(dest: Path, *, external_data: bool, extra: Sequence[Path] = ()) -> list[Path]:
+    """The files :func:`write_outputs` writes for ``dest``: the model, its data file when
+    ``external_data``, then ``extra``. Refuses a name without ``.onnx`` and a shared path."""
+    dest = Path(dest)
+    if dest.suffix != ".onnx":
+        raise OutputError(f"{dest}: an ONNX model path must end in .onnx")
+    data = [dest.with_name(dest.name + ".data")] if external_data else []
+    dests = [dest, *data, *extra]
+    if len(set(dests)) != len(dests):
+        raise OutputError(f"{dest}: two outputs would share one path")
+    return dests
+
+
 def write_outputs(
     model: ir.Model,
     dest: Path,
@@ -302,15 +316,10 @@ def write_outputs(
         external_data: True/False forces external data on or off; None chooses it: on when the
             base model used external data or the weights would pass protobuf's 2 GB limit.
     """
-    dest = Path(dest)
-    if dest.suffix != ".onnx":
-        raise OutputError(f"{dest}: an ONNX model path must end in .onnx")
     if external_data is None:
         external_data = needs_external_data(model)
-    data = dest.with_name(dest.name + ".data") if external_data else None
-    dests = [dest] + ([data] if data is not None else []) + [p for p, _ in extra]
-    if len(set(dests)) != len(dests):
-        raise OutputError(f"{dest}: two outputs would share one path")
+    dests = output_paths(dest, external_data=external_data, extra=[p for p, _ in extra])
+    data = dests[1] if external_data else None
     with atomic_files(dests, inputs, force=force) as tmps:
         if data is None:
             save_model(model, tmps[0], None)

@@ -27,7 +27,7 @@ from typing import ClassVar
 import torch
 
 from loracc import kernels
-from loracc.errors import NonFiniteError, PassError
+from loracc.errors import NonFiniteError, PassError, UnsupportedError
 from loracc.ir import PLAIN_INITS, Adapter, Site
 from loracc.passes._weights import start_weight
 from loracc.passes.base import PassContext, Rewritten, SitePass, Skip
@@ -53,7 +53,15 @@ class FoldDora(SitePass):
                 f"{site.module}: fold-dora must run after reconstruct-residual "
                 f"(init_lora_weights='{site.init}')"
             )
-        weight = kernels.add_site(start_weight(adapter, ctx, site.target, device=ctx.device), site)
+        start = start_weight(adapter, ctx, site.target, device=ctx.device)
+        stored = site.kind.stored_shape(site.logical_shape())
+        if tuple(start.shape) != tuple(stored):  # a saved base weight read in another layout
+            raise UnsupportedError(
+                f"{site.module}: the base weight '{site.target}' is {list(start.shape)}, and "
+                f"the adapter's factors as {site.kind.value} ({site.layout_source}) need "
+                f"{list(stored)} (--layout decides a module's layout)"
+            )
+        weight = kernels.add_site(start, site)
         norm = kernels.channel_norm(site, weight).reshape(-1)
         bad = ~torch.isfinite(norm) | (norm == 0)
         if bool(bad.any()):

@@ -76,16 +76,23 @@ def _view(w: torch.Tensor, transposed: bool) -> torch.Tensor:
 
 def _replace(tensor: torch.Tensor, transposed: bool) -> Callable[[torch.Tensor], torch.Tensor]:
     def run(w: torch.Tensor) -> torch.Tensor:
-        new = tensor.to(torch.float32)
-        if tuple(_view(w, transposed).shape) != tuple(new.shape):
-            raise UnsupportedError(
-                f"replacement {tuple(new.shape)} does not fit the ONNX weight "
-                f"{tuple(_view(w, transposed).shape)}: a resized tensor needs a re-export"
-            )
-        _view(w, transposed).copy_(new)
+        _view(w, transposed).copy_(tensor.to(torch.float32))
         return w
 
     return run
+
+
+def _check_fits(place: Place, key: str, shape: tuple[int, ...]) -> None:
+    """Refuse, while planning (so ``--dry-run`` refuses too), a replacement of ``key`` whose
+    shape is not the initializer's as the edit sees it."""
+    held = tuple(int(d) for d in place.init.const_value.shape)  # type: ignore[union-attr]
+    seen = held[::-1] if place.transposed else held
+    if seen != shape:
+        how = f", read transposed from {list(held)}" if place.transposed else ""
+        raise UnsupportedError(
+            f"{key}: the adapter's replacement is {list(shape)} and the ONNX weight "
+            f"'{place.init.name}' is {list(seen)}{how}: a resized tensor needs a re-export"
+        )
 
 
 def _rows(rows: TokenRows, transposed: bool) -> Callable:
@@ -137,6 +144,7 @@ def merge_edits(
         if r.origin == "embedding":
             tb = with_tied(index, tb)
         for place in tb.places:
+            _check_fits(place, r.target, tuple(r.tensor.shape))
             whole = _replace(r.tensor, place.transposed)
             add(place, Edit(kernels.Step.REPLACE, place.transposed, whole, r.target))
     for t in adapter.token_rows:
