@@ -173,12 +173,20 @@ class _AdapterWriter:
         write_adapter(path, self.arrays())
 
 
+def _new_folder(output: Path, genai: Sequence[Any]) -> bool:
+    """Whether the export makes the output's folder: a genai folder written to a new folder."""
+    return bool(genai) and not output.parent.exists()
+
+
 def _rehearse(
     model: Any,
     changed: Sequence[str],
-    extra: Sequence[tuple[Path, _AdapterWriter]],
-    output: PathLike | None,
+    adapter_files: Sequence[tuple[Path, _AdapterWriter]],
+    output: Path | None,
+    files: Sequence[tuple[Path, Any]],
+    new_folder: bool,
     protected: Sequence[Path],
+    *,
     force: bool,
     external_data: bool,
 ) -> None:
@@ -190,12 +198,43 @@ def _rehearse(
 
     for name in changed:
         model.graph.initializers[name].const_value.numpy()  # computed, checked, dropped
-    for _, writer in extra:
+    for _, writer in adapter_files:
         writer.arrays()
-    if output is not None:
-        paths = output_paths(Path(output), external_data=external_data, extra=[p for p, _ in extra])
-        for path in paths:
-            check_output(path, protected, force=force)
+    if output is None:
+        return
+    paths = output_paths(output, external_data=external_data, extra=[p for p, _ in files])
+    for path in [output.parent] if new_folder else paths:
+        check_output(path, protected, force=force)
+
+
+def _write(
+    model: Any,
+    output: Path,
+    files: Sequence[tuple[Path, Any]],
+    new_folder: bool,
+    protected: Sequence[Path],
+    *,
+    force: bool,
+    external_data: bool,
+) -> list[str]:
+    """Write the model and ``files`` as one set; into a folder made as one more output when
+    ``new_folder`` (so a failed export leaves no folder behind)."""
+    from loracc.io.onnx_model import write_outputs
+    from loracc.io.output import atomic_dir
+
+    if not new_folder:
+        written = write_outputs(
+            model, output, inputs=protected, force=force, external_data=external_data, extra=files
+        )
+        return [str(p) for p in written]
+    folder = output.parent
+    with atomic_dir(folder, protected, force=force) as tmp:
+        inside = [(tmp / p.name, w) for p, w in files]
+        written = write_outputs(
+            model, tmp / output.name, inputs=protected, force=False,
+            external_data=external_data, extra=inside,
+        )  # fmt: skip
+    return [str(folder / p.name) for p in written]
 
 
 def _adapter_paths(out: Path, adapters: Sequence[Path]) -> list[Path]:
@@ -271,7 +310,8 @@ def export_onnx(
             initializers (or slot values) holding NaN or Inf.
         layout: ``--layout`` choices for sites nothing else decides (docs/FORMATS.md).
     """
-    from loracc.io.onnx_model import load_model, needs_external_data, write_outputs
+    from loracc.io.genai import genai_files
+    from loracc.io.onnx_model import load_model, needs_external_data
     from loracc.lower.onnx.index import GraphIndex
     from loracc.lower.onnx.lora import insert_slots, pack_params, plan_groups
     from loracc.lower.onnx.merge import apply_edits, merge_edits
@@ -292,6 +332,9 @@ def export_onnx(
     ckpt = _checkpoint(base_weights)
     model = load_model(base_path)
     protected = _inputs(base_path, adapter_paths, model, initial_adapter, base_weights)
+    genai = genai_files(base_path, Path(output), protected) if output is not None else None
+    if genai is not None:
+        protected += genai.sources
     if external_data is None:  # decided by the base, before edits move tensors into memory
         external_data = needs_external_data(model)
     target = Target.ONNX_KEEP_LORA if keep_lora else Target.ONNX_MERGE
@@ -362,19 +405,22 @@ def export_onnx(
             for g in groups
         ]
         insert_slots(index, table, groups, defaults)
+    side = genai.files if genai is not None else []
+    if genai is not None and genai.note:
+        report.notes.append(genai.note)
+    files = [*extra, *side]
+    out = Path(output) if output is not None else None
+    new_folder = out is not None and _new_folder(out, side)
     if dry_run:
-        _rehearse(model, report.changed, extra, output, protected, force, external_data)
+        _rehearse(
+            model, report.changed, extra, out, files, new_folder, protected,
+            force=force, external_data=external_data,
+        )  # fmt: skip
     else:
-        assert output is not None
-        written = write_outputs(
-            model,
-            Path(output),
-            inputs=protected,
-            force=force,
-            external_data=external_data,
-            extra=extra,
+        assert out is not None
+        report.outputs = _write(
+            model, out, files, new_folder, protected, force=force, external_data=external_data
         )
-        report.outputs = [str(p) for p in written]
     report.seconds = round(time.perf_counter() - start, 3)
     return report
 

@@ -15,7 +15,8 @@ What it writes (about 600 KB; run it again to rebuild everything from the seed):
   ``lm_head``, magnitudes moved off the weight norms);
 * ``expected.npz``: ``input_ids`` and the logits PEFT computes for them in float64 (the
   unmerged ``PeftModel`` forward of the saved folders, eval mode; ``base`` for the plain
-  model): the oracle, never loracc.
+  model) and ``<case>_greedy``, the next 8 tokens PEFT's ``generate`` picks greedily: the
+  oracle, never loracc.
 
 onnxruntime-genai installs beside the project's onnxruntime and transformers without changing
 them (it needs ``onnxruntime>=1.31``), but the project does not depend on it: run
@@ -40,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "tests" / "fixtures" / "genai_llama"
 INPUT_IDS = [[1, 17, 42, 99, 200, 7, 3, 128, 64, 255]]
 SEED = 1234
+GREEDY = 8  # tokens PEFT generates greedily after INPUT_IDS
 
 
 def _tokenizer(folder: Path) -> None:
@@ -146,6 +148,11 @@ def _logits(
             model = PeftModel.from_pretrained(model, adapters / name).eval()
         with torch.no_grad():
             logits[name] = model(ids).logits.numpy()
+            tokens = model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=GREEDY,
+                do_sample=False, pad_token_id=2, eos_token_id=None,
+            )  # fmt: skip
+        logits[f"{name}_greedy"] = tokens[:, ids.shape[1] :].numpy()
     return logits
 
 

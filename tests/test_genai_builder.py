@@ -190,3 +190,88 @@ def test_dora_against_another_layout_is_refused_by_name(tmp_path: Path) -> None:
         assert result.exit_code == 2, result.output
         assert "lm_head" in result.output and "[256, 64]" in result.output
         assert "RuntimeError" not in result.output
+
+
+# -- genai folders out ---------------------------------------------------------------------------
+
+
+def _og_greedy(model: Any, ids: np.ndarray, adapters: Any = None, name: str = "") -> list[int]:
+    """The tokens onnxruntime-genai generates greedily after ``ids`` (as many as PEFT's)."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=ids.shape[1] + 8, do_sample=False)
+    generator = og.Generator(model, params)
+    if adapters is not None:
+        generator.set_active_adapter(adapters, name)
+    generator.append_tokens(ids)
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    return tokens
+
+
+def test_genai_folder_out(tmp_path: Path, expected: dict[str, np.ndarray]) -> None:
+    """A base in a genai folder exported to a new folder: og.Model opens it as is and picks
+    PEFT's greedy tokens; the config names the new model file, the tokenizer is copied."""
+    folder = tmp_path / "new"
+    out = folder / "merged.onnx"
+    report = loracc.export_onnx(BASE, ADAPTERS / "lora_lm_head", out)
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == sorted(
+        ["merged.onnx", "merged.onnx.data", "genai_config.json", "tokenizer.json",
+         "tokenizer_config.json"]
+    )  # fmt: skip
+    assert sorted(report.outputs) == sorted(str(folder / n) for n in names)
+    config = json.loads((folder / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["filename"] == "merged.onnx"
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (folder / name).read_bytes() == (BASE.parent / name).read_bytes()
+    og = pytest.importorskip("onnxruntime_genai")
+    ids = expected["input_ids"]
+    tokens = _og_greedy(og.Model(str(folder)), ids)
+    assert tokens == expected["lora_lm_head_greedy"][0].tolist()
+
+
+def test_genai_folder_hot_swap(tmp_path: Path, expected: dict[str, np.ndarray]) -> None:
+    """Empty slots + two adapter files in a new genai folder: og.Adapters gives PEFT's greedy
+    tokens for base, adapter A, adapter B, base again, on one og.Model."""
+    folder = tmp_path / "slots"
+    out = folder / "model.onnx"
+    pair = [ADAPTERS / "lora_lm_head", ADAPTERS / "dora_lm_head"]
+    report = loracc.export_onnx(BASE, pair, out, keep_lora=True, empty_slots=True)
+    files = {Path(f["adapter"]).name: f["file"] for f in report.adapter_files}
+    og = pytest.importorskip("onnxruntime_genai")
+    model = og.Model(str(folder))
+    adapters = og.Adapters(model)
+    for name, file in files.items():
+        adapters.load(file, name)
+    ids = expected["input_ids"]
+    for case in ["base", "lora_lm_head", "dora_lm_head", "base"]:
+        got = _og_greedy(model, ids, adapters if case != "base" else None, case)
+        assert got == expected[f"{case}_greedy"][0].tolist(), case
+
+
+def test_genai_folder_dry_run_and_refusals(tmp_path: Path) -> None:
+    """A dry run makes no folder; an existing file of the set is refused without --force; an
+    output inside the base's folder writes no config (the base's stays as it is)."""
+    adapter = ["--adapter", str(ADAPTERS / "lora_lm_head")]
+    new = tmp_path / "new" / "model.onnx"
+    assert _export([*adapter, "-o", str(new), "--dry-run"]).exit_code == 0
+    assert not new.parent.exists()
+    new.parent.mkdir()
+    (new.parent / "tokenizer.json").write_text("{}")
+    refused = _export([*adapter, "-o", str(new)])
+    assert refused.exit_code == 2 and "tokenizer.json: already exists" in refused.output
+    assert not new.exists()
+    base_copy = tmp_path / "base"
+    shutil.copytree(BASE.parent, base_copy)
+    beside = CliRunner().invoke(
+        main, ["export", "--onnx", "--base", str(base_copy / "model.onnx"), *adapter,
+               "-o", str(base_copy / "merged.onnx"), "--json"],
+    )  # fmt: skip
+    assert beside.exit_code == 0, beside.output
+    assert any("genai_config.json not written" in n for n in json.loads(beside.output)["notes"])
+    config = "genai_config.json"
+    assert (base_copy / config).read_bytes() == (BASE.parent / config).read_bytes()
