@@ -143,11 +143,13 @@ def bind_onnx(
     base_weights: PathLike | None = None,
     layout: LayoutChoices = None,
 ) -> list[dict[str, Any]]:
-    """The binding table (site -> node, initializer, orientation, rule) without writing."""
-    report = export_onnx(
-        base_onnx, adapters, None, base_weights=base_weights, dry_run=True, layout=layout
+    """The binding table (site -> node, initializer, orientation, rule): bind and compile
+    only, no edited tensor computed (``export_onnx(..., dry_run=True)`` checks everything)."""
+    ckpt = _checkpoint(base_weights)
+    _, _, table, loaded, compiled, _ = _compiled(
+        Path(base_onnx), _paths(adapters), ckpt, None, False, layout, Target.ONNX_MERGE
     )
-    return report.bindings
+    return table.describe([*loaded, *compiled])
 
 
 def _array(value: torch.Tensor, element_type: int) -> Any:
@@ -271,6 +273,32 @@ def _bind_all(
     return table, compiled, steps
 
 
+def _compiled(
+    base_path: Path,
+    adapter_paths: Sequence[Path],
+    ckpt: Checkpoint | None,
+    initial_adapter: PathLike | None,
+    allow_nonfinite: bool,
+    layout: LayoutChoices,
+    target: Target,
+) -> tuple[Any, Any, BindingTable, list[Adapter], list[Adapter], list[dict[str, Any]]]:
+    """The base model read, its graph indexed, the adapters read, bound and compiled:
+    (model, index, table, loaded, compiled, pass steps)."""
+    from loracc.io.onnx_model import load_model
+    from loracc.lower.onnx.index import GraphIndex
+    from loracc.lower.onnx.surgery import lift_weight_constants
+
+    model = load_model(base_path)
+    loaded = [
+        _load(p, ckpt, initial_adapter, allow_nonfinite, layout, target=target)
+        for p in adapter_paths
+    ]
+    lift_weight_constants(model.graph)
+    index = GraphIndex(model)
+    table, compiled, steps = _bind_all(index, loaded, ckpt, base_path, target)
+    return model, index, table, loaded, compiled, steps
+
+
 def export_onnx(
     base_onnx: PathLike,
     adapters: PathLike | Sequence[PathLike],
@@ -311,11 +339,9 @@ def export_onnx(
         layout: ``--layout`` choices for sites nothing else decides (docs/FORMATS.md).
     """
     from loracc.io.genai import genai_files
-    from loracc.io.onnx_model import load_model, needs_external_data
-    from loracc.lower.onnx.index import GraphIndex
+    from loracc.io.onnx_model import needs_external_data
     from loracc.lower.onnx.lora import insert_slots, pack_params, plan_groups
     from loracc.lower.onnx.merge import apply_edits, merge_edits
-    from loracc.lower.onnx.surgery import lift_weight_constants
 
     start = time.perf_counter()
     base_path = Path(base_onnx)
@@ -330,21 +356,16 @@ def export_onnx(
     if output is None and not dry_run:
         raise ConfigError("-o/--output is required unless --dry-run")
     ckpt = _checkpoint(base_weights)
-    model = load_model(base_path)
+    target = Target.ONNX_KEEP_LORA if keep_lora else Target.ONNX_MERGE
+    model, index, table, loaded, compiled, steps = _compiled(
+        base_path, adapter_paths, ckpt, initial_adapter, allow_nonfinite, layout, target
+    )
     protected = _inputs(base_path, adapter_paths, model, initial_adapter, base_weights)
     genai = genai_files(base_path, Path(output), protected) if output is not None else None
     if genai is not None:
         protected += genai.sources
     if external_data is None:  # decided by the base, before edits move tensors into memory
         external_data = needs_external_data(model)
-    target = Target.ONNX_KEEP_LORA if keep_lora else Target.ONNX_MERGE
-    loaded = [
-        _load(p, ckpt, initial_adapter, allow_nonfinite, layout, target=target)
-        for p in adapter_paths
-    ]
-    lift_weight_constants(model.graph)
-    index = GraphIndex(model)
-    table, compiled, steps = _bind_all(index, loaded, ckpt, base_path, target)
     notes = [n for a in compiled for n in a.notes]
     report = OnnxReport(
         base=str(base_path),
