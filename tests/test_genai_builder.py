@@ -81,10 +81,12 @@ def test_merged_matches_peft(case: str, tmp_path: Path, expected: dict[str, np.n
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_keep_lora_matches_peft(case: str, tmp_path: Path, expected: dict[str, np.ndarray]) -> None:
-    """Default slots hold the adapter; the adapter file activated gives the same logits."""
+def test_filled_slots_match_peft(
+    case: str, tmp_path: Path, expected: dict[str, np.ndarray]
+) -> None:
+    """Filled slot defaults hold the adapter; the adapter file activated gives the same logits."""
     out = tmp_path / "slots.onnx"
-    loracc.export_onnx(BASE, ADAPTERS / case, out, keep_lora=True)
+    loracc.export_onnx(BASE, ADAPTERS / case, out, keep_lora=True, empty_slots=False)
     ids = expected["input_ids"]
     assert rel_error(logits(out, ids), expected[case]) <= TOLERANCE
     file = out.with_suffix(".onnx_adapter")
@@ -95,10 +97,10 @@ def test_keep_lora_matches_peft(case: str, tmp_path: Path, expected: dict[str, n
 def test_empty_slots_are_the_base(
     case: str, tmp_path: Path, expected: dict[str, np.ndarray]
 ) -> None:
-    """PEFT's saved ``lm_head`` base weight equals the graph's, so nothing is baked in: the
-    plain model is the base and the adapter lives in the file only."""
+    """Keep-lora's default, empty slots: PEFT's saved ``lm_head`` base weight equals the
+    graph's, so nothing is baked in; the plain model is the base, the adapter is in the file."""
     out = tmp_path / "empty.onnx"
-    report = loracc.export_onnx(BASE, ADAPTERS / case, out, keep_lora=True, empty_slots=True)
+    report = loracc.export_onnx(BASE, ADAPTERS / case, out, keep_lora=True)
     assert report.baked == []
     ids = expected["input_ids"]
     assert rel_error(logits(out, ids), expected["base"]) <= TOLERANCE
@@ -240,7 +242,7 @@ def test_genai_folder_hot_swap(tmp_path: Path, expected: dict[str, np.ndarray]) 
     folder = tmp_path / "slots"
     out = folder / "model.onnx"
     pair = [ADAPTERS / "lora_lm_head", ADAPTERS / "dora_lm_head"]
-    report = loracc.export_onnx(BASE, pair, out, keep_lora=True, empty_slots=True)
+    report = loracc.export_onnx(BASE, pair, out, keep_lora=True)
     files = {Path(f["adapter"]).name: f["file"] for f in report.adapter_files}
     og = pytest.importorskip("onnxruntime_genai")
     model = og.Model(str(folder))
