@@ -11,3 +11,8 @@ python -m pip show torch >/dev/null 2>&1 || python -m pip install -q torch==2.13
 python -m pip install -q -e ".[dev]"
 # onnxruntime and onnxruntime-gpu ship the same module and must not be installed together.
 python -c "import onnxruntime" 2>/dev/null || python -m pip install -q -e ".[ort]"
+# onnxruntime-genai (its tests: og.Model, og.Adapters) depends on the CPU onnxruntime wheel: only
+# where that is the runtime, so it never brings a second runtime beside onnxruntime-gpu.
+if ! python -m pip show onnxruntime-gpu >/dev/null 2>&1; then
+  python -m pip show onnxruntime-genai >/dev/null 2>&1 || python -m pip install -q onnxruntime-genai
+fi
