@@ -49,6 +49,7 @@ from loracc.lower.onnx.index import (
     param_modules,
     read_ref,
 )
+from loracc.lower.onnx.quant import QUANT_OPS
 
 if TYPE_CHECKING:
     from loracc.io.checkpoint import Checkpoint
@@ -62,8 +63,8 @@ __all__ = [
 ]
 
 _KIND_OPS = {
-    SiteKind.LINEAR: ("MatMul", "Gemm"),
-    SiteKind.CONV1D: ("MatMul", "Gemm"),
+    SiteKind.LINEAR: ("MatMul", "Gemm", *QUANT_OPS),
+    SiteKind.CONV1D: ("MatMul", "Gemm", *QUANT_OPS),
     SiteKind.PARAMETER: ("MatMul", "Gemm"),
     SiteKind.EMBEDDING: ("Gather",),
     SiteKind.CONV: ("Conv",),
@@ -192,7 +193,7 @@ def _owner(site: Site) -> str:
 
 
 def _shape_fits(use: WeightUse, shape: tuple[int, ...]) -> bool:
-    have = tuple(int(d) for d in use.init.const_value.shape)  # type: ignore[union-attr]
+    have = use.shape
     if use.transposed:
         return len(shape) == 2 and have == shape[::-1]
     return have == shape
@@ -252,8 +253,8 @@ class _Binder:
         found = []
         for op in ops:
             for use in self.by_op[op]:
-                if not _shape_fits(use, shape):
-                    continue
+                if use.quant is not None or not _shape_fits(use, shape):
+                    continue  # a quantized weight never equals the float base
                 if self.signature(use.init) != want:
                     continue
                 got = read_ref(use, dtype=expected.dtype)
@@ -291,7 +292,7 @@ class _Binder:
         use: WeightUse,
         parent: str,
     ) -> tuple[int, int] | None:
-        shape = tuple(int(d) for d in use.init.const_value.shape)  # type: ignore[union-attr]
+        shape = use.shape
         total = shape[1] if use.transposed else shape[0]
         fan_in = shape[0] if use.transposed else shape[1]
         if fan_in != site.lora_A.shape[1]:
@@ -369,7 +370,7 @@ def _bind_site(binder: _Binder, site: Site, siblings: dict[str, Site]) -> Bindin
             u = uses[0]
             raise LoweringError(
                 f"{site.module}: bound to node '{u.node_name}' by {how}, but its weight "
-                f"'{u.init.name}' is {list(u.init.const_value.shape)} "  # type: ignore[union-attr]
+                f"'{u.init.name}' is {list(u.shape)} "
                 f"and the adapter's factors give {list(shape)}"
             )
     if binder.base is not None and site.target in binder.base:

@@ -13,6 +13,10 @@ Gather     0        the embedding table (num, dim)
 Conv       1        W (out, in, *k)
 =========  =======  ==================================================================
 
+Quantized Linear weights (``MatMulNBits``, ``quantize_dynamic``'s ``MatMulInteger``) are uses
+too, with their :mod:`~loracc.lower.onnx.quant` scheme: their reference weight is the dequantized
+one (``MatMulNBits``: (N, K), not transposed; ``MatMulInteger``: (K, N), transposed).
+
 The reference orientation is the site's logical one: (out, in) for Linear, Conv1D and 2-D
 target parameters (ΔW = s·B@A), (num, dim) for embeddings, (out, in, *k) for convolutions. A use
 records whether its initializer is stored transposed to it. The index only reads the graph;
@@ -31,6 +35,7 @@ import onnx_ir as ir
 import torch
 
 from loracc.io.onnx_model import tensor_to_torch
+from loracc.lower.onnx.quant import NBitsScheme, QuantScheme, scheme_of
 
 __all__ = [
     "COMPUTE_OPS",
@@ -68,6 +73,7 @@ class WeightUse:
         transposed: whether the initializer holds the reference orientation transposed.
         scope: the node's module path, when the graph says it.
         names: parameter names the initializer is known by (its name, folded_from).
+        quant: the quantization scheme of a quantized weight, else None.
     """
 
     node: ir.Node
@@ -77,6 +83,7 @@ class WeightUse:
     transposed: bool
     scope: str | None
     names: tuple[str, ...]
+    quant: QuantScheme | None = None
 
     @property
     def op(self) -> str:
@@ -85,6 +92,13 @@ class WeightUse:
     @property
     def node_name(self) -> str:
         return self.node.name or f"<{self.node.op_type}>"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The initializer's shape as a float weight (``MatMulNBits``: (N, K))."""
+        if isinstance(self.quant, NBitsScheme):
+            return self.quant.shape
+        return tuple(int(d) for d in self.init.const_value.shape)  # type: ignore[union-attr]
 
     @property
     def named(self) -> bool:
@@ -105,7 +119,7 @@ class WeightUse:
         evidence). A builder's ``lm_head.MatMul.weight`` read the same way shows nothing: the
         builder transposed it when it wrote the graph."""
         transposes = any(p.op_type == "Transpose" for p in self.path)
-        return self.own_parameter and self.transposed and not transposes
+        return self.quant is None and self.own_parameter and self.transposed and not transposes
 
 
 def _generic(name: str) -> bool:
@@ -174,6 +188,9 @@ class GraphIndex:
         self.uses: list[WeightUse] = []
         self.near_misses: dict[str, list[str]] = defaultdict(list)
         for node in self.graph:
+            if node.op_type in _QUANTIZED and (use := self._quantized(node)) is not None:
+                self.uses.append(use)
+                continue
             if node.domain not in ("", "ai.onnx"):
                 if node.op_type in _QUANTIZED:
                     self._note(node, f"{node.op_type} (quantized weights)")
@@ -194,6 +211,27 @@ class GraphIndex:
         scope = node_scope(node)
         if scope:
             self.near_misses[scope].append(f"{node.name or node.op_type}: {what}")
+
+    def _quantized(self, node: ir.Node) -> WeightUse | None:
+        scheme = scheme_of(node)
+        weight = node.inputs[1] if len(node.inputs) > 1 else None
+        if (
+            scheme is None
+            or weight is None
+            or not weight.is_initializer()
+            or weight.const_value is None
+        ):
+            return None
+        return WeightUse(
+            node=node,
+            operand=1,
+            init=weight,
+            path=(),
+            transposed=scheme.transposed,
+            scope=node_scope(scheme.output_node) or node_scope(node),
+            names=(weight.name,) if weight.name else (),
+            quant=scheme,
+        )
 
     def _trace(self, node: ir.Node, operand: int) -> WeightUse | None:
         value = node.inputs[operand]
@@ -299,8 +337,11 @@ def _trace_plain(value: ir.Value) -> ir.Value | None:
 
 
 def read_ref(use: WeightUse, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The use's initializer in the reference orientation (a fresh tensor)."""
+    """The use's initializer in the reference orientation (a fresh tensor; dequantized)."""
     tensor = use.init.const_value
     assert tensor is not None
-    t = tensor_to_torch(tensor, dtype)
+    if use.quant is not None:
+        t = use.quant.dequantize(tensor).to(dtype)
+    else:
+        t = tensor_to_torch(tensor, dtype)
     return t.T.contiguous() if use.transposed else t

@@ -53,6 +53,7 @@ from loracc.io.onnx_model import tensor_to_torch, torch_dtype, torch_to_tensor
 from loracc.ir import PLAIN_INITS, Adapter, Site, SiteKind
 from loracc.lower.onnx.bind import BindingTable
 from loracc.lower.onnx.index import GraphIndex, WeightUse
+from loracc.lower.onnx.quant import QUANT_OPS
 from loracc.lower.onnx.surgery import unique_name
 from loracc.lower.onnx.weights import BaseEntry, OnnxBase
 
@@ -145,9 +146,7 @@ def plan_groups(table: BindingTable, adapters: Sequence[Adapter]) -> list[SlotGr
             b = table.sites[site.module]
             key = b.fused or site.module
             use = b.uses[0]
-            weight = use.init.const_value
-            assert weight is not None
-            w_shape = [int(d) for d in weight.shape]
+            w_shape = list(use.shape)
             ref = w_shape[::-1] if use.transposed else w_shape
             group = groups.get(key)
             if group is None:
@@ -181,7 +180,11 @@ def plan_groups(table: BindingTable, adapters: Sequence[Adapter]) -> list[SlotGr
 
 
 def _branch_dtype(use: WeightUse) -> int:
-    """The dtype the node computes in: its activation input, else its weight after casts."""
+    """The dtype the node computes in: its activation input, else its weight after casts
+    (a quantized weight: its float input, else its scales' dtype)."""
+    if use.quant is not None:
+        x = use.quant.activation
+        return _elem(x.dtype if x.dtype is not None else use.quant.float_dtype)
     if use.op != "Gather":
         x = use.node.inputs[0]
         if x is not None and x.dtype is not None:
@@ -337,7 +340,10 @@ def insert_slots(
             for name, dims in _slot_dims(group).items()
         }
         for use in uses_of[group.key]:
-            _branch(graph, taken, use.node, group, slots)
+            if use.quant is not None:  # float input and output around the quantized node(s)
+                _branch(graph, taken, use.quant.output_node, group, slots, use.quant.activation)
+            else:
+                _branch(graph, taken, use.node, group, slots)
     index.model.metadata_props[MANIFEST_KEY] = json.dumps(
         {"version": MANIFEST_VERSION, "groups": [g.to_json() for g in groups]}, sort_keys=True
     )
@@ -354,9 +360,15 @@ def _const(
 
 
 def _branch(
-    graph: ir.Graph, taken: set[str], node: ir.Node, group: SlotGroup, slots: dict[str, ir.Value]
+    graph: ir.Graph,
+    taken: set[str],
+    node: ir.Node,
+    group: SlotGroup,
+    slots: dict[str, ir.Value],
+    x: ir.Value | None = None,
 ) -> None:
-    op = node.op_type
+    """Add the branch of ``x`` (default: ``node``'s first input) to ``node``'s output."""
+    op = "MatMul" if group.op in QUANT_OPS else node.op_type
     prefix = f"/{group.key.replace('.', '/')}/lora"
     new: list[ir.Node] = []
 
@@ -374,7 +386,7 @@ def _branch(
 
     A, B = slots[group.A], slots[group.B]
     if op in ("MatMul", "Gemm"):
-        a = emit("MatMul", [node.inputs[0], A], "A/MatMul")
+        a = emit("MatMul", [x if x is not None else node.inputs[0], A], "A/MatMul")
         b = emit("MatMul", [a, B], "B/MatMul")
         alpha = node.attributes.get("alpha")
         if op == "Gemm" and alpha is not None and alpha.as_float() != 1.0:

@@ -1,0 +1,275 @@
+"""Quantized weight uses: onnxruntime's int4/int8 ``MatMulNBits`` and int8 ``MatMulInteger``.
+
+Two schemes are recognised as the weight use of a Linear module (the site's weight in the
+reference orientation (out, in) = (N, K) is their dequantized weight):
+
+``com.microsoft::MatMulNBits`` (onnxruntime-genai ``-p int4``, onnxruntime.quantization's
+``MatMulNBitsQuantizer``): inputs ``A, B, scales[, zero_points[, g_idx[, bias]]]``, attributes
+``K, N, bits, block_size[, accuracy_level]``. ``B`` is (N, k_blocks, blob) uint8, each row's
+K values in blocks of ``block_size`` (the last padded), ``8 / bits`` values per byte, low bits
+first; ``scales`` (N·k_blocks) in the activation dtype; ``zero_points`` packed the same way
+(absent: ``2^(bits-1)``). With ``b = k // block_size``:
+``W[n, k] = (q[n, k] - zp[n, b]) · scale[n, b]``.
+
+``MatMulInteger`` as ``quantize_dynamic`` writes it: ``x`` → ``DynamicQuantizeLinear`` →
+``MatMulInteger(x_q, W_q, x_zp, w_zp)`` → ``Cast`` → ``Mul(·, x_scale · w_scale)``. ``W_q`` is
+(K, N) int8/uint8 with a per-tensor or per-column scale and zero point; the float input of the
+``DynamicQuantizeLinear`` and the output of the final ``Mul`` are the Linear's input and output.
+
+Keep-lora leaves the quantized node as it is and adds the float LoRA branch from the Linear's
+float input to its float output. A merge into ``MatMulNBits`` dequantizes, adds the delta in
+fp32, and requantizes with onnxruntime's own block quantizer (``quantize_matmul_4bits`` /
+``quantize_matmul_8bits``) and the node's scheme (bits, block size, zero points or symmetric);
+the node and its attributes (``accuracy_level`` included) stay. ``MatMulInteger`` merges are
+refused: the weight scale is a constant the activation-scale ``Mul`` shares.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from loracc.errors import UnsupportedError
+
+__all__ = ["QUANT_OPS", "IntegerScheme", "NBitsScheme", "QuantScheme", "scheme_of"]
+
+QUANT_OPS = ("MatMulNBits", "MatMulInteger")
+_NBITS_ATTRS = frozenset({"K", "N", "bits", "block_size", "accuracy_level"})
+
+
+def _initializer(value: ir.Value | None) -> ir.Value | None:
+    return value if value is not None and value.const_value is not None else None
+
+
+def _tensor(value: ir.Value) -> ir.TensorProtocol:
+    """The constant of an initializer :func:`_initializer` accepted."""
+    tensor = value.const_value
+    assert tensor is not None
+    return tensor
+
+
+def _shape(value: ir.Value) -> tuple[int, ...]:
+    return tuple(int(d) for d in _tensor(value).shape)
+
+
+def _unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """(rows, ...) packed uint8 → (rows, count) values, low bits first."""
+    rows = packed.shape[0]
+    flat = packed.reshape(rows, -1)
+    if bits == 8:
+        return flat[:, :count].astype(np.int32)
+    per = 8 // bits
+    mask = (1 << bits) - 1
+    parts = [(flat >> (bits * i)) & mask for i in range(per)]
+    return np.stack(parts, axis=-1).reshape(rows, -1)[:, :count].astype(np.int32)
+
+
+@dataclass(frozen=True)
+class NBitsScheme:
+    """A ``MatMulNBits`` node's block quantization."""
+
+    node: ir.Node
+    K: int
+    N: int
+    bits: int
+    block_size: int
+    scales: ir.Value
+    zero_points: ir.Value | None
+    refusal: str | None
+
+    @property
+    def op(self) -> str:
+        return "MatMulNBits"
+
+    @property
+    def activation(self) -> ir.Value:
+        x = self.node.inputs[0]
+        assert x is not None
+        return x
+
+    @property
+    def output_node(self) -> ir.Node:
+        return self.node
+
+    @property
+    def float_dtype(self) -> ir.DataType:
+        return _tensor(self.scales).dtype
+
+    @property
+    def k_blocks(self) -> int:
+        return (self.K + self.block_size - 1) // self.block_size
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The dequantized weight (N, K): the reference orientation, not transposed."""
+        return (self.N, self.K)
+
+    @property
+    def transposed(self) -> bool:
+        return False
+
+    def dequantize(self, packed: ir.TensorProtocol) -> torch.Tensor:
+        """The (N, K) fp32 weight the node computes with."""
+        q = _unpack(packed.numpy(), self.bits, self.k_blocks * self.block_size)
+        scales = _tensor(self.scales).numpy().astype(np.float32)
+        scales = scales.reshape(self.N, self.k_blocks)
+        if self.zero_points is not None:
+            zp_bytes = _tensor(self.zero_points).numpy()
+            zp = _unpack(zp_bytes.reshape(self.N, -1), self.bits, self.k_blocks)
+        else:
+            zp = np.full((self.N, self.k_blocks), 1 << (self.bits - 1), dtype=np.int32)
+        q = q.reshape(self.N, self.k_blocks, self.block_size) - zp[:, :, None]
+        w = (q.astype(np.float32) * scales[:, :, None]).reshape(self.N, -1)[:, : self.K]
+        return torch.from_numpy(np.ascontiguousarray(w))
+
+    def quantize(self, weight: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """``weight`` (N, K) requantized by onnxruntime's block quantizer with this scheme:
+        (packed B, scales, zero points or None), each in its initializer's shape and dtype."""
+        if self.refusal is not None:
+            raise UnsupportedError(self.refusal)
+        from onnxruntime.capi import _pybind_state as ort_c
+
+        quantizer = {4: ort_c.quantize_matmul_4bits, 8: ort_c.quantize_matmul_8bits}[self.bits]
+        dtype = np.float16 if self.float_dtype == ir.DataType.FLOAT16 else np.float32
+        k_blocks, per = self.k_blocks, 8 // self.bits
+        rows = k_blocks * self.block_size
+        padded = np.zeros((rows, self.N), dtype=dtype)
+        padded[: self.K] = weight.T.to(torch.float32).numpy().astype(dtype)
+        packed = np.zeros((self.N, k_blocks, (self.block_size + per - 1) // per), dtype=np.uint8)
+        zero_points = np.zeros((self.N, (k_blocks + per - 1) // per), dtype=np.uint8)
+        scales = np.zeros((self.N, k_blocks), dtype=dtype)
+        symmetric = self.zero_points is None
+        quantizer(packed, padded, scales, zero_points, self.block_size, self.N, rows, symmetric)
+        weight_input = self.node.inputs[1]
+        assert weight_input is not None
+        packed = packed.reshape(_shape(weight_input))
+        scales = scales.reshape(_shape(self.scales))
+        if self.zero_points is None:
+            return packed, scales, None
+        return packed, scales, zero_points.reshape(_shape(self.zero_points))
+
+
+@dataclass(frozen=True)
+class IntegerScheme:
+    """A ``MatMulInteger`` node of ``quantize_dynamic``'s pattern (int8 weight, dynamic input)."""
+
+    node: ir.Node
+    activation: ir.Value
+    output_node: ir.Node
+    scale: ir.Value
+    zero_point: ir.Value | None
+
+    @property
+    def op(self) -> str:
+        return "MatMulInteger"
+
+    @property
+    def refusal(self) -> str:
+        return (
+            f"{self.node.name or 'MatMulInteger'}: merging into a MatMulInteger (int8 dynamic "
+            "quantization) base is not supported; export with --keep-lora, or merge into the "
+            "float model and quantize it again"
+        )
+
+    @property
+    def float_dtype(self) -> ir.DataType:
+        return _tensor(self.scale).dtype
+
+    @property
+    def transposed(self) -> bool:
+        return True
+
+    def dequantize(self, weight: ir.TensorProtocol) -> torch.Tensor:
+        """The (K, N) fp32 weight (stored orientation)."""
+        q = weight.numpy().astype(np.float32)
+        scale = _tensor(self.scale).numpy().astype(np.float32)
+        zp = (
+            _tensor(self.zero_point).numpy().astype(np.float32)
+            if self.zero_point is not None
+            else np.float32(0)
+        )
+        return torch.from_numpy(np.ascontiguousarray((q - zp) * scale))
+
+
+QuantScheme = NBitsScheme | IntegerScheme
+
+
+def _nbits(node: ir.Node) -> NBitsScheme | None:
+    attrs = {k: a.value for k, a in node.attributes.items()}
+    inputs = list(node.inputs) + [None] * 6
+    scales = _initializer(inputs[2])
+    if scales is None or not all(k in attrs for k in ("K", "N", "bits", "block_size")):
+        return None
+    zero_points = _initializer(inputs[3]) if inputs[3] is not None else None
+    where = node.name or "MatMulNBits"
+    refusal = None
+    if inputs[3] is not None and zero_points is None:
+        return None
+    if zero_points is not None and _tensor(zero_points).dtype != ir.DataType.UINT8:
+        refusal = f"{where}: float zero points cannot be requantized by onnxruntime's quantizer"
+    if inputs[4] is not None:
+        refusal = (
+            f"{where}: MatMulNBits with g_idx (GPTQ act-order) cannot be requantized: the "
+            "group order is not derivable from the weight; export with --keep-lora"
+        )
+    unknown = sorted(set(attrs) - _NBITS_ATTRS)
+    if unknown:
+        refusal = f"{where}: MatMulNBits attributes {unknown} are unknown; cannot requantize"
+    if int(attrs["bits"]) not in (4, 8):
+        refusal = f"{where}: MatMulNBits bits={attrs['bits']} cannot be requantized (4 or 8)"
+    scale_dtype = _tensor(scales).dtype
+    if scale_dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
+        refusal = f"{where}: MatMulNBits scales of {scale_dtype.name} cannot be requantized"
+    return NBitsScheme(
+        node=node,
+        K=int(attrs["K"]),
+        N=int(attrs["N"]),
+        bits=int(attrs["bits"]),
+        block_size=int(attrs["block_size"]),
+        scales=scales,
+        zero_points=zero_points,
+        refusal=refusal,
+    )
+
+
+def _only_consumer(value: ir.Value, op: str) -> ir.Node | None:
+    consumers = value.consumers()
+    return consumers[0] if len(consumers) == 1 and consumers[0].op_type == op else None
+
+
+def _integer(node: ir.Node) -> IntegerScheme | None:
+    inputs = list(node.inputs) + [None] * 4
+    quantize = inputs[0].producer() if inputs[0] is not None else None
+    if quantize is None or quantize.op_type != "DynamicQuantizeLinear":
+        return None
+    x = quantize.inputs[0]
+    cast = _only_consumer(node.outputs[0], "Cast")
+    mul = _only_consumer(cast.outputs[0], "Mul") if cast is not None else None
+    if x is None or mul is None:
+        return None
+    scales = [v for v in mul.inputs if v is not None and v.producer() is not cast]
+    combine = scales[0].producer() if len(scales) == 1 else None
+    if combine is None or combine.op_type != "Mul":
+        return None
+    x_scale = quantize.outputs[1]
+    weight_scales = [v for v in combine.inputs if v is not x_scale]
+    if len(weight_scales) != 1 or _initializer(weight_scales[0]) is None:
+        return None
+    zero_point = _initializer(inputs[3])
+    if inputs[3] is not None and zero_point is None:
+        return None
+    weight_scale = weight_scales[0]
+    assert weight_scale is not None
+    return IntegerScheme(node, x, mul, weight_scale, zero_point)
+
+
+def scheme_of(node: ir.Node) -> QuantScheme | None:
+    """The scheme of a quantized node whose weight loracc can read, else None."""
+    if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
+        return _nbits(node)
+    if node.op_type == "MatMulInteger" and node.domain in ("", "ai.onnx"):
+        return _integer(node)
+    return None

@@ -1,0 +1,204 @@
+"""Keep-lora and merge on quantized ONNX bases (int4/int8 ``MatMulNBits``, int8 ``MatMulInteger``).
+
+The bases are a tiny Llama exported by TorchScript (as in test_onnx_export.py) and quantized by
+onnxruntime's own tools: ``MatMulNBitsQuantizer`` (int4, block 16, asymmetric or symmetric) and
+``quantize_dynamic`` (int8 weights, dynamic uint8 activations).
+
+**Reference** (independent of loracc): the quantized base computes with dequantized weights, so
+the float model whose Linear weights are replaced by those dequantized weights (dequantized here
+from MatMulNBits' definition, in numpy) *is* the int4 base in float. PEFT's unmerged forward with
+the adapter on that float model is then exactly "the int4 base plus PEFT's LoRA branch" through
+the whole network; the int4 keep-lora export must match it to fp32 tolerance. (The int4 base's
+own output minus the float base's is not a valid reference: LoRA's effect is not additive through
+the network.) For int8 dynamic quantization the activations are quantized too, so the same
+reference carries the base's activation-quantization error; the keep-lora error must stay at that
+level while the adapter's effect is far above it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import peft_oracle as po
+import pytest
+import test_onnx_export as te
+import torch
+
+import loracc
+from loracc.errors import UnsupportedError
+
+pytest.importorskip("onnxruntime")
+
+SPEC = po.CaseSpec(
+    "llama",
+    dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]),
+)
+BLOCK = 16
+KEEP_LORA_RTOL = 1e-4
+
+
+def _nbits(path: Path, out: Path, *, symmetric: bool, bits: int = 4) -> Path:
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    config = DefaultWeightOnlyQuantConfig(block_size=BLOCK, is_symmetric=symmetric, bits=bits)
+    q = MatMulNBitsQuantizer(onnx.load(str(path)), algo_config=config)
+    q.process()
+    q.model.save_model_to_file(str(out))
+    return out
+
+
+def _dynamic(path: Path, out: Path) -> Path:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8)
+    return out
+
+
+def _module(node_name: str) -> str:
+    """``/m/model/layers.0/self_attn/q_proj/MatMul_Q4`` → ``model.layers.0.self_attn.q_proj``."""
+    parts = [p for p in node_name.split("/")[1:-1] if p]
+    return ".".join(parts[1:])  # drop the export wrapper's ``m``
+
+
+def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
+    rows = packed.shape[0]
+    flat = packed.reshape(rows, -1).astype(np.int32)
+    per = 8 // bits
+    return np.stack([(flat >> (bits * i)) & ((1 << bits) - 1) for i in range(per)], -1).reshape(
+        rows, -1
+    )
+
+
+def dequantized_weights(path: Path) -> dict[str, torch.Tensor]:
+    """``<module>.weight`` (out, in) of every quantized node, dequantized as the ops define."""
+    model = onnx.load(str(path))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    out: dict[str, torch.Tensor] = {}
+    for node in model.graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "MatMulNBits":
+            K, N, bits, bs = attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]
+            nb = (K + bs - 1) // bs
+            q = _unpack(inits[node.input[1]], bits)[:, : nb * bs].reshape(N, nb, bs)
+            scales = inits[node.input[2]].reshape(N, nb).astype(np.float32)
+            if len(node.input) > 3 and node.input[3]:
+                zp = _unpack(inits[node.input[3]].reshape(N, -1), bits)[:, :nb]
+            else:
+                zp = np.full((N, nb), 1 << (bits - 1))
+            w = ((q - zp[:, :, None]) * scales[:, :, None]).reshape(N, -1)[:, :K]
+            out[_module(node.name) + ".weight"] = torch.from_numpy(w.astype(np.float32))
+        elif node.op_type == "MatMulInteger":
+            w = inits[node.input[1]].astype(np.float32)
+            zp = inits[node.input[3]].astype(np.float32) if len(node.input) > 3 else 0.0
+            scale_name = node.input[1].removesuffix("_quantized") + "_scale"
+            w = (w - zp) * inits[scale_name].astype(np.float32)
+            out[_module(node.name) + ".weight"] = torch.from_numpy(np.ascontiguousarray(w.T))
+    return out
+
+
+def reference_logits(case: po.Case, weights: dict[str, torch.Tensor], adapter: Path | None) -> Any:
+    """Logits of the float model holding ``weights`` (PEFT unmerged with ``adapter``)."""
+    from peft import PeftModel
+
+    model = po.load_model(case.base_dir, case.arch)
+    state = model.state_dict()
+    assert set(weights) <= set(state), sorted(set(weights) - set(state))
+    with torch.no_grad():
+        for key, w in weights.items():
+            state[key].copy_(w)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter)).eval()
+    return po.model_output(model, case.inputs)
+
+
+class QuantCases:
+    def __init__(self, tmp: pytest.TempPathFactory) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            root = tmp.mktemp("quant")
+            self.case = po.build_case("llama_quant", root / "case", SPEC)
+            self.float_path = te.export_torchscript(self.case, root / "model.onnx")
+        self.root = root
+        self._bases: dict[str, Path] = {}
+
+    def base(self, how: str) -> Path:
+        if how not in self._bases:
+            out = self.root / f"{how}.onnx"
+            if how == "int4":
+                _nbits(self.float_path, out, symmetric=False)
+            elif how == "int4sym":
+                _nbits(self.float_path, out, symmetric=True)
+            elif how == "int8nbits":
+                _nbits(self.float_path, out, symmetric=False, bits=8)
+            elif how == "int8dyn":
+                _dynamic(self.float_path, out)
+            else:
+                raise AssertionError(how)
+            self._bases[how] = out
+        return self._bases[how]
+
+
+@pytest.fixture(scope="module")
+def qc(tmp_path_factory: pytest.TempPathFactory) -> QuantCases:
+    return QuantCases(tmp_path_factory)
+
+
+@pytest.mark.parametrize("how", ["int4", "int4sym", "int8nbits"])
+def test_keep_lora_on_nbits_matches_peft_on_dequantized_base(
+    qc: QuantCases, tmp_path: Path, how: str
+) -> None:
+    base = qc.base(how)
+    weights = dequantized_weights(base)
+    assert len(weights) == 2 * 7 + 1  # every Linear of both layers and lm_head
+    float_base = reference_logits(qc.case, weights, None)
+    te.assert_close(te.run(base, qc.case), float_base, f"{how} base vs dequantized float")
+    ref = reference_logits(qc.case, weights, qc.case.adapter_dir)
+    assert po.rel_err(ref, float_base) > 1e-2  # the adapter matters
+
+    out = tmp_path / "out.onnx"
+    report = loracc.export_onnx(base, qc.case.adapter_dir, out, keep_lora=True)
+    assert {b["op"] for b in report.bindings} == {"MatMulNBits"}
+    te.assert_close(te.run(out, qc.case), ref, f"{how} keep-lora", KEEP_LORA_RTOL)
+    kept = [n for n in onnx.load(str(out)).graph.node if n.op_type == "MatMulNBits"]
+    assert len(kept) == 15  # the quantized nodes stay
+
+    empty = tmp_path / "empty.onnx"
+    loracc.export_onnx(base, qc.case.adapter_dir, empty, keep_lora=True, empty_slots=True)
+    te.assert_close(te.run(empty, qc.case), float_base, f"{how} empty slots", KEEP_LORA_RTOL)
+    adapter_file = empty.with_suffix(".onnx_adapter")
+    te.assert_close(te.run(empty, qc.case, adapter_file), ref, f"{how} file", KEEP_LORA_RTOL)
+
+
+def test_keep_lora_on_dynamic_int8(qc: QuantCases, tmp_path: Path) -> None:
+    base = qc.base("int8dyn")
+    weights = dequantized_weights(base)
+    assert len(weights) == 2 * 7 + 1
+    float_base = reference_logits(qc.case, weights, None)
+    base_err = po.rel_err(te.run(base, qc.case), float_base)  # activation quantization
+    ref = reference_logits(qc.case, weights, qc.case.adapter_dir)
+    effect = po.rel_err(ref, float_base)
+
+    out = tmp_path / "out.onnx"
+    report = loracc.export_onnx(base, qc.case.adapter_dir, out, keep_lora=True)
+    assert {b["op"] for b in report.bindings} == {"MatMulInteger"}
+    err = po.rel_err(te.run(out, qc.case), ref)
+    assert err <= 2 * base_err + KEEP_LORA_RTOL, (err, base_err)
+    assert effect > 10 * err, (effect, err)
+    # The branch reads the float input: with empty slots the model is the int8 base bit for bit.
+    empty = tmp_path / "empty.onnx"
+    loracc.export_onnx(base, qc.case.adapter_dir, empty, keep_lora=True, empty_slots=True)
+    assert torch.equal(te.run(empty, qc.case), te.run(base, qc.case))
+
+
+def test_merge_into_dynamic_int8_is_refused(qc: QuantCases, tmp_path: Path) -> None:
+    out = tmp_path / "out.onnx"
+    with pytest.raises(UnsupportedError, match="MatMulInteger"):
+        loracc.export_onnx(qc.base("int8dyn"), qc.case.adapter_dir, out)
+    assert not out.exists()
