@@ -202,3 +202,99 @@ def test_merge_into_dynamic_int8_is_refused(qc: QuantCases, tmp_path: Path) -> N
     with pytest.raises(UnsupportedError, match="MatMulInteger"):
         loracc.export_onnx(qc.base("int8dyn"), qc.case.adapter_dir, out)
     assert not out.exists()
+
+
+def _nbits_nodes(path: Path) -> dict[str, Any]:
+    """module → (MatMulNBits node, {input name: array}) of a quantized model."""
+    model = onnx.load(str(path))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    return {
+        _module(n.name): (n, {name: inits[name] for name in n.input[1:] if name in inits})
+        for n in model.graph.node
+        if n.op_type == "MatMulNBits"
+    }
+
+
+@pytest.mark.parametrize("how", ["int4", "int4sym", "int8nbits"])
+def test_requantizing_the_float_weight_gives_onnxruntime_bytes(qc: QuantCases, how: str) -> None:
+    """loracc's requantization is onnxruntime's: the float base weights, quantized by the
+    scheme loracc reads off each node, equal the quantizer's tensors byte for byte."""
+    import onnx_ir as ir
+
+    from loracc.lower.onnx.index import GraphIndex
+
+    index = GraphIndex(ir.load(str(qc.base(how))))
+    state = qc.case.base_tensors
+    uses = [u for u in index.uses if u.quant is not None]
+    assert len(uses) == 15
+    want = _nbits_nodes(qc.base(how))
+    for use in uses:
+        module = _module(use.node.name)
+        packed, scales, zero_points = use.quant.quantize(state[f"{module}.weight"])
+        _, arrays = want[module]
+        got = [packed, scales] + ([zero_points] if zero_points is not None else [])
+        assert len(got) == len(arrays), module
+        for mine, theirs in zip(got, arrays.values(), strict=True):
+            assert mine.dtype == theirs.dtype and mine.shape == theirs.shape, module
+            assert mine.tobytes() == theirs.tobytes(), module
+
+
+@pytest.mark.parametrize("how", ["int4", "int4sym", "int8nbits"])
+def test_merge_requantizes_nbits(qc: QuantCases, tmp_path: Path, how: str) -> None:
+    """Merged into an int4/int8 base: each targeted weight is dequant(base) + ΔW (PEFT's
+    s·B@A) requantized by the node's own scheme, every element within half a quantization step
+    of the float merge (a full step when symmetric: the range [-2^(b-1), 2^(b-1)-1] is lopsided,
+    so the side of the block's absolute maximum that is not mapped to -2^(b-1) clips by up to
+    one step); untargeted weights keep their bytes; the model's output is within the
+    requantization error of PEFT on the dequantized float base (the float merge)."""
+    base = qc.base(how)
+    out = tmp_path / "merged.onnx"
+    report = loracc.export_onnx(base, qc.case.adapter_dir, out)
+    assert {b["op"] for b in report.bindings} == {"MatMulNBits"}
+    before, after = _nbits_nodes(base), _nbits_nodes(out)
+    old_w, new_w = dequantized_weights(base), dequantized_weights(out)
+    targeted = {m for m in qc.case.sites}
+    assert targeted and targeted <= set(after)
+    for module, (node, arrays) in after.items():
+        if module not in targeted:
+            assert [a.tobytes() for a in arrays.values()] == [
+                a.tobytes() for a in before[module][1].values()
+            ], module
+            continue
+        float_merge = old_w[f"{module}.weight"] + po.linear_delta(qc.case, module)
+        err = (new_w[f"{module}.weight"] - float_merge).abs()
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        n, bs = attrs["N"], attrs["block_size"]
+        step = torch.from_numpy(arrays[node.input[2]].reshape(n, -1).astype(np.float32)).abs()
+        bound = step.repeat_interleave(bs, dim=1)[:, : err.shape[1]]
+        bound = bound if how == "int4sym" else bound / 2
+        assert bool((err <= bound * (1 + 1e-5) + 1e-7).all()), module
+
+    ref = reference_logits(qc.case, old_w, qc.case.adapter_dir)  # the float merge, unmerged
+    got = te.run(out, qc.case)
+    requant_err = po.rel_err(got, ref)
+    base_err = po.rel_err(te.run(base, qc.case), reference_logits(qc.case, old_w, None))
+    quant_err = po.rel_err(te.run(base, qc.case), qc.case.base_logits)  # int vs float base
+    print(f"{how}: merged-requantized vs float merge {requant_err:.3g}; base {base_err:.3g}; "
+          f"int base vs float base {quant_err:.3g}")  # fmt: skip
+    assert requant_err <= 2 * quant_err, (requant_err, quant_err)  # same order as quantizing
+    assert po.rel_err(got, te.run(base, qc.case)) > 5 * requant_err  # the merge did something
+
+
+def test_merge_refuses_g_idx(qc: QuantCases, tmp_path: Path) -> None:
+    """A MatMulNBits with g_idx (GPTQ act-order) cannot be requantized: refused, naming it."""
+    model = onnx.load(str(qc.base("int4")))
+    node = next(n for n in model.graph.node if n.op_type == "MatMulNBits" and "q_proj" in n.name)
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    g_idx = np.arange(attrs["K"], dtype=np.int32) // attrs["block_size"]
+    model.graph.initializer.append(onnx.numpy_helper.from_array(g_idx, "q_g_idx"))
+    node.input.append("q_g_idx")
+    src = tmp_path / "gidx.onnx"
+    onnx.save(model, str(src))
+    out = tmp_path / "out.onnx"
+    with pytest.raises(UnsupportedError, match="g_idx"):
+        loracc.export_onnx(src, qc.case.adapter_dir, out)
+    assert not out.exists()
+    keep = tmp_path / "keep.onnx"  # keep-lora does not touch the weight
+    loracc.export_onnx(src, qc.case.adapter_dir, keep, keep_lora=True)
+    assert keep.exists()

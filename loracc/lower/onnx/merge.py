@@ -18,6 +18,10 @@ way round; a delta is applied to the site's stored view of it (:meth:`loracc.ir.
 Nodes that read one initializer but need different edits get their own copies
 (:func:`~loracc.lower.onnx.surgery.privatize`); a reader no edit concerns keeps the original.
 
+A quantized weight (``MatMulNBits``) is dequantized to fp32, edited the same way, and
+requantized with the node's own scheme by onnxruntime's quantizer, its scales and zero points
+rewritten with it (:func:`loracc.lower.onnx.quant.requantized`); ``MatMulInteger`` is refused.
+
 Edited tensors are :class:`onnx_ir.LazyTensor` objects: nothing is read or computed until the
 model is written, one tensor at a time. NaN or Inf is refused in the tensor *as written*, after
 rounding to the initializer's dtype (a finite fp32 value that overflows fp16 is caught too).
@@ -38,6 +42,7 @@ from loracc.io.onnx_model import tensor_to_torch, torch_dtype, torch_to_tensor
 from loracc.ir import Adapter, Site, TokenRows
 from loracc.lower.onnx.bind import BindingTable, with_tied
 from loracc.lower.onnx.index import GraphIndex, Place
+from loracc.lower.onnx.quant import IntegerScheme, QuantScheme, requantized
 from loracc.lower.onnx.surgery import privatize
 
 __all__ = ["Edit", "EditPlan", "apply_edits", "merge_edits"]
@@ -55,10 +60,12 @@ class Edit:
 
 @dataclass
 class EditPlan:
-    """Edits per (initializer, reader node), in apply order; ``inits`` maps ids back."""
+    """Edits per (initializer, reader node), in apply order; ``inits`` maps ids back;
+    ``schemes``: the quantization of quantized initializers."""
 
     inits: dict[int, ir.Value] = field(default_factory=dict)
     edits: dict[tuple[int, ir.Node], list[Edit]] = field(default_factory=lambda: defaultdict(list))
+    schemes: dict[int, QuantScheme] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.edits)
@@ -155,6 +162,11 @@ def merge_edits(
     if lora:
         for site in adapter.sites:
             b = table.sites[site.module]
+            for use in b.uses:
+                if use.quant is not None:
+                    if isinstance(use.quant, IntegerScheme) or use.quant.refusal is not None:
+                        raise UnsupportedError(f"{site.module}: {use.quant.refusal}")
+                    plan.schemes[id(use.init)] = use.quant
             for place in b.places():
                 add(
                     place,
@@ -197,6 +209,18 @@ def apply_edits(
         original = plan.inits[init_id]
         source = original.const_value
         assert source is not None
+        scheme = plan.schemes.get(init_id)
+        if scheme is not None:
+            if len(by_edits) > 1:
+                raise UnsupportedError(
+                    f"quantized weight '{original.name}' is read by nodes that need different "
+                    "edits; it cannot be requantized for each"
+                )
+            (node_edits,) = [lists[key] for key in by_edits]
+            name = original.name or ""
+            requantized(scheme, source, lambda w, e=node_edits, n=name: _edited(w, e, n, None))
+            changed.append(name)
+            continue
         for n, (key, target) in enumerate(by_edits.items()):
             value = privatize(index, original, target.nodes, f"{suffix}{n}" if n else suffix)
             value.const_value = _lazy(source, lists[key], value.name or "", allow_nonfinite)
@@ -211,15 +235,32 @@ def _lazy(
 
     def compute() -> ir.TensorProtocol:
         w = tensor_to_torch(source, torch.float64 if dtype == ir.DataType.DOUBLE else torch.float32)
-        for edit in edits:
-            w = edit.apply(w)
-        w = w.to(torch_dtype(dtype))  # the one rounding; checked as written
-        if not allow_nonfinite and not kernels.all_finite(w):
-            labels = ", ".join(dict.fromkeys(e.label for e in edits))
-            raise NonFiniteError(
-                f"edited initializer '{name}' ({labels}) has NaN or Inf as "
-                f"{dtype.name} (use --allow-nonfinite to write it anyway)"
-            )
+        w = _edited(w, edits, name, allow_nonfinite, dtype)
         return torch_to_tensor(w, dtype, name=name)
 
     return ir.LazyTensor(compute, dtype=dtype, shape=ir.Shape(list(source.shape)), name=name)
+
+
+def _edited(
+    w: torch.Tensor,
+    edits: list[Edit],
+    name: str,
+    allow_nonfinite: bool | None,
+    dtype: ir.DataType = ir.DataType.FLOAT,
+) -> torch.Tensor:
+    """``w`` after ``edits``, rounded once to ``dtype``, NaN or Inf refused as written unless
+    ``allow_nonfinite``; None: a weight to requantize, which cannot hold them."""
+    for edit in edits:
+        w = edit.apply(w)
+    w = w.to(torch_dtype(dtype))  # the one rounding; checked as written
+    if not allow_nonfinite and not kernels.all_finite(w):
+        labels = ", ".join(dict.fromkeys(e.label for e in edits))
+        how = (
+            "a quantized weight cannot hold them"
+            if allow_nonfinite is None
+            else "use --allow-nonfinite to write it anyway"
+        )
+        raise NonFiniteError(
+            f"edited initializer '{name}' ({labels}) has NaN or Inf as {dtype.name} ({how})"
+        )
+    return w

@@ -26,6 +26,7 @@ refused: the weight scale is a constant the activation-scale ``Mul`` shares.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,7 +35,14 @@ import torch
 
 from loracc.errors import UnsupportedError
 
-__all__ = ["QUANT_OPS", "IntegerScheme", "NBitsScheme", "QuantScheme", "scheme_of"]
+__all__ = [
+    "QUANT_OPS",
+    "IntegerScheme",
+    "NBitsScheme",
+    "QuantScheme",
+    "requantized",
+    "scheme_of",
+]
 
 QUANT_OPS = ("MatMulNBits", "MatMulInteger")
 _NBITS_ATTRS = frozenset({"K", "N", "bits", "block_size", "accuracy_level"})
@@ -111,19 +119,30 @@ class NBitsScheme:
     def transposed(self) -> bool:
         return False
 
-    def dequantize(self, packed: ir.TensorProtocol) -> torch.Tensor:
-        """The (N, K) fp32 weight the node computes with."""
+    def dequantize(
+        self,
+        packed: ir.TensorProtocol,
+        tensors: tuple[ir.TensorProtocol, ir.TensorProtocol | None] | None = None,
+    ) -> torch.Tensor:
+        """The (N, K) fp32 weight the node computes with (``tensors``: the scales and zero
+        points to use instead of the node's current ones)."""
+        scale_t, zp_t = tensors or self.tensors()
         q = _unpack(packed.numpy(), self.bits, self.k_blocks * self.block_size)
-        scales = _tensor(self.scales).numpy().astype(np.float32)
+        scales = scale_t.numpy().astype(np.float32)
         scales = scales.reshape(self.N, self.k_blocks)
-        if self.zero_points is not None:
-            zp_bytes = _tensor(self.zero_points).numpy()
+        if zp_t is not None:
+            zp_bytes = zp_t.numpy()
             zp = _unpack(zp_bytes.reshape(self.N, -1), self.bits, self.k_blocks)
         else:
             zp = np.full((self.N, self.k_blocks), 1 << (self.bits - 1), dtype=np.int32)
         q = q.reshape(self.N, self.k_blocks, self.block_size) - zp[:, :, None]
         w = (q.astype(np.float32) * scales[:, :, None]).reshape(self.N, -1)[:, : self.K]
         return torch.from_numpy(np.ascontiguousarray(w))
+
+    def tensors(self) -> tuple[ir.TensorProtocol, ir.TensorProtocol | None]:
+        """The node's scales and zero points (None: symmetric)."""
+        zp = _tensor(self.zero_points) if self.zero_points is not None else None
+        return _tensor(self.scales), zp
 
     def quantize(self, weight: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """``weight`` (N, K) requantized by onnxruntime's block quantizer with this scheme:
@@ -273,3 +292,48 @@ def scheme_of(node: ir.Node) -> QuantScheme | None:
     if node.op_type == "MatMulInteger" and node.domain in ("", "ai.onnx"):
         return _integer(node)
     return None
+
+
+def requantized(
+    scheme: QuantScheme, source: ir.TensorProtocol, edit: Callable[[torch.Tensor], torch.Tensor]
+) -> None:
+    """Make the node of ``scheme`` compute with ``edit(dequantized weight)``, requantized.
+
+    The weight, scales and zero points become lazy tensors computed together once, when the
+    model is written; ``edit`` takes and returns the fp32 weight in its stored orientation and
+    raises for a result that may not be written. Refused (:class:`UnsupportedError`) where the
+    scheme cannot be reproduced, or where another node reads the scales or zero points.
+    """
+    if isinstance(scheme, IntegerScheme) or scheme.refusal is not None:
+        raise UnsupportedError(scheme.refusal or "")
+    where = scheme.node.name or "MatMulNBits"
+    weight_value = scheme.node.inputs[1]
+    assert weight_value is not None
+    for value in (weight_value, scheme.scales, scheme.zero_points):
+        if value is not None and len(value.consumers()) != 1:
+            raise UnsupportedError(
+                f"{where}: '{value.name}' is read by other nodes too; cannot requantize it "
+                "for this node alone"
+            )
+    results: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
+    original = scheme.tensors()  # before they become the lazy tensors below
+
+    def compute() -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        if not results:
+            results.append(scheme.quantize(edit(scheme.dequantize(source, original))))
+        return results[0]
+
+    def lazy(value: ir.Value, part: int) -> ir.LazyTensor:
+        tensor = _tensor(value)
+        dtype, name = tensor.dtype, value.name
+
+        def make() -> ir.TensorProtocol:
+            array = compute()[part]
+            assert array is not None
+            return ir.Tensor(array, dtype=dtype, name=name)
+
+        return ir.LazyTensor(make, dtype=dtype, shape=ir.Shape(list(tensor.shape)), name=name)
+
+    parts = [(weight_value, 0), (scheme.scales, 1), (scheme.zero_points, 2)]
+    for value, part in [(v, p) for v, p in parts if v is not None]:
+        value.const_value = lazy(value, part)
