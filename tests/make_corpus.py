@@ -656,7 +656,8 @@ def onnx_base_model(*, slots: tuple[str, ...] = (), quantized: str = "") -> Any:
     q_proj.weight``, shape (out, in)) read through a Transpose: loracc binds it by parameter name.
     ``slots`` modules get a keep-lora branch ``y + (h @ A) @ B`` whose A and B are graph inputs with
     rank-4 defaults, and the ``loracc.slots`` manifest, written here by hand as docs/ONNX.md
-    describes them. ``quantized`` names a module computed by a MatMulNBits node instead.
+    describes them. ``quantized`` names a module computed by a MatMulNBits node instead, whose packed
+    weight (blobs of 16 bytes, not 8) does not fit its K/N/bits/block_size.
     """
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
@@ -1317,7 +1318,8 @@ CASES: tuple[Case, ...] = (
          _onnx_with(lambda lay: None, targets=("q_proj", "k_proj")),
          2, "cannot bind to the ONNX graph", "model.layers.0.self_attn.k_proj", needs="onnx_ir",
          group="onnx"),
-    Case("onnx-site-quantized", "the graph computes v_proj of layer 1 with MatMulNBits",
+    Case("onnx-site-quantized", "v_proj of layer 1 is a MatMulNBits whose packed weight does "
+         "not fit its K/N/bits/block_size",
          _onnx_quantized, 2, "MatMulNBits", "model.layers.1.self_attn.v_proj", needs="onnx_ir",
          group="onnx"),
     Case("onnx-site-shape", "lora_A has 20 input features, the bound initializer has 16",

@@ -191,12 +191,10 @@ class GraphIndex:
             if node.op_type in _QUANTIZED and (use := self._quantized(node)) is not None:
                 self.uses.append(use)
                 continue
-            if node.domain not in ("", "ai.onnx"):
-                if node.op_type in _QUANTIZED:
-                    self._note(node, f"{node.op_type} (quantized weights)")
-                continue
             if node.op_type in _QUANTIZED:
-                self._note(node, f"{node.op_type} (quantized weights)")
+                self._note(node, f"{node.op_type} whose quantized weights loracc cannot read")
+                continue
+            if node.domain not in ("", "ai.onnx"):
                 continue
             operand = COMPUTE_OPS.get(node.op_type)
             if operand is None or len(node.inputs) <= operand:

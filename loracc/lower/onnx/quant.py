@@ -223,10 +223,23 @@ def _nbits(node: ir.Node) -> NBitsScheme | None:
     if scales is None or not all(k in attrs for k in ("K", "N", "bits", "block_size")):
         return None
     zero_points = _initializer(inputs[3]) if inputs[3] is not None else None
+    weight = _initializer(inputs[1])
+    if weight is None or (inputs[3] is not None and zero_points is None):
+        return None
+    K, N, bits, block_size = (int(attrs[k]) for k in ("K", "N", "bits", "block_size"))
+    if min(K, N, block_size) <= 0 or bits not in (2, 4, 8):
+        return None
+    k_blocks, per = -(-K // block_size), 8 // bits
+    fits = (
+        int(np.prod(_shape(weight))) == N * k_blocks * -(-block_size // per)
+        and _shape(weight)[0] == N
+        and int(np.prod(_shape(scales))) == N * k_blocks
+        and (zero_points is None or int(np.prod(_shape(zero_points))) == N * -(-k_blocks // per))
+    )
+    if not fits:  # not the layout MatMulNBits defines: left unbound, named as a near miss
+        return None
     where = node.name or "MatMulNBits"
     refusal = None
-    if inputs[3] is not None and zero_points is None:
-        return None
     if zero_points is not None and _tensor(zero_points).dtype != ir.DataType.UINT8:
         refusal = f"{where}: float zero points cannot be requantized by onnxruntime's quantizer"
     if inputs[4] is not None:
@@ -237,17 +250,17 @@ def _nbits(node: ir.Node) -> NBitsScheme | None:
     unknown = sorted(set(attrs) - _NBITS_ATTRS)
     if unknown:
         refusal = f"{where}: MatMulNBits attributes {unknown} are unknown; cannot requantize"
-    if int(attrs["bits"]) not in (4, 8):
+    if bits not in (4, 8):
         refusal = f"{where}: MatMulNBits bits={attrs['bits']} cannot be requantized (4 or 8)"
     scale_dtype = _tensor(scales).dtype
     if scale_dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
         refusal = f"{where}: MatMulNBits scales of {scale_dtype.name} cannot be requantized"
     return NBitsScheme(
         node=node,
-        K=int(attrs["K"]),
-        N=int(attrs["N"]),
-        bits=int(attrs["bits"]),
-        block_size=int(attrs["block_size"]),
+        K=K,
+        N=N,
+        bits=bits,
+        block_size=block_size,
         scales=scales,
         zero_points=zero_points,
         refusal=refusal,
