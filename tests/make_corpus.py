@@ -656,8 +656,8 @@ def onnx_base_model(*, slots: tuple[str, ...] = (), quantized: str = "") -> Any:
     q_proj.weight``, shape (out, in)) read through a Transpose: loracc binds it by parameter name.
     ``slots`` modules get a keep-lora branch ``y + (h @ A) @ B`` whose A and B are graph inputs with
     rank-4 defaults, and the ``loracc.slots`` manifest, written here by hand as docs/ONNX.md
-    describes them. ``quantized`` names a module computed by a MatMulNBits node instead, whose packed
-    weight (blobs of 16 bytes, not 8) does not fit its K/N/bits/block_size.
+    describes them. ``quantized`` names a module computed by a MatMulNBits node instead, whose
+    packed weight (blobs of 16 bytes, not 8) does not fit its K/N/bits/block_size.
     """
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
