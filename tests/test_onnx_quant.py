@@ -33,10 +33,17 @@ from loracc.errors import UnsupportedError
 
 pytest.importorskip("onnxruntime")
 
-SPEC = po.CaseSpec(
-    "llama",
-    dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]),
-)
+SPECS = {
+    "lora": po.CaseSpec(
+        "llama",
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]),
+    ),
+    # DoRA: the scale m/‖W+ΔW‖ uses the dequantized base weight, as PEFT on that base does.
+    "dora": po.CaseSpec(
+        "llama",
+        dict(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "up_proj"]),
+    ),
+}
 BLOCK = 16
 KEEP_LORA_RTOL = 1e-4
 
@@ -123,10 +130,20 @@ class QuantCases:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             root = tmp.mktemp("quant")
-            self.case = po.build_case("llama_quant", root / "case", SPEC)
+            self.case = po.build_case("llama_quant", root / "case", SPECS["lora"])
             self.float_path = te.export_torchscript(self.case, root / "model.onnx")
         self.root = root
         self._bases: dict[str, Path] = {}
+        self._cases: dict[str, po.Case] = {"lora": self.case}
+
+    def adapter(self, name: str) -> po.Case:
+        """The case of adapter ``name`` (same seeded base as ``self.case``)."""
+        if name not in self._cases:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._cases[name] = po.build_case(name, self.root / name, SPECS[name])
+            assert po.rel_err(self._cases[name].base_logits, self.case.base_logits) == 0
+        return self._cases[name]
 
     def base(self, how: str) -> Path:
         if how not in self._bases:
@@ -150,30 +167,36 @@ def qc(tmp_path_factory: pytest.TempPathFactory) -> QuantCases:
     return QuantCases(tmp_path_factory)
 
 
-@pytest.mark.parametrize("how", ["int4", "int4sym", "int8nbits"])
+@pytest.mark.parametrize(
+    "how,name",
+    [("int4", "lora"), ("int4sym", "lora"), ("int8nbits", "lora"), ("int4", "dora")],
+)
 def test_keep_lora_on_nbits_matches_peft_on_dequantized_base(
-    qc: QuantCases, tmp_path: Path, how: str
+    qc: QuantCases, tmp_path: Path, how: str, name: str
 ) -> None:
-    base = qc.base(how)
+    base, case = qc.base(how), qc.adapter(name)
     weights = dequantized_weights(base)
     assert len(weights) == 2 * 7 + 1  # every Linear of both layers and lm_head
-    float_base = reference_logits(qc.case, weights, None)
-    te.assert_close(te.run(base, qc.case), float_base, f"{how} base vs dequantized float")
-    ref = reference_logits(qc.case, weights, qc.case.adapter_dir)
+    float_base = reference_logits(case, weights, None)
+    te.assert_close(te.run(base, case), float_base, f"{how} base vs dequantized float")
+    ref = reference_logits(case, weights, case.adapter_dir)
     assert po.rel_err(ref, float_base) > 1e-2  # the adapter matters
 
     out = tmp_path / "out.onnx"
-    report = loracc.export_onnx(base, qc.case.adapter_dir, out, keep_lora=True)
+    report = loracc.export_onnx(base, case.adapter_dir, out, keep_lora=True)
     assert {b["op"] for b in report.bindings} == {"MatMulNBits"}
-    te.assert_close(te.run(out, qc.case), ref, f"{how} keep-lora", KEEP_LORA_RTOL)
+    te.assert_close(te.run(out, case), ref, f"{how} keep-lora", KEEP_LORA_RTOL)
     kept = [n for n in onnx.load(str(out)).graph.node if n.op_type == "MatMulNBits"]
     assert len(kept) == 15  # the quantized nodes stay
 
     empty = tmp_path / "empty.onnx"
-    loracc.export_onnx(base, qc.case.adapter_dir, empty, keep_lora=True, empty_slots=True)
-    te.assert_close(te.run(empty, qc.case), float_base, f"{how} empty slots", KEEP_LORA_RTOL)
+    loracc.export_onnx(base, case.adapter_dir, empty, keep_lora=True, empty_slots=True)
+    te.assert_close(te.run(empty, case), float_base, f"{how} empty slots", KEEP_LORA_RTOL)
     adapter_file = empty.with_suffix(".onnx_adapter")
-    te.assert_close(te.run(empty, qc.case, adapter_file), ref, f"{how} file", KEEP_LORA_RTOL)
+    te.assert_close(te.run(empty, case, adapter_file), ref, f"{how} file", KEEP_LORA_RTOL)
+    packed = tmp_path / "packed.onnx_adapter"  # pack reads the base through the manifest
+    loracc.pack(empty, case.adapter_dir, packed)
+    te.assert_close(te.run(empty, case, packed), ref, f"{how} pack", KEEP_LORA_RTOL)
 
 
 def test_keep_lora_on_dynamic_int8(qc: QuantCases, tmp_path: Path) -> None:

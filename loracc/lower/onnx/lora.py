@@ -53,7 +53,7 @@ from loracc.io.onnx_model import tensor_to_torch, torch_dtype, torch_to_tensor
 from loracc.ir import PLAIN_INITS, Adapter, Site, SiteKind
 from loracc.lower.onnx.bind import BindingTable
 from loracc.lower.onnx.index import GraphIndex, WeightUse
-from loracc.lower.onnx.quant import QUANT_OPS
+from loracc.lower.onnx.quant import QUANT_OPS, scheme_of
 from loracc.lower.onnx.surgery import unique_name
 from loracc.lower.onnx.weights import BaseEntry, OnnxBase
 
@@ -482,12 +482,15 @@ def manifest_base(model: ir.Model, groups: Sequence[SlotGroup], where: str) -> O
         init = model.graph.initializers.get(g.weight)
         if init is None:
             raise FormatError(f"{where}: base weight '{g.weight}' of slot '{g.key}' is missing")
+        quant = next((q for n in init.consumers() if (q := scheme_of(n)) is not None), None)
         for m in g.members:
             kind = SiteKind(m.kind)
             rows = m.stop - m.start
             shape = (rows, g.fan_in, *g.kernel) if g.op != "Gather" else (g.fan_in, g.fan_out)
             block = None if (m.start, m.stop) == (0, g.fan_out) else (m.start, m.stop)
-            entries[f"{m.module}.weight"] = BaseEntry(init, g.weight_transposed, block, kind, shape)
+            entries[f"{m.module}.weight"] = BaseEntry(
+                init, g.weight_transposed, block, kind, shape, quant
+            )
     return OnnxBase(entries, where)
 
 

@@ -20,6 +20,7 @@ from loracc.io.onnx_model import tensor_to_torch, torch_dtype
 from loracc.ir import Adapter, SiteKind
 from loracc.lower.onnx.bind import BindingTable
 from loracc.lower.onnx.index import Place
+from loracc.lower.onnx.quant import QuantScheme
 from loracc.passes.apply_graph_layout import with_graph_layout
 
 if TYPE_CHECKING:
@@ -30,13 +31,15 @@ __all__ = ["BaseEntry", "OnnxBase"]
 
 @dataclass(frozen=True)
 class BaseEntry:
-    """A base weight as a pass sees it: where it lives in the graph and how it is oriented."""
+    """A base weight as a pass sees it: where it lives in the graph and how it is oriented
+    (``quant``: how to dequantize a quantized one)."""
 
     init: ir.Value
     transposed: bool
     block: tuple[int, int] | None
     kind: SiteKind
     ref_shape: tuple[int, ...]
+    quant: QuantScheme | None = None
 
 
 class OnnxBase:
@@ -79,7 +82,14 @@ class OnnxBase:
                 use = b.uses[0]
                 entries.setdefault(
                     site.target,
-                    BaseEntry(use.init, use.transposed, b.block, site.kind, site.logical_shape()),
+                    BaseEntry(
+                        use.init,
+                        use.transposed,
+                        b.block,
+                        site.kind,
+                        site.logical_shape(),
+                        use.quant,
+                    ),
                 )
         tensors = {key: tb.places for key, tb in table.tensors.items()}
         return cls(entries, path, layouts=layouts, tensors=tensors)
@@ -132,7 +142,10 @@ class OnnxBase:
         e = self._entry(key)
         tensor = e.init.const_value
         assert tensor is not None
-        t = tensor_to_torch(tensor, dtype or torch_dtype(tensor.dtype))
+        if e.quant is not None:
+            t = e.quant.dequantize(tensor).to(dtype or torch_dtype(e.quant.float_dtype))
+        else:
+            t = tensor_to_torch(tensor, dtype or torch_dtype(tensor.dtype))
         ref = t.T if e.transposed else t
         if e.block is not None:
             ref = ref[e.block[0] : e.block[1]]
