@@ -321,3 +321,18 @@ def test_merge_refuses_g_idx(qc: QuantCases, tmp_path: Path) -> None:
     keep = tmp_path / "keep.onnx"  # keep-lora does not touch the weight
     loracc.export_onnx(src, qc.case.adapter_dir, keep, keep_lora=True)
     assert keep.exists()
+
+
+def test_replacing_a_quantized_weight_is_refused(qc: QuantCases, tmp_path: Path) -> None:
+    """LoRA on lm_head as PEFT saves it by default (the full lm_head weight too): the saved
+    weight would replace an int4 one; refused naming the tensor and the node, nothing written."""
+    spec = po.CaseSpec("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        case = po.build_case("lm_head", tmp_path / "case", spec)
+    assert "base_model.model.lm_head.base_layer.weight" in case.adapter_tensors
+    out = tmp_path / "out.onnx"
+    for keep_lora in (False, True):
+        with pytest.raises(UnsupportedError, match=r"lm_head\.weight.*MatMulNBits.*lm_head"):
+            loracc.export_onnx(qc.base("int4"), case.adapter_dir, out, keep_lora=keep_lora)
+        assert not out.exists()

@@ -35,7 +35,7 @@ import onnx_ir as ir
 import torch
 
 from loracc.arch import FUSED_PROJECTIONS
-from loracc.errors import LoweringError
+from loracc.errors import LoweringError, UnsupportedError
 from loracc.io.onnx_model import tensor_to_torch
 from loracc.ir import Adapter, Site, SiteKind
 from loracc.lower.onnx.index import (
@@ -449,6 +449,13 @@ def _bind_tensor(binder: _Binder, key: str, table: BindingTable) -> TensorBindin
             uses, how = binder.by_path(module, tuple(COMPUTE_OPS), aliases)
             if uses:
                 return TensorBinding(key, _stored_places(uses), how)
+        quantized, _ = binder.by_path(module, QUANT_OPS, False)
+        if quantized:
+            raise UnsupportedError(
+                f"{key}: the adapter replaces this tensor, which the ONNX graph holds quantized "
+                f"({quantized[0].op} '{quantized[0].node_name}'); a whole-tensor replacement is "
+                "not requantized (save the adapter without it, e.g. save_embedding_layers=False)"
+            )
         if binder.base is not None and key in binder.base:
             stored = binder.base.read(key)
             for op in COMPUTE_OPS:
