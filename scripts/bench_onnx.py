@@ -13,6 +13,11 @@ then measures
     ``loracc.io.ort.run_options``) vs creating a new ``InferenceSession`` of the merged graph
     (goal: >= 1000x cheaper).
 
+With ``--int4`` the base is also quantized by onnxruntime's ``MatMulNBitsQuantizer`` (int4, block
+32, asymmetric, accuracy_level 4 as onnxruntime-genai's CPU int4 builds) and two more ratios are
+measured against that int4 base: (d) keep-LoRA ``--empty-slots`` on it with the adapter active
+(goal: <= 1.10x) and (e) the adapter merged and requantized into it (goal: about 1.00x).
+
 Outputs are checked first: keep-LoRA with the adapter active against the merged graph and against
 peft's forward, keep-LoRA without an adapter against the base graph.
 
@@ -42,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-GOALS = {"a": 1.01, "b": 1.05, "c": 1000.0}
+GOALS = {"a": 1.01, "b": 1.05, "c": 1000.0, "d": 1.10, "e": 1.02}
 
 
 def build(
@@ -107,11 +112,64 @@ def build(
         "merged": merged,
         "keep": keep,
         "adapter_file": adapter_file,
+        "adapter": adapter,
         "x": x.half().numpy() if half else x.numpy(),
         "y_peft": y_peft,
         "adapter_mib": adapter_file.stat().st_size / 2**20,
         "model_mib": base_path.stat().st_size / 2**20,
     }
+
+
+def build_int4(work: Path, m: dict[str, Any]) -> dict[str, Any]:
+    """Quantize the base to int4 MatMulNBits; write keep-LoRA (empty slots) and merged graphs."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    import loracc
+
+    config = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=False, accuracy_level=4)
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(m["base"])), algo_config=config)
+    quantizer.process()
+    base = work / "int4.onnx"
+    quantizer.model.save_model_to_file(str(base))
+    merged, keep = work / "int4_merged.onnx", work / "int4_keep.onnx"
+    loracc.export_onnx(base, m["adapter"], merged)
+    report = loracc.export_onnx(base, m["adapter"], keep, keep_lora=True, empty_slots=True)
+    return {
+        "base": base,
+        "merged": merged,
+        "keep": keep,
+        "adapter_file": Path(report.adapter_files[0]["file"]),
+        "x": m["x"],
+    }
+
+
+def check_int4(q: dict[str, Any]) -> dict[str, float]:
+    """int4 keep-LoRA without adapter == int4 base (else exit); the distances of keep-LoRA with
+    the adapter, the requantized merge and the int4 base from each other (reported)."""
+    import onnxruntime as ort
+
+    from loracc.io.ort import run_options
+
+    feeds = {"x": q["x"]}
+    s_base, s_merged, s_keep = (make_session(q[k], 1) for k in ("base", "merged", "keep"))
+    y_base = s_base.run(None, feeds)[0]
+    y_empty = s_keep.run(None, feeds, ort.RunOptions())[0]
+    y_active = s_keep.run(None, feeds, run_options(q["adapter_file"]))[0]
+    y_merged = s_merged.run(None, feeds)[0]
+    scale = float(np.abs(y_active).max())
+    errs = {
+        "int4_keep_empty_vs_int4_base": float(np.abs(y_empty - y_base).max()) / scale,
+        "int4_merged_vs_int4_keep_active": float(np.abs(y_merged - y_active).max()) / scale,
+        "int4_merged_vs_int4_base": float(np.abs(y_merged - y_base).max()) / scale,
+        "int4_adapter_effect": float(np.abs(y_active - y_base).max()) / scale,
+    }
+    if not np.allclose(y_empty, y_base, rtol=1e-5, atol=1e-5 * scale):
+        sys.exit(f"bench_onnx: int4 outputs disagree, not timing: {errs}")
+    return errs
 
 
 def make_session(path: Path, threads: int) -> Any:
@@ -155,21 +213,15 @@ def check(m: dict[str, Any]) -> dict[str, float]:
     return errs
 
 
-def time_runs(m: dict[str, Any], threads: int, rounds: int, warmup: int) -> dict[str, Any]:
-    import onnxruntime as ort
-
-    from loracc.io.ort import run_options
-
-    feeds = {"x": m["x"]}
-    plain = ort.RunOptions()
-    active = run_options(m["adapter_file"])
-    sessions = {k: make_session(m[k], threads) for k in ("base", "merged", "keep")}
-    variants = {
-        "base": (sessions["base"], plain),
-        "keep_empty": (sessions["keep"], plain),
-        "merged": (sessions["merged"], plain),
-        "keep_active": (sessions["keep"], active),
-    }
+def _rounds(
+    variants: dict[str, tuple[Any, Any]],
+    feeds: dict[str, Any],
+    threads: int,
+    rounds: int,
+    warmup: int,
+) -> tuple[dict[str, list[float]], dict[str, float], dict[str, float], Any]:
+    """Run every variant once per round in a fresh random order: times, medians, minima and
+    the paired-ratio function."""
     times: dict[str, list[float]] = {k: [] for k in variants}
     rng = random.Random(threads)
     for i in range(warmup + rounds):
@@ -187,6 +239,51 @@ def time_runs(m: dict[str, Any], threads: int, rounds: int, warmup: int) -> dict
 
     def paired(num: str, den: str) -> float:
         return statistics.median(a / b for a, b in zip(times[num], times[den], strict=True))
+
+    return times, med, best, paired
+
+
+def time_int4(q: dict[str, Any], threads: int, rounds: int, warmup: int) -> dict[str, Any]:
+    """(d) int4 keep-LoRA with the adapter active and (e) int4 merged, each vs the int4 base."""
+    import onnxruntime as ort
+
+    from loracc.io.ort import run_options
+
+    sessions = {k: make_session(q[k], threads) for k in ("base", "merged", "keep")}
+    variants = {
+        "int4_base": (sessions["base"], ort.RunOptions()),
+        "int4_keep_active": (sessions["keep"], run_options(q["adapter_file"])),
+        "int4_merged": (sessions["merged"], ort.RunOptions()),
+    }
+    _, med, best, paired = _rounds(variants, {"x": q["x"]}, threads, rounds, warmup)
+    return {
+        "threads": threads,
+        "ms": {k: v * 1e3 for k, v in med.items()},
+        "d": med["int4_keep_active"] / med["int4_base"],
+        "d_paired": paired("int4_keep_active", "int4_base"),
+        "d_min": best["int4_keep_active"] / best["int4_base"],
+        "e": med["int4_merged"] / med["int4_base"],
+        "e_paired": paired("int4_merged", "int4_base"),
+        "e_min": best["int4_merged"] / best["int4_base"],
+    }
+
+
+def time_runs(m: dict[str, Any], threads: int, rounds: int, warmup: int) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    from loracc.io.ort import run_options
+
+    feeds = {"x": m["x"]}
+    plain = ort.RunOptions()
+    active = run_options(m["adapter_file"])
+    sessions = {k: make_session(m[k], threads) for k in ("base", "merged", "keep")}
+    variants = {
+        "base": (sessions["base"], plain),
+        "keep_empty": (sessions["keep"], plain),
+        "merged": (sessions["merged"], plain),
+        "keep_active": (sessions["keep"], active),
+    }
+    _, med, best, paired = _rounds(variants, feeds, threads, rounds, warmup)
 
     # (c) activation vs a new session
     n_act = max(20, rounds * 5)
@@ -237,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="tiny model, few runs (smoke test)")
     ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--int4", action="store_true", help="also time keep-LoRA/merged on int4")
     args = ap.parse_args(argv)
     if args.quick:
         args.dim, args.layers, args.tokens, args.rounds, args.warmup = 128, 2, 16, 10, 2
@@ -250,6 +348,11 @@ def main(argv: list[str] | None = None) -> int:
         m = build(Path(tmp), args.dim, args.layers, args.tokens, args.rank)
         errs = check(m)
         results = [time_runs(m, t, args.rounds, args.warmup) for t in threads]
+        int4: list[dict[str, Any]] = []
+        if args.int4:
+            q = build_int4(Path(tmp), m)
+            errs |= check_int4(q)
+            int4 = [time_int4(q, t, args.rounds, args.warmup) for t in threads]
 
     load = os.getloadavg()
     print(
@@ -294,9 +397,38 @@ def main(argv: list[str] | None = None) -> int:
             f"ratio (c) session/activate = {r['c']:.0f}x "
             f"[goal >= {GOALS['c']:.0f}x: {mark(r['c'] >= GOALS['c'])}]"
         )
+    if int4:
+        print()
+        print(
+            "int4 (MatMulNBits, block 32, accuracy_level 4): keep+adapter vs requantized merge "
+            f"{errs['int4_merged_vs_int4_keep_active']:.1e} (merged vs int4 base "
+            f"{errs['int4_merged_vs_int4_base']:.1e}), keep empty vs int4 base "
+            f"{errs['int4_keep_empty_vs_int4_base']:.1e} (adapter changes y by "
+            f"{errs['int4_adapter_effect']:.1e})"
+        )
+        print(
+            "| threads | int4 base ms | int4 keep + adapter ms | (d) keep + adapter / int4 base | "
+            "int4 merged ms | (e) merged / int4 base |"
+        )
+        print("|---|---|---|---|---|---|")
+        for r in int4:
+            ms = r["ms"]
+            print(
+                f"| {r['threads']} | {ms['int4_base']:.2f} | {ms['int4_keep_active']:.2f} | "
+                f"{r['d']:.4f} (paired {r['d_paired']:.4f}, min {r['d_min']:.4f}) | "
+                f"{ms['int4_merged']:.2f} | "
+                f"{r['e']:.4f} (paired {r['e_paired']:.4f}, min {r['e_min']:.4f}) |"
+            )
+        for r in int4:
+            print(
+                f"threads={r['threads']}: ratio (d) int4 keep-active/int4 base = {r['d']:.4f} "
+                f"[goal <= {GOALS['d']}: {mark(r['d'] <= GOALS['d'])}]; "
+                f"ratio (e) int4 merged/int4 base = {r['e']:.4f} "
+                f"[goal <= {GOALS['e']}: {mark(r['e'] <= GOALS['e'])}]"
+            )
     if args.json:
         data = {"args": vars(args) | {"json": str(args.json)}, "errors": errs}
-        data |= {"results": results, "loadavg": load}
+        data |= {"results": results, "int4": int4, "loadavg": load}
         args.json.write_text(json.dumps(data, indent=2))
     return 0
 
