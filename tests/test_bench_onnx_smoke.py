@@ -19,15 +19,19 @@ pytest.importorskip("peft")
 def test_bench_onnx_quick_prints_the_three_ratios(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(REPO / "scripts/bench_onnx.py"), "--quick", "--threads", "1"]
-    cmd += ["--json", str(out)]
+    cmd += ["--json", str(out), "--int4"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode == 0, done.stderr[-2000:]
-    for ratio in ("(a) keep-empty/base", "(b) keep-active/merged", "(c) session/activate"):
+    ratios = ("(a) keep-empty/base", "(b) keep-active/merged", "(c) session/activate")
+    ratios += ("(d) int4 keep-active/int4 base", "(e) int4 merged/int4 base")
+    for ratio in ratios:
         assert re.search(rf"ratio {re.escape(ratio)} = [\d.]+x? \[goal", done.stdout), ratio
     assert "correctness" in done.stdout and "| 1 |" in done.stdout
     (result,) = json.loads(out.read_text())["results"]
     assert result["threads"] == 1 and result["a"] > 0 and result["b"] > 0 and result["c"] > 0
     assert json.loads(out.read_text())["errors"]["keep_active_vs_merged"] < 1e-4
+    (int4,) = json.loads(out.read_text())["int4"]
+    assert int4["d"] > 0 and int4["e"] > 0
 
 
 def test_check_cuda_refuses_cleanly_without_cuda() -> None:

@@ -241,10 +241,11 @@ def _nbits_nodes(path: Path) -> dict[str, Any]:
 @pytest.mark.parametrize("how", ["int4", "int4sym", "int8nbits"])
 def test_requantizing_the_float_weight_gives_onnxruntime_bytes(qc: QuantCases, how: str) -> None:
     """loracc's requantization is onnxruntime's: the float base weights, quantized by the
-    scheme loracc reads off each node, equal the quantizer's tensors byte for byte."""
+    scheme loracc reads off each node, equal the quantizer's tensors byte for byte; and the
+    dequantized weight, requantized on the node's grid, gives the node's bytes back."""
     import onnx_ir as ir
 
-    from loracc.lower.onnx.index import GraphIndex
+    from loracc.lower.onnx.index import GraphIndex, read_ref
 
     index = GraphIndex(ir.load(str(qc.base(how))))
     state = qc.case.base_tensors
@@ -260,6 +261,10 @@ def test_requantizing_the_float_weight_gives_onnxruntime_bytes(qc: QuantCases, h
         for mine, theirs in zip(got, arrays.values(), strict=True):
             assert mine.dtype == theirs.dtype and mine.shape == theirs.shape, module
             assert mine.tobytes() == theirs.tobytes(), module
+        # an unchanged dequantized weight stays on the node's grid: the same bytes again
+        kept = use.quant.requantize(read_ref(use), use.quant.tensors())
+        kept_arrays = [a for a in kept if a is not None]
+        assert [a.tobytes() for a in kept_arrays] == [a.tobytes() for a in arrays.values()]
 
 
 @pytest.mark.parametrize("how", ["int4", "int4sym", "int8nbits"])

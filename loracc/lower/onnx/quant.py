@@ -18,10 +18,12 @@ first; ``scales`` (N·k_blocks) in the activation dtype; ``zero_points`` packed 
 
 Keep-lora leaves the quantized node as it is and adds the float LoRA branch from the Linear's
 float input to its float output. A merge into ``MatMulNBits`` dequantizes, adds the delta in
-fp32, and requantizes with onnxruntime's own block quantizer (``quantize_matmul_4bits`` /
-``quantize_matmul_8bits``) and the node's scheme (bits, block size, zero points or symmetric);
-the node and its attributes (``accuracy_level`` included) stay. ``MatMulInteger`` merges are
-refused: the weight scale is a constant the activation-scale ``Mul`` shares.
+fp32, and requantizes with the node's scheme (bits, block size, zero points or symmetric): on
+the node's own grid (scales and zero points kept) for each block whose values still fit its
+range, else by onnxruntime's own block quantizer (``quantize_matmul_4bits`` /
+``quantize_matmul_8bits``); the node and its attributes (``accuracy_level`` included) stay.
+``MatMulInteger`` merges are refused (not built: its weight scale is folded into the
+activation-scale ``Mul``).
 """
 
 from __future__ import annotations
@@ -73,6 +75,19 @@ def _unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     mask = (1 << bits) - 1
     parts = [(flat >> (bits * i)) & mask for i in range(per)]
     return np.stack(parts, axis=-1).reshape(rows, -1)[:, :count].astype(np.int32)
+
+
+def _pack(values: np.ndarray, bits: int) -> np.ndarray:
+    """(rows, count) values → (rows, ceil(count·bits/8)) uint8, low bits first (zero padded)."""
+    per = 8 // bits
+    rows, count = values.shape
+    padded = np.zeros((rows, -(-count // per) * per), dtype=np.uint8)
+    padded[:, :count] = values
+    groups = padded.reshape(rows, -1, per)
+    out = np.zeros(groups.shape[:2], dtype=np.uint8)
+    for i in range(per):
+        out |= (groups[:, :, i] << (bits * i)).astype(np.uint8)
+    return out
 
 
 @dataclass(frozen=True)
@@ -130,14 +145,16 @@ class NBitsScheme:
         q = _unpack(packed.numpy(), self.bits, self.k_blocks * self.block_size)
         scales = scale_t.numpy().astype(np.float32)
         scales = scales.reshape(self.N, self.k_blocks)
-        if zp_t is not None:
-            zp_bytes = zp_t.numpy()
-            zp = _unpack(zp_bytes.reshape(self.N, -1), self.bits, self.k_blocks)
-        else:
-            zp = np.full((self.N, self.k_blocks), 1 << (self.bits - 1), dtype=np.int32)
+        zp = self._zero_points(zp_t)
         q = q.reshape(self.N, self.k_blocks, self.block_size) - zp[:, :, None]
         w = (q.astype(np.float32) * scales[:, :, None]).reshape(self.N, -1)[:, : self.K]
         return torch.from_numpy(np.ascontiguousarray(w))
+
+    def _zero_points(self, zp_t: ir.TensorProtocol | None) -> np.ndarray:
+        """(N, k_blocks) zero points (absent: ``2^(bits-1)``)."""
+        if zp_t is None:
+            return np.full((self.N, self.k_blocks), 1 << (self.bits - 1), dtype=np.int32)
+        return _unpack(zp_t.numpy().reshape(self.N, -1), self.bits, self.k_blocks)
 
     def tensors(self) -> tuple[ir.TensorProtocol, ir.TensorProtocol | None]:
         """The node's scales and zero points (None: symmetric)."""
@@ -169,6 +186,41 @@ class NBitsScheme:
         if self.zero_points is None:
             return packed, scales, None
         return packed, scales, zero_points.reshape(_shape(self.zero_points))
+
+    def requantize(
+        self,
+        weight: torch.Tensor,
+        tensors: tuple[ir.TensorProtocol, ir.TensorProtocol | None],
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """``weight`` (N, K) on the node's grid: each block keeps its scale and zero point
+        (``tensors``, the node's original ones) where its values round into the quantized range,
+        so a weight the edit leaves alone keeps its bytes and a small delta does not re-round the
+        whole block; other blocks are requantized by onnxruntime's quantizer (:meth:`quantize`)."""
+        ort_packed, ort_scales, ort_zp = self.quantize(weight)
+        n, kb, bs, bits = self.N, self.k_blocks, self.block_size, self.bits
+        scale_t, zp_t = tensors
+        old_scales = scale_t.numpy().astype(np.float32).reshape(n, kb)
+        old_zp = self._zero_points(zp_t)
+        w = np.zeros((n, kb * bs), dtype=np.float32)
+        w[:, : self.K] = weight.to(torch.float32).numpy()
+        w = w.reshape(n, kb, bs)
+        step = old_scales[:, :, None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            on_grid = np.rint(np.where(step != 0, w / step, np.where(w == 0, 0.0, np.inf)))
+        q_grid = on_grid + old_zp[:, :, None]
+        fits = ((q_grid >= 0) & (q_grid <= (1 << bits) - 1)).all(axis=2)
+        q_ort = _unpack(ort_packed, bits, kb * bs).reshape(n, kb, bs)
+        q = np.where(fits[:, :, None], q_grid, q_ort).astype(np.uint8)
+        packed = _pack(q.reshape(n * kb, bs), bits).reshape(ort_packed.shape)
+        scales = np.where(fits, old_scales, ort_scales.reshape(n, kb).astype(np.float32))
+        scales = scales.astype(ort_scales.dtype).reshape(ort_scales.shape)
+        if zp_t is None or ort_zp is None:
+            return packed, scales, None
+        if fits.all():
+            return packed, scales, zp_t.numpy().reshape(ort_zp.shape)
+        new_zp = _unpack(ort_zp.reshape(n, -1), bits, kb)
+        zp = _pack(np.where(fits, old_zp, new_zp).astype(np.uint8), bits)
+        return packed, scales, zp.reshape(ort_zp.shape)
 
 
 @dataclass(frozen=True)
@@ -333,7 +385,7 @@ def requantized(
 
     def compute() -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         if not results:
-            results.append(scheme.quantize(edit(scheme.dequantize(source, original))))
+            results.append(scheme.requantize(edit(scheme.dequantize(source, original)), original))
         return results[0]
 
     def lazy(value: ir.Value, part: int) -> ir.LazyTensor:
