@@ -100,7 +100,15 @@ def dequantized_weights(path: Path) -> dict[str, torch.Tensor]:
             else:
                 zp = np.full((N, nb), 1 << (bits - 1))
             w = ((q - zp[:, :, None]) * scales[:, :, None]).reshape(N, -1)[:, :K]
-            out[_module(node.name) + ".weight"] = torch.from_numpy(w.astype(np.float32))
+            module = _module(node.name)
+            if module.endswith(".attn.qkv_proj"):  # fused q/k/v rows: q is (hidden, hidden)
+                parent = module.removesuffix(".attn.qkv_proj") + ".self_attn"
+                kv = (N - K) // 2
+                blocks = np.split(w, [K, K + kv])
+                for proj, rows in zip(("q_proj", "k_proj", "v_proj"), blocks, strict=True):
+                    out[f"{parent}.{proj}.weight"] = torch.from_numpy(rows.astype(np.float32))
+                continue
+            out[module + ".weight"] = torch.from_numpy(w.astype(np.float32))
         elif node.op_type == "MatMulInteger":
             w = inits[node.input[1]].astype(np.float32)
             zp = inits[node.input[3]].astype(np.float32) if len(node.input) > 3 else 0.0
@@ -154,6 +162,10 @@ class QuantCases:
                 _nbits(self.float_path, out, symmetric=True)
             elif how == "int8nbits":
                 _nbits(self.float_path, out, symmetric=False, bits=8)
+            elif how == "int4fused":  # onnxruntime-genai's layout: one qkv_proj per layer
+                fused = self.root / "fused.onnx"
+                te.fuse_qkv(self.float_path, fused)
+                _nbits(fused, out, symmetric=False)
             elif how == "int8dyn":
                 _dynamic(self.float_path, out)
             else:
@@ -169,7 +181,13 @@ def qc(tmp_path_factory: pytest.TempPathFactory) -> QuantCases:
 
 @pytest.mark.parametrize(
     "how,name",
-    [("int4", "lora"), ("int4sym", "lora"), ("int8nbits", "lora"), ("int4", "dora")],
+    [
+        ("int4", "lora"),
+        ("int4sym", "lora"),
+        ("int8nbits", "lora"),
+        ("int4", "dora"),
+        ("int4fused", "lora"),
+    ],
 )
 def test_keep_lora_on_nbits_matches_peft_on_dequantized_base(
     qc: QuantCases, tmp_path: Path, how: str, name: str
@@ -186,8 +204,10 @@ def test_keep_lora_on_nbits_matches_peft_on_dequantized_base(
     report = loracc.export_onnx(base, case.adapter_dir, out, keep_lora=True)
     assert {b["op"] for b in report.bindings} == {"MatMulNBits"}
     te.assert_close(te.run(out, case), ref, f"{how} keep-lora", KEEP_LORA_RTOL)
-    kept = [n for n in onnx.load(str(out)).graph.node if n.op_type == "MatMulNBits"]
-    assert len(kept) == 15  # the quantized nodes stay
+    count = [
+        sum(n.op_type == "MatMulNBits" for n in onnx.load(str(p)).graph.node) for p in (base, out)
+    ]
+    assert count[0] == count[1] == (11 if how == "int4fused" else 15)  # the quantized nodes stay
 
     empty = tmp_path / "empty.onnx"
     loracc.export_onnx(base, case.adapter_dir, empty, keep_lora=True, empty_slots=True)
