@@ -83,8 +83,9 @@ def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
     )
 
 
-def dequantized_weights(path: Path) -> dict[str, torch.Tensor]:
-    """``<module>.weight`` (out, in) of every quantized node, dequantized as the ops define."""
+def dequantized_weights(path: Path, *, steps: bool = False) -> dict[str, torch.Tensor]:
+    """``<module>.weight`` (out, in) of every quantized node, dequantized as the ops define
+    (``steps``: each MatMulNBits element's quantization step |scale| instead)."""
     model = onnx.load(str(path))
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
     out: dict[str, torch.Tensor] = {}
@@ -100,6 +101,8 @@ def dequantized_weights(path: Path) -> dict[str, torch.Tensor]:
             else:
                 zp = np.full((N, nb), 1 << (bits - 1))
             w = ((q - zp[:, :, None]) * scales[:, :, None]).reshape(N, -1)[:, :K]
+            if steps:
+                w = np.repeat(np.abs(scales), bs, axis=1)[:, :K]
             module = _module(node.name)
             if module.endswith(".attn.qkv_proj"):  # fused q/k/v rows: q is (hidden, hidden)
                 parent = module.removesuffix(".attn.qkv_proj") + ".self_attn"
@@ -287,36 +290,35 @@ def test_requantizing_the_float_weight_gives_onnxruntime_bytes(qc: QuantCases, h
         assert [a.tobytes() for a in kept_arrays] == [a.tobytes() for a in arrays.values()]
 
 
-@pytest.mark.parametrize("how", ["int4", "int4sym", "int8nbits"])
+@pytest.mark.parametrize("how", ["int4", "int4sym", "int8nbits", "int4fused"])
 def test_merge_requantizes_nbits(qc: QuantCases, tmp_path: Path, how: str) -> None:
     """Merged into an int4/int8 base: each targeted weight is dequant(base) + ΔW (PEFT's
     s·B@A) requantized by the node's own scheme, every element within half a quantization step
     of the float merge (a full step when symmetric: the range [-2^(b-1), 2^(b-1)-1] is lopsided,
     so the side of the block's absolute maximum that is not mapped to -2^(b-1) clips by up to
-    one step); untargeted weights keep their bytes; the model's output is within the
-    requantization error of PEFT on the dequantized float base (the float merge)."""
+    one step); untargeted weights (k_proj's rows of a fused qkv_proj too) stay as they were,
+    nodes with no target keep their bytes; the model's output is within the requantization
+    error of PEFT on the dequantized float base (the float merge)."""
     base = qc.base(how)
     out = tmp_path / "merged.onnx"
     report = loracc.export_onnx(base, qc.case.adapter_dir, out)
     assert {b["op"] for b in report.bindings} == {"MatMulNBits"}
-    before, after = _nbits_nodes(base), _nbits_nodes(out)
     old_w, new_w = dequantized_weights(base), dequantized_weights(out)
-    targeted = {m for m in qc.case.sites}
-    assert targeted and targeted <= set(after)
-    for module, (node, arrays) in after.items():
-        if module not in targeted:
-            assert [a.tobytes() for a in arrays.values()] == [
-                a.tobytes() for a in before[module][1].values()
-            ], module
+    step = dequantized_weights(out, steps=True)
+    targeted = {f"{m}.weight" for m in qc.case.sites}
+    assert targeted and targeted <= set(new_w) and set(new_w) == set(old_w)
+    for key, w in new_w.items():
+        if key not in targeted:
+            assert torch.equal(w, old_w[key]), key
             continue
-        float_merge = old_w[f"{module}.weight"] + po.linear_delta(qc.case, module)
-        err = (new_w[f"{module}.weight"] - float_merge).abs()
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        n, bs = attrs["N"], attrs["block_size"]
-        step = torch.from_numpy(arrays[node.input[2]].reshape(n, -1).astype(np.float32)).abs()
-        bound = step.repeat_interleave(bs, dim=1)[:, : err.shape[1]]
-        bound = bound if how == "int4sym" else bound / 2
-        assert bool((err <= bound * (1 + 1e-5) + 1e-7).all()), module
+        float_merge = old_w[key] + po.linear_delta(qc.case, key.removesuffix(".weight"))
+        bound = step[key] if how == "int4sym" else step[key] / 2
+        assert bool(((w - float_merge).abs() <= bound * (1 + 1e-5) + 1e-7).all()), key
+    before, after = _nbits_nodes(base), _nbits_nodes(out)
+    for module, (_, arrays) in after.items():
+        if not any(t.startswith(module.removesuffix("attn.qkv_proj")) for t in targeted):
+            old_bytes = [a.tobytes() for a in before[module][1].values()]
+            assert [a.tobytes() for a in arrays.values()] == old_bytes, module
 
     ref = reference_logits(qc.case, old_w, qc.case.adapter_dir)  # the float merge, unmerged
     got = te.run(out, qc.case)
