@@ -363,3 +363,30 @@ def test_replacing_a_quantized_weight_is_refused(qc: QuantCases, tmp_path: Path)
         with pytest.raises(UnsupportedError, match=r"lm_head\.weight.*MatMulNBits.*lm_head"):
             loracc.export_onnx(qc.base("int4"), case.adapter_dir, out, keep_lora=keep_lora)
         assert not out.exists()
+
+
+def test_keep_lora_on_fp16_int4(tmp_path: Path) -> None:
+    """An fp16 graph quantized to int4 (fp16 scales): the branch and its slots are fp16 (the
+    activations' dtype); the output matches PEFT on the dequantized base in fp32 to fp16 noise,
+    the same as the int4 base alone."""
+    spec = po.CaseSpec(
+        "llama",
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+        base_dtype=torch.float16,
+        seed=3,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        case = po.build_case("fp16_int4", tmp_path / "case", spec)
+        float_path = te.export_torchscript(case, tmp_path / "model.onnx", torch.float16)
+    base = _nbits(float_path, tmp_path / "int4.onnx", symmetric=False)
+    weights = dequantized_weights(base)
+    float_base = reference_logits(case, weights, None)
+    ref = reference_logits(case, weights, case.adapter_dir)
+    base_err = po.rel_err(te.run(base, case), float_base)
+    assert base_err < 2e-3
+    out = tmp_path / "out.onnx"
+    report = loracc.export_onnx(base, case.adapter_dir, out, keep_lora=True)
+    assert {s["dtype"] for s in report.slots} == {onnx.TensorProto.FLOAT16}
+    te.assert_close(te.run(out, case), ref, "fp16 int4 keep-lora", max(2 * base_err, 1e-3))
+    assert po.rel_err(ref, float_base) > 1e-1
