@@ -61,6 +61,43 @@ def _nbits(path: Path, out: Path, *, symmetric: bool, bits: int = 4) -> Path:
     return out
 
 
+def _qdq(path: Path, out: Path) -> Path:
+    """Every MatMul weight (K, N) as ``DequantizeLinear(int8, per-column scale, axis=1)``, the
+    QDQ layout of per-channel static quantization (onnxruntime's int4 QDQ needs opset 21 blocked
+    DequantizeLinear, which this opset-17 TorchScript graph cannot take)."""
+    model = onnx.load(str(path))
+    inits = {i.name: i for i in model.graph.initializer}
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in inits:
+            w = onnx.numpy_helper.to_array(inits[node.input[1]])
+            scale = (np.abs(w).max(axis=0) / 127).astype(np.float32)
+            q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+            name = node.input[1]
+            model.graph.initializer.remove(inits[name])
+            model.graph.initializer.extend(
+                [
+                    onnx.numpy_helper.from_array(q, f"{name}_q"),
+                    onnx.numpy_helper.from_array(scale, f"{name}_scale"),
+                ]
+            )
+            nodes.append(
+                onnx.helper.make_node(
+                    "DequantizeLinear",
+                    [f"{name}_q", f"{name}_scale"],
+                    [f"{name}_dq"],
+                    axis=1,
+                    name=node.name.replace("/MatMul", "/DequantizeLinear"),
+                )
+            )
+            node.input[1] = f"{name}_dq"
+        nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.save(model, str(out))
+    return out
+
+
 def _dynamic(path: Path, out: Path) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -112,6 +149,10 @@ def dequantized_weights(path: Path, *, steps: bool = False) -> dict[str, torch.T
                     out[f"{parent}.{proj}.weight"] = torch.from_numpy(rows.astype(np.float32))
                 continue
             out[module + ".weight"] = torch.from_numpy(w.astype(np.float32))
+        elif node.op_type == "DequantizeLinear" and node.input[0] in inits and not steps:
+            q = inits[node.input[0]].astype(np.float32)  # (K, N), one scale per column
+            w = np.ascontiguousarray((q * inits[node.input[1]].astype(np.float32)).T)
+            out[_module(node.name) + ".weight"] = torch.from_numpy(w)
         elif node.op_type == "MatMulInteger":
             w = inits[node.input[1]].astype(np.float32)
             zp = inits[node.input[3]].astype(np.float32) if len(node.input) > 3 else 0.0
@@ -165,6 +206,8 @@ class QuantCases:
                 _nbits(self.float_path, out, symmetric=True)
             elif how == "int8nbits":
                 _nbits(self.float_path, out, symmetric=False, bits=8)
+            elif how == "int8qdq":
+                _qdq(self.float_path, out)
             elif how == "int4fused":  # onnxruntime-genai's layout: one qkv_proj per layer
                 fused = self.root / "fused.onnx"
                 te.fuse_qkv(self.float_path, fused)
@@ -222,8 +265,12 @@ def test_keep_lora_on_nbits_matches_peft_on_dequantized_base(
     te.assert_close(te.run(empty, case, packed), ref, f"{how} pack", KEEP_LORA_RTOL)
 
 
-def test_keep_lora_on_dynamic_int8(qc: QuantCases, tmp_path: Path) -> None:
-    base = qc.base("int8dyn")
+@pytest.mark.parametrize("how,op", [("int8dyn", "MatMulInteger"), ("int8qdq", "MatMul")])
+def test_keep_lora_on_int8_weights(qc: QuantCases, tmp_path: Path, how: str, op: str) -> None:
+    """int8 weights run with dynamically quantized activations: ``quantize_dynamic``'s
+    MatMulInteger, and a QDQ weight (DequantizeLinear → MatMul, which onnxruntime's CPU EP fuses
+    into a dynamic-quantization MatMul): the keep-lora error stays at the base's own level."""
+    base = qc.base(how)
     weights = dequantized_weights(base)
     assert len(weights) == 2 * 7 + 1
     float_base = reference_logits(qc.case, weights, None)
@@ -233,20 +280,32 @@ def test_keep_lora_on_dynamic_int8(qc: QuantCases, tmp_path: Path) -> None:
 
     out = tmp_path / "out.onnx"
     report = loracc.export_onnx(base, qc.case.adapter_dir, out, keep_lora=True)
-    assert {b["op"] for b in report.bindings} == {"MatMulInteger"}
+    assert {b["op"] for b in report.bindings} == {op}
     err = po.rel_err(te.run(out, qc.case), ref)
     assert err <= 2 * base_err + KEEP_LORA_RTOL, (err, base_err)
     assert effect > 10 * err, (effect, err)
+    if how == "int8qdq":  # unoptimized, DequantizeLinear → MatMul is exact float: so is the branch
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        plain = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+        te.assert_close(te.run(plain, qc.case), ref, "QDQ keep-lora, unoptimized", KEEP_LORA_RTOL)
     # The branch reads the float input: with empty slots the model is the int8 base bit for bit.
     empty = tmp_path / "empty.onnx"
     loracc.export_onnx(base, qc.case.adapter_dir, empty, keep_lora=True, empty_slots=True)
     assert torch.equal(te.run(empty, qc.case), te.run(base, qc.case))
 
 
-def test_merge_into_dynamic_int8_is_refused(qc: QuantCases, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "how,what", [("int8dyn", "MatMulInteger"), ("int8qdq", "DequantizeLinear")]
+)
+def test_merge_into_dynamic_int8_or_qdq_is_refused(
+    qc: QuantCases, tmp_path: Path, how: str, what: str
+) -> None:
     out = tmp_path / "out.onnx"
-    with pytest.raises(UnsupportedError, match="MatMulInteger"):
-        loracc.export_onnx(qc.base("int8dyn"), qc.case.adapter_dir, out)
+    with pytest.raises(UnsupportedError, match=rf"model\.layers\.0\.\S+: .*{what}"):
+        loracc.export_onnx(qc.base(how), qc.case.adapter_dir, out)
     assert not out.exists()
 
 

@@ -188,7 +188,7 @@ class GraphIndex:
         self.uses: list[WeightUse] = []
         self.near_misses: dict[str, list[str]] = defaultdict(list)
         for node in self.graph:
-            if node.op_type in _QUANTIZED and (use := self._quantized(node)) is not None:
+            if node.op_type in _QUANTIZED | {"MatMul"} and (use := self._quantized(node)):
                 self.uses.append(use)
                 continue
             if node.op_type in _QUANTIZED:
@@ -212,7 +212,7 @@ class GraphIndex:
 
     def _quantized(self, node: ir.Node) -> WeightUse | None:
         scheme = scheme_of(node)
-        weight = node.inputs[1] if len(node.inputs) > 1 else None
+        weight = scheme.weight_input if scheme is not None else None
         if (
             scheme is None
             or weight is None

@@ -20,7 +20,8 @@ Nodes that read one initializer but need different edits get their own copies
 
 A quantized weight (``MatMulNBits``) is dequantized to fp32, edited the same way, and
 requantized with the node's own scheme by onnxruntime's quantizer, its scales and zero points
-rewritten with it (:func:`loracc.lower.onnx.quant.requantized`); ``MatMulInteger`` is refused.
+rewritten with it (:func:`loracc.lower.onnx.quant.requantized`); ``MatMulInteger`` and QDQ
+(``DequantizeLinear``) weights are refused.
 
 Edited tensors are :class:`onnx_ir.LazyTensor` objects: nothing is read or computed until the
 model is written, one tensor at a time. NaN or Inf is refused in the tensor *as written*, after
@@ -42,7 +43,7 @@ from loracc.io.onnx_model import tensor_to_torch, torch_dtype, torch_to_tensor
 from loracc.ir import Adapter, Site, TokenRows
 from loracc.lower.onnx.bind import BindingTable, with_tied
 from loracc.lower.onnx.index import GraphIndex, Place
-from loracc.lower.onnx.quant import IntegerScheme, QuantScheme, requantized
+from loracc.lower.onnx.quant import QuantScheme, requantized
 from loracc.lower.onnx.surgery import privatize
 
 __all__ = ["Edit", "EditPlan", "apply_edits", "merge_edits"]
@@ -164,7 +165,7 @@ def merge_edits(
             b = table.sites[site.module]
             for use in b.uses:
                 if use.quant is not None:
-                    if isinstance(use.quant, IntegerScheme) or use.quant.refusal is not None:
+                    if use.quant.refusal is not None:
                         raise UnsupportedError(f"{site.module}: {use.quant.refusal}")
                     plan.schemes[id(use.init)] = use.quant
             for place in b.places():

@@ -39,6 +39,7 @@ from loracc.errors import UnsupportedError
 
 __all__ = [
     "QUANT_OPS",
+    "DequantScheme",
     "IntegerScheme",
     "NBitsScheme",
     "QuantScheme",
@@ -106,6 +107,12 @@ class NBitsScheme:
     @property
     def op(self) -> str:
         return "MatMulNBits"
+
+    @property
+    def weight_input(self) -> ir.Value:
+        value = self.node.inputs[1]
+        assert value is not None
+        return value
 
     @property
     def activation(self) -> ir.Value:
@@ -238,6 +245,12 @@ class IntegerScheme:
         return "MatMulInteger"
 
     @property
+    def weight_input(self) -> ir.Value:
+        value = self.node.inputs[1]
+        assert value is not None
+        return value
+
+    @property
     def refusal(self) -> str:
         return (
             f"{self.node.name or 'MatMulInteger'}: merging into a MatMulInteger (int8 dynamic "
@@ -265,7 +278,79 @@ class IntegerScheme:
         return torch.from_numpy(np.ascontiguousarray((q - zp) * scale))
 
 
-QuantScheme = NBitsScheme | IntegerScheme
+@dataclass(frozen=True)
+class DequantScheme:
+    """A ``MatMul`` whose weight is ``DequantizeLinear(q, scale[, zero_point])`` of an initializer
+    (QDQ: ``MatMulNBitsQuantizer``'s QDQ format, ``quantize_static``): per tensor, per axis or
+    blocked (``axis``, ``block_size``)."""
+
+    node: ir.Node
+    dequantize_node: ir.Node
+    scale: ir.Value
+    zero_point: ir.Value | None
+    axis: int
+    block_size: int
+
+    @property
+    def op(self) -> str:
+        return "DequantizeLinear"
+
+    @property
+    def weight_input(self) -> ir.Value:
+        value = self.dequantize_node.inputs[0]
+        assert value is not None
+        return value
+
+    @property
+    def activation(self) -> ir.Value:
+        x = self.node.inputs[0]
+        assert x is not None
+        return x
+
+    @property
+    def output_node(self) -> ir.Node:
+        return self.node
+
+    @property
+    def refusal(self) -> str:
+        return (
+            f"{self.dequantize_node.name or 'DequantizeLinear'}: merging into a QDQ "
+            "(DequantizeLinear) weight is not supported; export with --keep-lora, or merge into "
+            "the float model and quantize it again"
+        )
+
+    @property
+    def float_dtype(self) -> ir.DataType:
+        return _tensor(self.scale).dtype
+
+    @property
+    def transposed(self) -> bool:
+        return True
+
+    def _expand(self, values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        if values.ndim == 0 or values.size == 1:
+            return values.reshape(())
+        axis = self.axis % len(shape)
+        if values.ndim == 1:  # per axis
+            view = [1] * len(shape)
+            view[axis] = -1
+            return values.reshape(view)
+        repeated = np.repeat(values, self.block_size, axis=axis)  # blocked
+        return np.take(repeated, np.arange(shape[axis]), axis=axis)
+
+    def dequantize(self, weight: ir.TensorProtocol) -> torch.Tensor:
+        """The (K, N) fp32 weight (stored orientation), as DequantizeLinear computes it."""
+        q = weight.numpy().astype(np.float32)
+        scale = self._expand(_tensor(self.scale).numpy().astype(np.float32), q.shape)
+        zp = (
+            self._expand(_tensor(self.zero_point).numpy().astype(np.float32), q.shape)
+            if self.zero_point is not None
+            else np.float32(0)
+        )
+        return torch.from_numpy(np.ascontiguousarray((q - zp) * scale))
+
+
+QuantScheme = NBitsScheme | IntegerScheme | DequantScheme
 
 
 def _nbits(node: ir.Node) -> NBitsScheme | None:
@@ -350,8 +435,34 @@ def _integer(node: ir.Node) -> IntegerScheme | None:
     return IntegerScheme(node, x, mul, weight_scale, zero_point)
 
 
+def _dequantized(node: ir.Node) -> DequantScheme | None:
+    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    dq = weight.producer() if weight is not None else None
+    if dq is None or dq.op_type != "DequantizeLinear" or dq.domain not in ("", "ai.onnx"):
+        return None
+    inputs = list(dq.inputs) + [None] * 3
+    q, scale = _initializer(inputs[0]), _initializer(inputs[1])
+    zero_point = _initializer(inputs[2])
+    if q is None or scale is None or (inputs[2] is not None and zero_point is None):
+        return None
+    if len(_shape(q)) != 2 or not _tensor(scale).dtype.is_floating_point():
+        return None
+    axis, block = dq.attributes.get("axis"), dq.attributes.get("block_size")
+    return DequantScheme(
+        node=node,
+        dequantize_node=dq,
+        scale=scale,
+        zero_point=zero_point,
+        axis=axis.as_int() if axis is not None else 1,
+        block_size=block.as_int() if block is not None else 0,
+    )
+
+
 def scheme_of(node: ir.Node) -> QuantScheme | None:
-    """The scheme of a quantized node whose weight loracc can read, else None."""
+    """The scheme of a quantized node (or of a MatMul reading a DequantizeLinear weight) whose
+    weight loracc can read, else None."""
+    if node.op_type == "MatMul" and node.domain in ("", "ai.onnx"):
+        return _dequantized(node)
     if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
         return _nbits(node)
     if node.op_type == "MatMulInteger" and node.domain in ("", "ai.onnx"):
@@ -369,7 +480,7 @@ def requantized(
     raises for a result that may not be written. Refused (:class:`UnsupportedError`) where the
     scheme cannot be reproduced, or where another node reads the scales or zero points.
     """
-    if isinstance(scheme, IntegerScheme) or scheme.refusal is not None:
+    if not isinstance(scheme, NBitsScheme) or scheme.refusal is not None:
         raise UnsupportedError(scheme.refusal or "")
     where = scheme.node.name or "MatMulNBits"
     weight_value = scheme.node.inputs[1]
