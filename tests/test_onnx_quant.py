@@ -449,3 +449,47 @@ def test_keep_lora_on_fp16_int4(tmp_path: Path) -> None:
     assert {s["dtype"] for s in report.slots} == {onnx.TensorProto.FLOAT16}
     te.assert_close(te.run(out, case), ref, "fp16 int4 keep-lora", max(2 * base_err, 1e-3))
     assert po.rel_err(ref, float_base) > 1e-1
+
+
+@pytest.mark.parametrize("layout", ["tensor", "axis1", "blocked0"])
+def test_dequantize_linear_scheme_matches_onnxruntime(tmp_path: Path, layout: str) -> None:
+    """The QDQ scheme's dequantized weight (what DoRA's norm reads) equals onnxruntime's
+    DequantizeLinear output, per tensor, per axis and blocked (opset 21)."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from loracc.lower.onnx.index import GraphIndex, read_ref
+
+    rng = np.random.default_rng(0)
+    K, N, bs = 40, 24, 16  # K not a multiple of the block
+    q = rng.integers(-128, 127, (K, N), dtype=np.int8)
+    shapes = {"tensor": (), "axis1": (N,), "blocked0": (-(-K // bs), N)}
+    scale = (rng.random(shapes[layout]) * 0.1 + 0.01).astype(np.float32)
+    zp = rng.integers(-5, 5, shapes[layout], dtype=np.int8)
+    attrs = {"tensor": {}, "axis1": {"axis": 1}, "blocked0": {"axis": 0, "block_size": bs}}
+    nodes = [
+        helper.make_node("DequantizeLinear", ["q", "s", "z"], ["w"], **attrs[layout]),
+        helper.make_node("MatMul", ["x", "w"], ["y"], name="/lin/MatMul"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, K])],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, N]),
+            helper.make_tensor_value_info("w", TensorProto.FLOAT, [K, N]),
+        ],
+        [numpy_helper.from_array(a, n) for a, n in ((q, "q"), (scale, "s"), (zp, "z"))],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    path = tmp_path / "dq.onnx"
+    onnx.save(model, str(path))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    want = sess.run(["w"], {"x": np.zeros((1, K), np.float32)})[0]
+    (use,) = GraphIndex(ir.load(str(path))).uses
+    assert use.quant is not None and use.scope == "lin"
+    assert torch.equal(read_ref(use), torch.from_numpy(want).T)
