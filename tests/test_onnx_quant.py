@@ -247,7 +247,7 @@ def test_keep_lora_on_nbits_matches_peft_on_dequantized_base(
     assert po.rel_err(ref, float_base) > 1e-2  # the adapter matters
 
     out = tmp_path / "out.onnx"
-    report = loracc.export_onnx(base, case.adapter_dir, out, keep_lora=True)
+    report = loracc.export_onnx(base, case.adapter_dir, out, keep_lora=True, empty_slots=False)
     assert {b["op"] for b in report.bindings} == {"MatMulNBits"}
     te.assert_close(te.run(out, case), ref, f"{how} keep-lora", KEEP_LORA_RTOL)
     count = [
@@ -279,7 +279,7 @@ def test_keep_lora_on_int8_weights(qc: QuantCases, tmp_path: Path, how: str, op:
     effect = po.rel_err(ref, float_base)
 
     out = tmp_path / "out.onnx"
-    report = loracc.export_onnx(base, qc.case.adapter_dir, out, keep_lora=True)
+    report = loracc.export_onnx(base, qc.case.adapter_dir, out, keep_lora=True, empty_slots=False)
     assert {b["op"] for b in report.bindings} == {op}
     err = po.rel_err(te.run(out, qc.case), ref)
     assert err <= 2 * base_err + KEEP_LORA_RTOL, (err, base_err)
@@ -445,7 +445,7 @@ def test_keep_lora_on_fp16_int4(tmp_path: Path) -> None:
     base_err = po.rel_err(te.run(base, case), float_base)
     assert base_err < 2e-3
     out = tmp_path / "out.onnx"
-    report = loracc.export_onnx(base, case.adapter_dir, out, keep_lora=True)
+    report = loracc.export_onnx(base, case.adapter_dir, out, keep_lora=True, empty_slots=False)
     assert {s["dtype"] for s in report.slots} == {onnx.TensorProto.FLOAT16}
     te.assert_close(te.run(out, case), ref, "fp16 int4 keep-lora", max(2 * base_err, 1e-3))
     assert po.rel_err(ref, float_base) > 1e-1
