@@ -384,6 +384,12 @@ def _nbits(node: ir.Node) -> NBitsScheme | None:
             f"{where}: MatMulNBits with g_idx (GPTQ act-order) cannot be requantized: the "
             "group order is not derivable from the weight; export with --keep-lora"
         )
+    shared = [v.name for v in (weight, scales, zero_points) if v and len(v.consumers()) != 1]
+    if shared:
+        refusal = (
+            f"{where}: {shared[0]!r} is read by other nodes too; cannot requantize it for this "
+            "node alone"
+        )
     unknown = sorted(set(attrs) - _NBITS_ATTRS)
     if unknown:
         refusal = f"{where}: MatMulNBits attributes {unknown} are unknown; cannot requantize"
@@ -478,19 +484,11 @@ def requantized(
     The weight, scales and zero points become lazy tensors computed together once, when the
     model is written; ``edit`` takes and returns the fp32 weight in its stored orientation and
     raises for a result that may not be written. Refused (:class:`UnsupportedError`) where the
-    scheme cannot be reproduced, or where another node reads the scales or zero points.
+    scheme cannot be reproduced (``scheme.refusal``, checked when the merge is planned too).
     """
     if not isinstance(scheme, NBitsScheme) or scheme.refusal is not None:
         raise UnsupportedError(scheme.refusal or "")
-    where = scheme.node.name or "MatMulNBits"
-    weight_value = scheme.node.inputs[1]
-    assert weight_value is not None
-    for value in (weight_value, scheme.scales, scheme.zero_points):
-        if value is not None and len(value.consumers()) != 1:
-            raise UnsupportedError(
-                f"{where}: '{value.name}' is read by other nodes too; cannot requantize it "
-                "for this node alone"
-            )
+    weight_value = scheme.weight_input
     results: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
     original = scheme.tensors()  # before they become the lazy tensors below
 
