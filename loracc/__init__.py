@@ -1,43 +1,44 @@
 """loracc: a compiler for PEFT LoRA adapters.
 
-Read an adapter into the IR (:func:`load_adapter`), run passes, and lower it to a merged
-Hugging Face checkpoint (:func:`merge`) or an ONNX model.
+Read an adapter into the IR (:func:`load_adapter`), run passes (:func:`compile_adapter`), and
+lower it to a merged Hugging Face checkpoint (:func:`merge`) or an ONNX model
+(:func:`export_onnx`, which needs the onnx extra only when called).
 """
 
 from __future__ import annotations
 
-from loracc.api import (
+from loracc.api.hf import (
     ConvertReport,
     MergeReport,
-    compile_adapter,
     convert,
     emit_ir,
-    inspect,
     load_adapter,
     merge,
 )
+from loracc.api.hf import inspect_adapter as inspect
+from loracc.api.onnx import OnnxReport, PackReport, check_adapter_files, export_onnx, pack
 from loracc.errors import LoraccError
 from loracc.ir import Adapter, Replacement, Site, SiteKind, TokenRows
-from loracc.onnx_api import OnnxReport, PackReport, check_adapter_files, export_onnx, pack
+from loracc.pipeline import compile_adapter
 
 __all__ = [
-    # IR
     "Adapter",
     "ConvertReport",
-    # errors
     "LoraccError",
     "MergeReport",
+    "OnnxReport",
+    "PackReport",
     "Replacement",
     "Site",
     "SiteKind",
     "TokenRows",
+    "check_adapter_files",
     "compile_adapter",
     "convert",
     "emit_ir",
+    "export_onnx",
     "inspect",
-    # API
     "load_adapter",
     "merge",
+    "pack",
 ]
-# ONNX (needs the onnx extra)
-__all__ += ["OnnxReport", "PackReport", "check_adapter_files", "export_onnx", "pack"]

@@ -23,8 +23,10 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from itertools import pairwise
+from typing import Any
 
 from loracc.errors import ConfigError
+from loracc.io.checkpoint import BaseWeights
 from loracc.ir import Adapter
 from loracc.passes import Pass, PassContext, PassResult
 from loracc.passes.apply_graph_layout import ApplyGraphLayout
@@ -42,10 +44,12 @@ __all__ = [
     "ORDER",
     "VERIFY_ENV",
     "PipelineResult",
+    "compile_adapter",
     "convert_pipeline",
     "in_order",
     "merge_pipeline",
     "onnx_pipeline",
+    "pass_steps",
     "pipeline_spec",
     "run_pipeline",
 ]
@@ -156,3 +160,30 @@ def run_pipeline(
         if after is not None:
             after(p.spec(), adapter)
     return PipelineResult(adapter, tuple(steps))
+
+
+def compile_adapter(
+    adapter: Adapter,
+    base: BaseWeights | None,
+    passes: list[Pass] | None = None,
+    *,
+    device: str = "cpu",
+    check: bool = False,
+) -> PipelineResult:
+    """Run the merge pipeline over ``adapter``, or exactly ``passes`` (nothing added: a lowering
+    takes ``merge_pipeline(extra)``, which keeps the required passes)."""
+    ctx = PassContext(base=base, device=device)
+    return run_pipeline(adapter, merge_pipeline() if passes is None else passes, ctx, check=check)
+
+
+def pass_steps(result: PipelineResult) -> list[dict[str, Any]]:
+    """Each pass of ``result`` as the reports print it: changed, skipped (with why), details."""
+    return [
+        {
+            "pass": name,
+            "changed": list(step.changed),
+            "skipped": [{"site": s.site, "reason": s.reason} for s in step.skipped],
+            "details": list(step.details),
+        }
+        for name, step in result.steps
+    ]

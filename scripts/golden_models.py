@@ -16,7 +16,7 @@ Each case under ``golden/models/<case>/`` is a few hundred KB:
 * ``oracle``: the checked-in base + adapter run through today's PEFT must still give
   ``peft_logits`` (so an upgrade of PEFT or transformers that changes the oracle is caught
   instead of silently moving the goalposts);
-* ONNX (``export``, ``keep-lora``) once ``loracc.onnx_api`` exists: see :func:`_check_onnx`.
+* ONNX (``export``, ``keep-lora``) once ``loracc.api.onnx`` exists: see :func:`_check_onnx`.
 
 Used by ``scripts/regen_golden.py`` through :func:`suite`, and by tests/test_golden_models.py.
 """
@@ -367,12 +367,12 @@ def _check_case(case_dir: Path, merge: Merger, oracle: bool) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# ONNX (export, keep-lora): active once loracc.onnx_api lands
+# ONNX (export, keep-lora): active once loracc.api.onnx lands
 
 
 def _has_onnx_export() -> bool:
     try:
-        import loracc.onnx_api  # noqa: F401
+        import loracc.api.onnx  # noqa: F401
     except ImportError:
         return False
     return True
@@ -457,8 +457,8 @@ def _check_onnx(
     if not base_onnx.exists():
         return []
     if not _has_onnx_export():
-        return ["onnx: base.onnx is checked in but loracc.onnx_api is missing"]
-    from loracc.onnx_api import export_onnx, pack
+        return ["onnx: base.onnx is checked in but loracc.api.onnx is missing"]
+    from loracc.api.onnx import export_onnx, pack
 
     base_dir, adapter_dir = case_dir / "base", case_dir / "adapter"
     rtol = float(meta["onnx_rtol"])

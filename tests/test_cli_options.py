@@ -14,7 +14,8 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from loracc.cli import OnceCommand, main
+from loracc.cli import main
+from loracc.cli.common import OnceCommand
 
 
 @pytest.fixture(scope="module")

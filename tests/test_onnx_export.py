@@ -767,7 +767,7 @@ def test_cli_export_pack_and_errors(oc: OnnxCases, tmp_path: Path) -> None:
 
 
 def test_inspect_binding_lists_every_site(oc: OnnxCases) -> None:
-    from loracc.onnx_api import bind_onnx
+    from loracc.api.onnx import bind_onnx
 
     case = oc.case("llama_linear")
     rows = bind_onnx(oc.base("dyn", "llama_linear"), case.adapter_dir)

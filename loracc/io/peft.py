@@ -39,7 +39,7 @@ from loracc.io.replicated import ReplicatedCheckpoint
 from loracc.ir import PLAIN_INITS, Adapter, Replacement, Site, SiteKind, TokenRows
 from loracc.weights import BaseWeights, ExpertSplit
 
-__all__ = ["adapter_files", "load_adapter"]
+__all__ = ["adapter_files", "read_adapter"]
 
 # peft's MultiheadAttention wrapper saves its out_proj's factors under this suffix of its own path
 _MHA_OUT_PROJ = f"{peft_keys.BASE_LAYER}.out_proj"
@@ -77,7 +77,7 @@ class _Group:
     keys: list[str] = field(default_factory=list)
 
 
-def load_adapter(
+def read_adapter(
     folder: str | Path,
     base: Checkpoint | None = None,
     *,
@@ -107,7 +107,7 @@ def load_adapter(
     if base is not None:
         _check_base_dtypes(adapter, base)
     if initial is not None:
-        init = load_adapter(initial, base, allow_nonfinite=allow_nonfinite, layout=layout)
+        init = read_adapter(initial, base, allow_nonfinite=allow_nonfinite, layout=layout)
         adapter = _attach_initial(adapter, init)
     return adapter
 

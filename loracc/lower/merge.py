@@ -29,7 +29,6 @@ import os
 import queue
 import re
 import shutil
-import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -41,7 +40,7 @@ from typing import Any
 import torch
 
 from loracc import kernels
-from loracc.errors import ConfigError, InputError, NonFiniteError, UnsupportedError, printable
+from loracc.errors import ConfigError, InputError, NonFiniteError, UnsupportedError
 from loracc.io.checkpoint import INDEX_NAME, SINGLE_NAME, WEIGHT_SUFFIXES, Checkpoint, inside
 from loracc.io.safetensors import (
     SafetensorsWriter,
@@ -457,23 +456,3 @@ def merge_into(adapter: Adapter, base: Checkpoint, out: Path, opts: MergeOptions
     stats.seconds = time.perf_counter() - start
     return stats
 
-
-def terminal_progress() -> Callable[[int, int, str], None] | None:
-    """A one-line progress display on stderr, or None when stderr is not a terminal."""
-    if not sys.stderr.isatty():
-        return None
-    last = [0.0]
-
-    def show(done: int, total: int, key: str) -> None:
-        now = time.monotonic()
-        if done != total and now - last[0] < 0.1:
-            return
-        last[0] = now
-        width = 30
-        filled = width * done // max(total, 1)
-        name = printable(key)[:60]
-        line = f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {name:<60}"
-        sys.stderr.write(line + ("\n" if done == total else ""))
-        sys.stderr.flush()
-
-    return show

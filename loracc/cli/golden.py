@@ -1,6 +1,6 @@
 """``loracc golden record|check`` and ``loracc run``: golden-output regression checks for CI.
 
-Registered on the ``loracc`` group at the end of :mod:`loracc.cli`. Exit codes: 0 pass, 1
+Registered on the ``loracc`` group by :mod:`loracc.cli`. Exit codes: 0 pass, 1
 regression (``golden check``), 2 bad input or an unusable provider.
 """
 
@@ -14,14 +14,14 @@ import click
 
 from loracc import golden as golden_lib
 from loracc import runner
-from loracc.cli import (
+from loracc.cli.common import (
     LoraccGroup,
     OnceCommand,
-    _emit,
-    _guard,
-    _note_lines,
+    emit,
     force_option,
+    guard,
     json_option,
+    note_lines,
 )
 from loracc.io.output import check_output
 
@@ -63,7 +63,7 @@ def golden() -> None:
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="Golden .npz.")
 @force_option
 @json_option
-@_guard
+@guard
 def record(
     model: str,
     adapter: str | None,
@@ -87,7 +87,7 @@ def record(
         force=force,
     )
     meta = {"golden": out, **meta}
-    _emit(meta, as_json, _record_text)
+    emit(meta, as_json, _record_text)
 
 
 def _record_text(m: dict[str, Any]) -> str:
@@ -112,7 +112,7 @@ def _record_text(m: dict[str, Any]) -> str:
     ]
     if m["adapter"]:
         lines.append(f"  adapter {m['adapter']['file']} ({m['adapter']['fingerprint'][:12]})")
-    return "\n".join(lines + _note_lines(m))
+    return "\n".join(lines + note_lines(m))
 
 
 @golden.command("check")
@@ -129,7 +129,7 @@ def _record_text(m: dict[str, Any]) -> str:
 )
 @click.option("-v", "--verbose", is_flag=True, help="List identical HF tensors too.")
 @json_option
-@_guard
+@guard
 def check(
     model: str,
     golden_path: str,
@@ -151,7 +151,7 @@ def check(
         providers=providers,
         strict_fingerprint=strict_fingerprint,
     )
-    _emit(report.to_dict(), as_json, lambda _: report.text(verbose or report.kind == "onnx"))
+    emit(report.to_dict(), as_json, lambda _: report.text(verbose or report.kind == "onnx"))
     sys.exit(0 if report.passed else 1)
 
 
@@ -163,7 +163,7 @@ def check(
 @providers_option
 @force_option
 @json_option
-@_guard
+@guard
 def run(
     model: str,
     adapter: str | None,
@@ -181,7 +181,7 @@ def run(
     if out is not None:
         runner.save_npz(out, result.outputs, inputs=read, force=force)
     data = {**result.to_dict(), "written": out}
-    _emit(data, as_json, _run_text)
+    emit(data, as_json, _run_text)
 
 
 def _run_text(r: dict[str, Any]) -> str:
@@ -195,7 +195,7 @@ def _run_text(r: dict[str, Any]) -> str:
             else "no finite values"
         )
         lines.append(f"  {o['name']} {o['dtype']}[{shape}]  {stats}")
-    lines += _note_lines(r)
+    lines += note_lines(r)
     if r["written"]:
         lines.append(f"wrote {r['written']}")
     return "\n".join(lines)

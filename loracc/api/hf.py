@@ -1,50 +1,47 @@
-"""The Python API the CLI calls: load, inspect, merge."""
+"""The Hugging Face Python API: load, inspect, print the IR, merge into a checkpoint, convert."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from loracc.api.common import LayoutChoices, PathLike
+from loracc.api.onnx import bind_onnx
 from loracc.errors import ConfigError, LoweringError, NonFiniteError, UnsupportedError
 from loracc.io.checkpoint import Checkpoint
 from loracc.io.output import atomic_dir
-from loracc.io.peft import load_adapter as _load_adapter
+from loracc.io.peft import read_adapter
 from loracc.io.peft_writer import write_peft_adapter
 from loracc.ir import Adapter
 from loracc.legality import Target, require
 from loracc.lower.merge import MergeOptions, check_mergeable, merge_into, parse_size
 from loracc.passes import Pass, PassContext
 from loracc.pipeline import (
-    PipelineResult,
+    compile_adapter,
     convert_pipeline,
     in_order,
     merge_pipeline,
+    pass_steps,
     pipeline_spec,
     run_pipeline,
 )
 from loracc.printer import print_ir
-from loracc.weights import BaseWeights
 
 __all__ = [
     "DTYPES",
     "ConvertReport",
     "MergeReport",
-    "compile_adapter",
     "convert",
     "emit_ir",
-    "inspect",
+    "inspect_adapter",
     "load_adapter",
     "merge",
 ]
 
-PathLike = str | os.PathLike[str]
-# --layout choices: "MODULE_PATTERN=LAYOUT" strings or {pattern: layout} (loracc.io.layout).
-LayoutChoices = Sequence[str] | Mapping[str, str] | None
 
 DTYPES = {
     "float32": torch.float32,
@@ -74,21 +71,7 @@ def load_adapter(
 ) -> Adapter:
     """Read a PEFT adapter folder into the IR (with the base, kinds and shapes are checked)."""
     base = Checkpoint(base_dir) if base_dir is not None else None
-    return _load_adapter(Path(adapter_dir), base, initial=initial, layout=layout)
-
-
-def compile_adapter(
-    adapter: Adapter,
-    base: BaseWeights | None,
-    passes: list[Pass] | None = None,
-    *,
-    device: str = "cpu",
-    check: bool = False,
-) -> PipelineResult:
-    """Run the merge pipeline over ``adapter``, or exactly ``passes`` (nothing added: a lowering
-    takes ``merge_pipeline(extra)``, which keeps the required passes)."""
-    ctx = PassContext(base=base, device=device)
-    return run_pipeline(adapter, merge_pipeline() if passes is None else passes, ctx, check=check)
+    return read_adapter(Path(adapter_dir), base, initial=initial, layout=layout)
 
 
 @dataclass
@@ -109,19 +92,6 @@ class MergeReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def pass_steps(result: PipelineResult) -> list[dict[str, Any]]:
-    """Each pass of ``result`` as the reports print it: changed, skipped (with why), details."""
-    return [
-        {
-            "pass": name,
-            "changed": list(step.changed),
-            "skipped": [{"site": s.site, "reason": s.reason} for s in step.skipped],
-            "details": list(step.details),
-        }
-        for name, step in result.steps
-    ]
 
 
 def merge(
@@ -161,7 +131,7 @@ def merge(
         workers=workers or min(4, os.cpu_count() or 1),
     )
     base = Checkpoint(base_dir)
-    adapter = _load_adapter(
+    adapter = read_adapter(
         Path(adapter_dir),
         base,
         initial=initial_adapter,
@@ -209,7 +179,7 @@ def _device(name: str) -> tuple[str, list[str]]:
     return name, []
 
 
-def inspect(
+def inspect_adapter(
     adapter_dir: PathLike, base_dir: PathLike | None = None, *, layout: LayoutChoices = None
 ) -> dict[str, Any]:
     """The resolved sites of an adapter and what would be refused, as plain data.
@@ -217,12 +187,12 @@ def inspect(
     ``base_dir`` is the base HF folder: the merge pipeline then runs as ``merge`` would (reading
     the base tensors DoRA and PiSSA/OLoRA sites need), and what it would refuse is listed. Or it is
     the base model's ``.onnx`` file: then ``bindings`` holds the binding of
-    :func:`loracc.onnx_api.bind_onnx` (site -> nodes, initializer, transposed), and what
+    :func:`loracc.api.onnx.bind_onnx` (site -> nodes, initializer, transposed), and what
     ``export --onnx`` would refuse is listed with the refusals.
     """
     onnx_base = base_dir is not None and Path(base_dir).suffix == ".onnx"
     base = Checkpoint(base_dir) if base_dir is not None and not onnx_base else None
-    adapter = _load_adapter(Path(adapter_dir), base, layout=layout)
+    adapter = read_adapter(Path(adapter_dir), base, layout=layout)
     sites = [
         {
             "module": s.module,
@@ -260,8 +230,6 @@ def inspect(
         assert base_dir is not None
         out.update(base=str(base_dir), bindings=[])
         if not adapter.refusals:
-            from loracc.onnx_api import bind_onnx
-
             try:
                 out["bindings"] = bind_onnx(base_dir, adapter_dir, layout=layout)
             except (UnsupportedError, LoweringError) as e:
@@ -292,7 +260,7 @@ def emit_ir(
     the input and the IR after every pass are printed, each under a ``// <pass>`` header.
     """
     base = Checkpoint(base_dir) if base_dir is not None else None
-    adapter = _load_adapter(Path(adapter_dir), base, initial=initial_adapter, layout=layout)
+    adapter = read_adapter(Path(adapter_dir), base, initial=initial_adapter, layout=layout)
     pipeline = merge_pipeline(passes or ()) if base is not None else in_order([], passes or ())
     dumps = [("input", print_ir(adapter))] if after_all else []
     result = run_pipeline(
@@ -343,7 +311,7 @@ def convert(
     if rank is not None and energy is not None:
         raise ConfigError("convert: give --rank or --energy, not both")
     base = Checkpoint(base_dir) if base_dir is not None else None
-    adapter = _load_adapter(Path(adapter_dir), base, initial=initial_adapter, layout=layout)
+    adapter = read_adapter(Path(adapter_dir), base, initial=initial_adapter, layout=layout)
     require(adapter, Target.PEFT_ADAPTER, before_passes=True)
     passes = convert_pipeline(base=base is not None, rank=rank, energy=energy)
     device, device_notes = _device(device)

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from loracc.api.common import LayoutChoices, PathLike
 from loracc.errors import ConfigError, UnsupportedError
 from loracc.legality import Target, require
+from loracc.pipeline import compile_adapter, onnx_pipeline, pass_steps
 
 if TYPE_CHECKING:
     import torch
@@ -30,10 +32,6 @@ if TYPE_CHECKING:
     from loracc.lower.onnx.weights import OnnxBase
 
 __all__ = ["OnnxReport", "PackReport", "bind_onnx", "check_adapter_files", "export_onnx", "pack"]
-
-PathLike = str | os.PathLike[str]
-# --layout choices: "MODULE_PATTERN=LAYOUT" strings or {pattern: layout} (loracc.io.layout).
-LayoutChoices = Sequence[str] | Mapping[str, str] | None
 
 
 @dataclass
@@ -100,9 +98,9 @@ def _load(
     *,
     target: Target,
 ) -> Adapter:
-    from loracc.io.peft import load_adapter
+    from loracc.io.peft import read_adapter
 
-    adapter = load_adapter(
+    adapter = read_adapter(
         path, ckpt, initial=initial, allow_nonfinite=allow_nonfinite, layout=layout
     )
     require(adapter, target, before_passes=True)
@@ -112,9 +110,6 @@ def _load(
 def _compile(
     adapter: Adapter, base: OnnxBase, target: Target
 ) -> tuple[Adapter, list[dict[str, Any]]]:
-    from loracc.api import compile_adapter, pass_steps
-    from loracc.pipeline import onnx_pipeline
-
     result = compile_adapter(adapter, base, onnx_pipeline())
     steps = [s for s in pass_steps(result) if s["changed"] or s["details"]]
     require(result.adapter, target)

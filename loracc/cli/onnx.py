@@ -1,4 +1,5 @@
-"""``loracc export --onnx`` and ``loracc pack``: the ONNX commands (onnx extra imported lazily)."""
+"""``loracc export --onnx`` and ``loracc pack``: the ONNX commands (:mod:`loracc.api.onnx` imports
+the onnx extra only when they run)."""
 
 from __future__ import annotations
 
@@ -7,19 +8,20 @@ from typing import Any
 
 import click
 
-from loracc.cli import (
+from loracc.api import onnx as onnx_api
+from loracc.cli.common import (
     OnceCommand,
-    _binding_lines,
-    _emit,
-    _guard,
-    _note_lines,
-    _step_lines,
     adapter_option,
     allow_nonfinite_option,
+    binding_lines,
+    emit,
     force_option,
+    guard,
     initial_adapter_option,
     json_option,
     layout_option,
+    note_lines,
+    step_lines,
 )
 from loracc.errors import ConfigError
 
@@ -78,7 +80,7 @@ base_weights_option = click.option(
 @allow_nonfinite_option
 @layout_option
 @json_option
-@_guard
+@guard
 def export(
     onnx_flag: bool,
     base_onnx: str,
@@ -103,9 +105,7 @@ def export(
     """
     if not onnx_flag:
         raise ConfigError("export: say --onnx (the only export target)")
-    from loracc.onnx_api import export_onnx
-
-    report = export_onnx(
+    report = onnx_api.export_onnx(
         base_onnx,
         list(adapters),
         output,
@@ -119,18 +119,18 @@ def export(
         allow_nonfinite=allow_nonfinite,
         layout=layout,
     )
-    _emit(report.to_dict(), as_json, _export_text)
+    emit(report.to_dict(), as_json, _export_text)
 
 
 def _export_text(r: dict[str, Any]) -> str:
-    lines = _binding_lines(r["bindings"])
+    lines = binding_lines(r["bindings"])
     for t in r["tensors"]:
         lines.append(f"tensor {t['key']} -> {', '.join(t['initializers'])} ({t['how']})")
     for s in r["slots"]:
         lines.append(
             f"slot {s['key']} ({s['op']}, in {s['in']}, out {s['out']}): {', '.join(s['slots'])}"
         )
-    lines += _step_lines(r) + _note_lines(r)
+    lines += step_lines(r) + note_lines(r)
     if r["outputs"]:
         lines.append(
             f"{r['mode']}: {len(r['bindings'])} sites, {len(r['changed'])} initializers "
@@ -155,7 +155,7 @@ def _export_text(r: dict[str, Any]) -> str:
 @allow_nonfinite_option
 @layout_option
 @json_option
-@_guard
+@guard
 def pack(
     model: str,
     adapter_dir: str,
@@ -174,9 +174,7 @@ def pack(
     adapter is checked against the model's slots (module, shapes, dtype); ranks may differ from
     the export's. Activate it with RunOptions.add_active_adapter.
     """
-    from loracc.onnx_api import pack as pack_api
-
-    report = pack_api(
+    report = onnx_api.pack(
         model,
         adapter_dir,
         output,
@@ -186,7 +184,7 @@ def pack(
         allow_nonfinite=allow_nonfinite,
         layout=layout,
     )
-    _emit(report.to_dict(), as_json, _pack_text)
+    emit(report.to_dict(), as_json, _pack_text)
 
 
 def _pack_text(r: dict[str, Any]) -> str:
@@ -196,4 +194,4 @@ def _pack_text(r: dict[str, Any]) -> str:
     ]
     if r["empty"]:
         lines.append(f"  rank 0 (not in this adapter): {json.dumps(r['empty'])}")
-    return "\n".join(lines + _note_lines(r))
+    return "\n".join(lines + note_lines(r))
