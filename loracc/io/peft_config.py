@@ -86,9 +86,6 @@ FIELDS: Mapping[str, str] = {
     "components dropped (reconstruct-residual, fp32 SVD as peft's load); nn.Linear only",
 }
 
-_INT = (int,)
-_NUM = (int, float)
-
 
 def _is_bool(v: object) -> bool:
     return isinstance(v, bool)
@@ -217,11 +214,13 @@ class LoraConfig:
     refusals: tuple[str, ...]
 
     def __getitem__(self, key: str) -> Any:
-        return self.fields.get(key, _DEFAULTS.get(key))
-
-    def get(self, key: str, default: Any = None) -> Any:
-        value = self[key]
-        return default if value is None else value
+        """The field as written, else its default (None without one); a name that is no
+        LoraConfig field is a KeyError, so a misspelt key in loracc cannot read as unset."""
+        if key in self.fields:
+            return self.fields[key]
+        if key not in FIELDS and key not in _LEGACY:
+            raise KeyError(f"{key!r} is not a LoraConfig field")
+        return _DEFAULTS.get(key)
 
     @property
     def init(self) -> str:
