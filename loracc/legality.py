@@ -7,7 +7,7 @@ come before any pass reads the base. The cells that name a pass are postconditio
 reaching them is a pipeline bug, and the message says which pass should have run.
 
 The table is the single answer to "can this be lowered?": merge (``lower/merge.py``), the ONNX
-export in both modes (``onnx_api``), and ``convert``'s PEFT writer (``io/peft_writer.py``) ask it,
+export in both modes (``api/onnx``), and ``convert``'s PEFT writer (``io/peft_writer.py``) ask it,
 and tests/test_legality.py checks every cell on a hand-built IR.
 """
 

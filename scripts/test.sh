@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 . .venv/bin/activate
 ruff check loracc tests scripts
+mypy loracc
 python -m pytest "$@"

@@ -68,7 +68,7 @@ def guard(fn: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt as e:
             terminated = isinstance(e, Terminated)
             click.echo(f"loracc: {'terminated' if terminated else 'interrupted'}", err=True)
-            sys.exit(e.exit_code if terminated else 130)
+            sys.exit(e.exit_code if isinstance(e, Terminated) else 130)
         except Exception as e:  # a bug: say so in one line unless asked for the traceback
             missing = (e.name or "").partition(".")[0] if isinstance(e, ImportError) else ""
             if missing in _EXTRAS:  # not a bug: an optional dependency is missing

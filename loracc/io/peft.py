@@ -11,6 +11,7 @@ embeddings.
 from __future__ import annotations
 
 import math
+import os
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -78,10 +79,10 @@ class _Group:
 
 
 def read_adapter(
-    folder: str | Path,
+    folder: str | os.PathLike[str],
     base: Checkpoint | None = None,
     *,
-    initial: str | Path | None = None,
+    initial: str | os.PathLike[str] | None = None,
     allow_nonfinite: bool = False,
     layout: Iterable[str] | Mapping[str, str] | None = None,
     allow_large_replication: bool = False,
@@ -97,12 +98,11 @@ def read_adapter(
             sites whose layout nothing else decides (docs/FORMATS.md "Layer layouts").
         allow_large_replication: accept a layer_replication of more than 4x the base's layers.
     """
-    folder = Path(folder)
-    config_path, weights_path = adapter_files(folder)
+    config_path, weights_path = adapter_files(Path(folder))
     cfg = read_config(config_path)
     tensors = open_safetensors(weights_path).read_all()
     _check_tensors(weights_path, tensors, allow_nonfinite)
-    reader = _Reader(folder, weights_path, cfg, base, layout, allow_large_replication)
+    reader = _Reader(Path(folder), weights_path, cfg, base, layout, allow_large_replication)
     adapter = reader.build(tensors)
     if base is not None:
         _check_base_dtypes(adapter, base)

@@ -455,4 +455,3 @@ def merge_into(adapter: Adapter, base: Checkpoint, out: Path, opts: MergeOptions
     stats.tensors = len(plan)
     stats.seconds = time.perf_counter() - start
     return stats
-
