@@ -284,7 +284,7 @@ class SafetensorsWriter:
         """Append ``tensor`` (CPU) as the next entry of the table."""
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
         self._take(name, data.nbytes)
-        _write_all(self._file, memoryview(data))
+        _write_all(self._file, data.data)
 
     # Random access: tensors filled by ``write_at``/``copy_into`` from any thread (positional
     # writes: the descriptor's position is not used), then ``commit``-ed in table order, which
@@ -300,8 +300,9 @@ class SafetensorsWriter:
     def write_at(self, name: str, data: torch.Tensor | bytes | memoryview, at: int = 0) -> None:
         """Write ``data`` (a CPU tensor or bytes) into tensor ``name``, ``at`` bytes in."""
         if isinstance(data, torch.Tensor):
-            data = data.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        view = memoryview(data).cast("B")
+            view = data.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data
+        else:
+            view = memoryview(data).cast("B")
         begin, nbytes = self.slot(name)
         if at < 0 or at + len(view) > nbytes:
             raise FormatError(

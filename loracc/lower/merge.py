@@ -298,8 +298,8 @@ class _Views:
         direct_out = on_cpu and dst == torch.float32
         self.raw = self.w if direct_in else scratch.take("in", n, src).view(m, cols)
         self.out = self.w if direct_out else scratch.take("out", n, dst).view(m, cols)
-        self.raw_bytes = memoryview(self.raw.reshape(-1).view(torch.uint8).numpy())
-        self.out_bytes = memoryview(self.out.reshape(-1).view(torch.uint8).numpy())
+        self.raw_bytes = self.raw.reshape(-1).view(torch.uint8).numpy().data
+        self.out_bytes = self.out.reshape(-1).view(torch.uint8).numpy().data
 
 
 def _stream(item: _Out, writer: SafetensorsWriter, scratch: _Scratch, opts: MergeOptions) -> None:
