@@ -1,0 +1,3 @@
+from loracc.cli import main
+
+main(prog_name="loracc")
