@@ -26,7 +26,6 @@ from itertools import pairwise
 from typing import Any
 
 from loracc.errors import ConfigError
-from loracc.io.checkpoint import BaseWeights
 from loracc.ir import Adapter
 from loracc.passes import Pass, PassContext, PassResult
 from loracc.passes.apply_graph_layout import ApplyGraphLayout
@@ -38,6 +37,7 @@ from loracc.passes.reconstruct_residual import ReconstructResidual
 from loracc.passes.truncate_rank import TruncateRank
 from loracc.passes.untie_embeddings import UntieEmbeddings
 from loracc.verify import verify
+from loracc.weights import BaseWeights
 
 __all__ = [
     "MERGE_REQUIRED",

@@ -24,7 +24,6 @@ from loracc.errors import FormatError, InputError
 from loracc.io import ort as ort_io
 from loracc.io.inputs import open_input
 from loracc.io.npz import read_npz
-from loracc.io.npz import write_npz as save_npz  # the name cli_golden (`run -o`) calls
 from loracc.io.ort import Session, TensorSpec
 from loracc.io.output import check_complete
 
@@ -34,11 +33,10 @@ __all__ = [
     "generate_inputs",
     "input_files",
     "model_fingerprint",
-    "open_session",
+    "open_model_session",
     "parse_dims",
     "resolve_onnx",
     "run",
-    "save_npz",
 ]
 
 
@@ -111,7 +109,7 @@ def input_files(
     return [onnx_file, *data] + [Path(o) for o in others if o is not None]
 
 
-def open_session(
+def open_model_session(
     model: str | os.PathLike[str],
     providers: str | Sequence[str] = "cpu",
     *,
@@ -279,7 +277,7 @@ def run(
 ) -> RunResult:
     """Run ``model`` (with ``adapter`` active) on ``inputs`` (an ``.npz`` path or arrays)."""
     feeds = dict(inputs) if isinstance(inputs, Mapping) else read_npz(inputs)
-    sess = open_session(model, providers, adapter=adapter)
+    sess = open_model_session(model, providers, adapter=adapter)
     outputs = sess.run(feeds)
     return RunResult(
         sess.path, sess.adapter, sess.providers, feeds, outputs, sess.outputs, list(sess.notes)

@@ -504,7 +504,7 @@ def profile(size: str, base: Path, adapter: Path, work: Path, tensors: int) -> s
     tensors: the same calls on the same buffers, so the split is the merge's.
     """
     from loracc.io.checkpoint import Checkpoint
-    from loracc.io.peft import read_adapter
+    from loracc.io.peft import read_peft_adapter
     from loracc.lower import merge as M
 
     lines = [f"Profile, {size} (warm page cache):", ""]
@@ -519,7 +519,7 @@ def profile(size: str, base: Path, adapter: Path, work: Path, tensors: int) -> s
     lines += [f"| `{k}` | {v:.2f} |" for k, v in startup.items()]
     t = time.perf_counter()
     ckpt = Checkpoint(base)
-    ad = read_adapter(adapter, ckpt)
+    ad = read_peft_adapter(adapter, ckpt)
     load_s = time.perf_counter() - t
     lines += [f"| read headers + adapter (in process) | {load_s:.2f} |", ""]
 

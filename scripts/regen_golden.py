@@ -38,7 +38,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from loracc.io.checkpoint import Checkpoint  # noqa: E402
-from loracc.io.peft import read_adapter  # noqa: E402
+from loracc.io.peft import read_peft_adapter  # noqa: E402
 from loracc.io.safetensors import SafetensorsWriter  # noqa: E402
 from loracc.ir import Adapter  # noqa: E402
 from loracc.passes import PassContext, parse_pipeline  # noqa: E402
@@ -389,11 +389,11 @@ def generate_ir(scratch: Path) -> dict[str, str]:
         root.mkdir()
         base_dir, adapter_dir, initial_dir = case.build(root)
         if base_dir is not None and base_dir.suffix == ".onnx":
-            adapter = read_adapter(adapter_dir, None, initial=initial_dir)
+            adapter = read_peft_adapter(adapter_dir, None, initial=initial_dir)
             base: BaseWeights | None = bound_onnx_base(base_dir, adapter)
         else:
             base = Checkpoint(base_dir) if base_dir is not None else None
-            adapter = read_adapter(adapter_dir, base, initial=initial_dir)
+            adapter = read_peft_adapter(adapter_dir, base, initial=initial_dir)
         header = f"# {case.name}: {case.doc}\n" if case.doc else ""
         files[f"{case.name}/before.txt"] = header + print_ir(adapter)
         for spec in case.passes:

@@ -117,10 +117,10 @@ def cuda_usable(model: Path) -> bool:
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return False
     from loracc.errors import LoraccError
-    from loracc.runner import open_session
+    from loracc.runner import open_model_session
 
     try:
-        return "CUDAExecutionProvider" in open_session(model, "cuda").providers
+        return "CUDAExecutionProvider" in open_model_session(model, "cuda").providers
     except LoraccError:
         return False
 

@@ -14,7 +14,7 @@ from loracc.api.onnx import bind_onnx
 from loracc.errors import ConfigError, LoweringError, NonFiniteError, UnsupportedError
 from loracc.io.checkpoint import Checkpoint
 from loracc.io.output import atomic_dir
-from loracc.io.peft import read_adapter
+from loracc.io.peft import read_peft_adapter
 from loracc.io.peft_writer import write_peft_adapter
 from loracc.ir import Adapter
 from loracc.legality import Target, require
@@ -71,7 +71,7 @@ def load_adapter(
 ) -> Adapter:
     """Read a PEFT adapter folder into the IR (with the base, kinds and shapes are checked)."""
     base = Checkpoint(base_dir) if base_dir is not None else None
-    return read_adapter(Path(adapter_dir), base, initial=initial, layout=layout)
+    return read_peft_adapter(Path(adapter_dir), base, initial=initial, layout=layout)
 
 
 @dataclass
@@ -131,7 +131,7 @@ def merge(
         workers=workers or min(4, os.cpu_count() or 1),
     )
     base = Checkpoint(base_dir)
-    adapter = read_adapter(
+    adapter = read_peft_adapter(
         Path(adapter_dir),
         base,
         initial=initial_adapter,
@@ -192,7 +192,7 @@ def inspect_adapter(
     """
     onnx_base = base_dir is not None and Path(base_dir).suffix == ".onnx"
     base = Checkpoint(base_dir) if base_dir is not None and not onnx_base else None
-    adapter = read_adapter(Path(adapter_dir), base, layout=layout)
+    adapter = read_peft_adapter(Path(adapter_dir), base, layout=layout)
     sites = [
         {
             "module": s.module,
@@ -260,7 +260,7 @@ def emit_ir(
     the input and the IR after every pass are printed, each under a ``// <pass>`` header.
     """
     base = Checkpoint(base_dir) if base_dir is not None else None
-    adapter = read_adapter(Path(adapter_dir), base, initial=initial_adapter, layout=layout)
+    adapter = read_peft_adapter(Path(adapter_dir), base, initial=initial_adapter, layout=layout)
     pipeline = merge_pipeline(passes or ()) if base is not None else in_order([], passes or ())
     dumps = [("input", print_ir(adapter))] if after_all else []
     result = run_pipeline(
@@ -311,7 +311,7 @@ def convert(
     if rank is not None and energy is not None:
         raise ConfigError("convert: give --rank or --energy, not both")
     base = Checkpoint(base_dir) if base_dir is not None else None
-    adapter = read_adapter(Path(adapter_dir), base, initial=initial_adapter, layout=layout)
+    adapter = read_peft_adapter(Path(adapter_dir), base, initial=initial_adapter, layout=layout)
     require(adapter, Target.PEFT_ADAPTER, before_passes=True)
     passes = convert_pipeline(base=base is not None, rank=rank, energy=energy)
     device, device_notes = _device(device)

@@ -98,9 +98,9 @@ def _load(
     *,
     target: Target,
 ) -> Adapter:
-    from loracc.io.peft import read_adapter
+    from loracc.io.peft import read_peft_adapter
 
-    adapter = read_adapter(
+    adapter = read_peft_adapter(
         path, ckpt, initial=initial, allow_nonfinite=allow_nonfinite, layout=layout
     )
     require(adapter, target, before_passes=True)

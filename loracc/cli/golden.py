@@ -23,6 +23,7 @@ from loracc.cli.common import (
     json_option,
     note_lines,
 )
+from loracc.io.npz import write_npz
 from loracc.io.output import check_output
 
 __all__ = ["golden", "run"]
@@ -179,7 +180,7 @@ def run(
         check_output(Path(out), read, force=force)  # refuse before running, and again at the end
     result = runner.run(model, inputs, adapter=adapter, providers=providers)
     if out is not None:
-        runner.save_npz(out, result.outputs, inputs=read, force=force)
+        write_npz(out, result.outputs, inputs=read, force=force)
     data = {**result.to_dict(), "written": out}
     emit(data, as_json, _run_text)
 

@@ -54,7 +54,7 @@ class OnnxArtifact:
     def record(self, options: RecordOptions) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         if options.inputs is not None and (options.seed is not None or options.dims):
             raise InputError("give either --inputs or --seed/--dim, not both")
-        sess = runner.open_session(self.model, options.providers, adapter=options.adapter)
+        sess = runner.open_model_session(self.model, options.providers, adapter=options.adapter)
         if options.inputs is not None:
             feeds = read_npz(options.inputs)
             source: dict[str, Any] = {"file": Path(options.inputs).name}
@@ -97,7 +97,7 @@ class OnnxArtifact:
         if options.adapter is not None and not rec_adapter:
             raise InputError("the golden was recorded without an adapter; drop --adapter")
         strict = options.strict_fingerprint
-        sess = runner.open_session(self.model, options.providers, adapter=options.adapter)
+        sess = runner.open_model_session(self.model, options.providers, adapter=options.adapter)
         report = OnnxReport(
             self.kind,
             str(sess.path),

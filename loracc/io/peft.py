@@ -40,7 +40,7 @@ from loracc.io.replicated import ReplicatedCheckpoint
 from loracc.ir import PLAIN_INITS, Adapter, Replacement, Site, SiteKind, TokenRows
 from loracc.weights import BaseWeights, ExpertSplit
 
-__all__ = ["adapter_files", "read_adapter"]
+__all__ = ["adapter_files", "read_peft_adapter"]
 
 # peft's MultiheadAttention wrapper saves its out_proj's factors under this suffix of its own path
 _MHA_OUT_PROJ = f"{peft_keys.BASE_LAYER}.out_proj"
@@ -78,7 +78,7 @@ class _Group:
     keys: list[str] = field(default_factory=list)
 
 
-def read_adapter(
+def read_peft_adapter(
     folder: str | os.PathLike[str],
     base: Checkpoint | None = None,
     *,
@@ -107,7 +107,7 @@ def read_adapter(
     if base is not None:
         _check_base_dtypes(adapter, base)
     if initial is not None:
-        init = read_adapter(initial, base, allow_nonfinite=allow_nonfinite, layout=layout)
+        init = read_peft_adapter(initial, base, allow_nonfinite=allow_nonfinite, layout=layout)
         adapter = _attach_initial(adapter, init)
     return adapter
 
