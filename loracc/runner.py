@@ -165,18 +165,18 @@ def generate_inputs(
     shapes: dict[str, tuple[int, ...]] = {}
     missing: list[str] = []
     for s in sess.inputs:
-        shape: list[int] = []
+        sizes: list[int] = []
         for axis, d in enumerate(s.shape):
             key = d if isinstance(d, str) else f"{s.name}.{axis}"
             if isinstance(d, int) and d >= 0:
-                shape.append(d)
+                sizes.append(d)
             elif key in dims:
-                shape.append(dims[key])
+                sizes.append(dims[key])
             else:
                 if key not in missing:
                     missing.append(key)
-                shape.append(1)
-        shapes[s.name] = tuple(shape)
+                sizes.append(1)
+        shapes[s.name] = tuple(sizes)
     if missing:
         raise InputError(
             f"{sess.path}: give the symbolic dimensions with --dim: "
@@ -196,6 +196,7 @@ def generate_inputs(
         shape = shapes[s.name]
         lname = s.name.lower()
         kind = s.storage.kind
+        a: np.ndarray
         if kind == "b":
             a = rng.random(shape) < 0.5
         elif kind in "iu":

@@ -57,8 +57,15 @@ def write_npz(
 ) -> None:
     """Write ``arrays`` to ``path`` (compressed) under loracc's output rules: not over one of
     ``inputs``, existing only with ``force``, atomic (:mod:`loracc.io.output`)."""
-    with atomic_files([Path(path)], inputs, force=force) as (tmp,), open(tmp, "wb") as f:
-        np.savez_compressed(f, **dict(arrays))
+    # What np.savez_compressed writes, member by member: it takes the names as keyword arguments,
+    # so an array named "allow_pickle" (an ONNX output may be) became its option, not a member.
+    with (
+        atomic_files([Path(path)], inputs, force=force) as (tmp,),
+        zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, allowZip64=True) as z,
+    ):
+        for name, array in arrays.items():
+            with z.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array))
 
 
 def _checked_members(path: Path, z: zipfile.ZipFile, size: int) -> dict[str, zipfile.ZipInfo]:
