@@ -266,7 +266,8 @@ class TargetEdits:
         return TargetEdits(self.replacements, self.rows)
 
 
-@dataclass(frozen=True, slots=True, eq=False, weakref_slot=True)
+# No slots: _EDITS holds adapters weakly, and weakref_slot needs Python 3.11 (loracc takes 3.10).
+@dataclass(frozen=True, eq=False)
 class Adapter:
     """A whole adapter: the sites and replacements, plus what the base's structure must become.
 

@@ -250,7 +250,7 @@ class _Reader:
             sites=sites,
             replacements=tuple(replacements),
             token_rows=tuple(token_rows),
-            layer_replication=layer_replication,  # type: ignore[arg-type]
+            layer_replication=layer_replication,
             refusals=tuple(self.refusals),
             notes=tuple(self.notes),
             config=MappingProxyType(dict(self.cfg.fields)),
