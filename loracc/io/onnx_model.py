@@ -18,6 +18,7 @@ import contextlib
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import SupportsInt, cast
 
 import numpy as np
 import onnx
@@ -38,6 +39,7 @@ __all__ = [
     "needs_external_data",
     "output_paths",
     "save_model",
+    "tensor_dims",
     "tensor_to_torch",
     "torch_dtype",
     "torch_to_tensor",
@@ -103,6 +105,12 @@ def _check_external(tensor: ir.ExternalTensor, model_path: Path) -> None:
     tensor.base_dir = os.fspath(folder)
 
 
+def tensor_dims(shape: Iterable[int | ir.SymbolicDimProtocol]) -> tuple[int, ...]:
+    """The sizes of a tensor's ``shape``: a tensor holds data, so its dimensions are numbers
+    (a value's shape may be symbolic; onnx-ir types both alike)."""
+    return tuple(int(cast("SupportsInt", d)) for d in shape)
+
+
 def tensor_to_torch(tensor: ir.TensorProtocol, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A fresh torch tensor holding ``tensor`` (bf16 included), optionally cast."""
     want = _TORCH.get(tensor.dtype)
@@ -113,7 +121,7 @@ def tensor_to_torch(tensor: ir.TensorProtocol, dtype: torch.dtype | None = None)
         out = torch.from_numpy(np.array(array.view(np.uint16), copy=True)).view(torch.bfloat16)
     else:
         out = torch.from_numpy(np.array(array, copy=True))
-    out = out.reshape(tuple(int(d) for d in tensor.shape))
+    out = out.reshape(tensor_dims(tensor.shape))
     del array
     if isinstance(tensor, ir.ExternalTensor):
         # unmap: the caller holds its own copy now (unless another view keeps the mapping)

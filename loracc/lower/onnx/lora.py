@@ -308,6 +308,7 @@ def _slot(
 
 def _slot_dims(group: SlotGroup) -> dict[str, list[int | str]]:
     r = group.rank_dim
+    dims: dict[str, list[int | str]]
     if group.op == "Conv":
         dims = {
             group.A: [r, group.fan_in, *group.kernel],
@@ -372,7 +373,7 @@ def _branch(
     prefix = f"/{group.key.replace('.', '/')}/lora"
     new: list[ir.Node] = []
 
-    def emit(op_type: str, inputs: list[ir.Value | None], tag: str, **attrs: Any) -> ir.Value:
+    def emit(op_type: str, inputs: Sequence[ir.Value | None], tag: str, **attrs: Any) -> ir.Value:
         n = ir.Node(
             "",
             op_type,

@@ -12,6 +12,7 @@ from itertools import count
 
 import onnx_ir as ir
 
+from loracc.io.onnx_model import tensor_dims
 from loracc.lower.onnx.index import COMPUTE_OPS, PASS_OPS, GraphIndex
 
 __all__ = ["lift_weight_constants", "privatize", "unique_name"]
@@ -19,14 +20,14 @@ __all__ = ["lift_weight_constants", "privatize", "unique_name"]
 
 def lift_weight_constants(graph: ir.Graph) -> None:
     """Turn ``Constant`` nodes that feed a compute node's weight operand into initializers."""
-    taken = {v.name for v in graph.initializers.values()} | {
-        v.name for node in graph for v in node.outputs if v.name
-    }
+    taken = set(graph.initializers) | {v.name for node in graph for v in node.outputs if v.name}
     for node in list(graph):
         operand = COMPUTE_OPS.get(node.op_type)
-        if operand is None or len(node.inputs) <= operand or node.inputs[operand] is None:
+        if operand is None or len(node.inputs) <= operand:
             continue
         value = node.inputs[operand]
+        if value is None:
+            continue
         producer = value.producer()
         if producer is None or producer.op_type != "Constant" or producer.domain not in ("",):
             continue
@@ -35,7 +36,9 @@ def lift_weight_constants(graph: ir.Graph) -> None:
             continue
         tensor = attr.as_tensor()
         name = value.name or unique_name(taken, f"{node.name or node.op_type}.weight")
-        lifted = ir.Value(name=unique_name(taken, name + ".lifted"), shape=tensor.shape)
+        lifted = ir.Value(
+            name=unique_name(taken, name + ".lifted"), shape=ir.Shape(tensor_dims(tensor.shape))
+        )
         lifted.type = ir.TensorType(tensor.dtype)
         lifted.const_value = tensor
         graph.register_initializer(lifted)
