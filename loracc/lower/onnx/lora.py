@@ -49,7 +49,7 @@ import torch
 
 from loracc import kernels
 from loracc.errors import FormatError, LoweringError, UnsupportedError
-from loracc.io.onnx_model import tensor_to_torch, torch_dtype, torch_to_tensor
+from loracc.io.onnx_model import tensor_to_torch, torch_to_tensor
 from loracc.ir import PLAIN_INITS, Adapter, Site, SiteKind
 from loracc.lower.onnx.bind import BindingTable
 from loracc.lower.onnx.index import GraphIndex, WeightUse
@@ -493,10 +493,6 @@ def manifest_base(model: ir.Model, groups: Sequence[SlotGroup], where: str) -> O
                 init, g.weight_transposed, block, kind, shape, quant
             )
     return OnnxBase(entries, where)
-
-
-def torch_of(dtype: int) -> torch.dtype:
-    return torch_dtype(ir.DataType(dtype))
 
 
 def _neutral(value: ir.Value, groups: Sequence[SlotGroup]) -> bool:
