@@ -148,8 +148,19 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "loracc.golden": ("loracc.api", "loracc.cli"),
     "loracc.runner": ("loracc.api", "loracc.cli"),
 }
-# The data core imports only itself.
-CORE = ("loracc.errors", "loracc.ir", "loracc.arch", "loracc._model_types")
+# The core (the IR, its invariants and printer, the formulas, the legality table, architecture
+# data, the base-weights protocol, the errors) imports only itself: no I/O, passes or lowerings.
+CORE = (
+    "loracc._model_types",
+    "loracc.arch",
+    "loracc.errors",
+    "loracc.ir",
+    "loracc.kernels",
+    "loracc.legality",
+    "loracc.printer",
+    "loracc.verify",
+    "loracc.weights",
+)
 # Third-party modules only one loracc module may import.
 ONLY_IN: dict[str, str] = {"onnxruntime": "loracc.io.ort"}
 
