@@ -7,7 +7,7 @@ References are PEFT's forward (unmerged ``PeftModel``) and the base torch model,
   PEFT's safetensors) is exactly that adapter, in a raw ``InferenceSession`` too;
 * ``--filled-slots`` (the old default) keeps the first adapter in the defaults; there a partial
   file silently mixes two adapters in onnxruntime, so loracc's ``run`` and
-  ``runner.open_session`` refuse it, while a ``pack``ed file (every slot named) is accepted;
+  ``runner.open_model_session`` refuse it, while a ``pack``ed file (every slot named) is accepted;
 * ``pack`` on slotted models loracc did not make: graphs built here with ``onnx.helper`` as
   Olive's ExtractAdapters lays them out (a LoRA branch per projection, A (in, r) and B (r, out)
   graph inputs with rank-0 defaults and a symbolic ``lora_r``), with onnxruntime-genai's builder
@@ -242,7 +242,7 @@ def test_loracc_refuses_a_partial_file_on_filled_slots(tiny: dict, tmp_path: Pat
     )  # fmt: skip
     partial = _olive_style_file(tiny["adapters"]["qv"], tmp_path / "qv.onnx_adapter")
     with pytest.raises(UnsupportedError, match=r"k_proj\.lora_A\.weight.*--empty-slots"):
-        runner.open_session(filled, "cpu", adapter=partial)
+        runner.open_model_session(filled, "cpu", adapter=partial)
     with pytest.raises(UnsupportedError, match="hold another adapter"):
         loracc.check_adapter_files(filled, partial)
     np.savez(tmp_path / "in.npz", x=tiny["x"].numpy())
@@ -258,7 +258,7 @@ def test_loracc_refuses_a_partial_file_on_filled_slots(tiny: dict, tmp_path: Pat
     packed = tmp_path / "packed.onnx_adapter"
     loracc.pack(filled, tiny["adapters"]["qv"], packed)
     loracc.check_adapter_files(filled, packed)
-    y = runner.open_session(filled, "cpu", adapter=packed).run({"x": tiny["x"].numpy()})
+    y = runner.open_model_session(filled, "cpu", adapter=packed).run({"x": tiny["x"].numpy()})
     assert _err(torch.from_numpy(next(iter(y.values()))), tiny["out"]["qv"]) < TOL
     # partial files together with the rest of the slots' values are fine too
     loracc.check_adapter_files(filled, packed, partial)
@@ -484,7 +484,7 @@ def test_olive_file_on_a_loracc_export(tiny: dict, tmp_path: Path) -> None:
     olive = FIXTURES / "olive_torchscript" / "adapter_weights.onnx_adapter"
     assert _err(_run(out, ref["x"], olive), ref["all"]) < TOL
     with pytest.raises(InputError, match=r"loracc pack --model"):
-        runner.open_session(
+        runner.open_model_session(
             out, "cpu", adapter=FIXTURES / "olive_dynamo" / "adapter_weights.onnx_adapter"
         ).run({"x": ref["x"].numpy()})
 

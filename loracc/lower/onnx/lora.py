@@ -587,7 +587,8 @@ def foreign_groups(model: ir.Model, where: str) -> tuple[list[SlotGroup], dict[s
             missing = "lora_B" if "A" in ab else "lora_A"
             raise FormatError(f"{where}: slot of '{module}' has no {missing} input")
         a, b = ab["A"], ab["B"]
-        a_shape, b_shape = a.const_value.shape, b.const_value.shape  # type: ignore[union-attr]
+        a_shape = tensor_dims(a.const_value.shape)  # type: ignore[union-attr]
+        b_shape = tensor_dims(b.const_value.shape)  # type: ignore[union-attr]
         if len(a_shape) != 2 or len(b_shape) != 2:
             raise UnsupportedError(f"{where}: slots of '{module}' are not 2-D MatMul factors")
         other = seen.setdefault(_canonical(module), module)
@@ -598,8 +599,8 @@ def foreign_groups(model: ir.Model, where: str) -> tuple[list[SlotGroup], dict[s
             SlotGroup(
                 key=module,
                 op="MatMul",
-                fan_in=int(a_shape[0]),
-                fan_out=int(b_shape[1]),
+                fan_in=a_shape[0],
+                fan_out=b_shape[1],
                 kernel=[],
                 dtype=_elem(a.const_value.dtype),  # type: ignore[union-attr]
                 A=a.name or "",
