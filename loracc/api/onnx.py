@@ -390,12 +390,12 @@ def export_onnx(
                 "only some slots runs beside the rest of it (loracc run refuses such a file; "
                 "a raw onnxruntime session does not)"
             )
-        files = (
+        adapter_files = (
             _adapter_paths(Path(output), adapter_paths)
             if output is not None
             else [Path(f"{p.name}.onnx_adapter") for p in adapter_paths]
         )
-        for a, path in zip(compiled, files, strict=True):
+        for a, path in zip(compiled, adapter_files, strict=True):
             extra.append((path, _AdapterWriter(pack_params(groups, a))))
             report.adapter_files.append({"adapter": a.name, "file": str(path)})
         bake = next((a for a in compiled if a.replacements or a.token_rows), None)

@@ -60,6 +60,7 @@ __all__ = [
     "PROVIDER_ALIASES",
     "Session",
     "TensorSpec",
+    "block_quantizer",
     "cuda_usable",
     "from_bf16_bits",
     "open_session",
@@ -117,6 +118,16 @@ def _ort() -> Any:
             "onnxruntime is not installed: pip install onnxruntime (or onnxruntime-gpu for CUDA)"
         ) from e
     return onnxruntime
+
+
+def block_quantizer(bits: int) -> Any:
+    """onnxruntime's MatMulNBits block quantizer for ``bits`` (4 or 8), called as
+    ``(packed, weight, scales, zero_points, block_size, N, K, symmetric)``; it fills the first
+    four arrays in place."""
+    _ort()  # the one message when onnxruntime is missing
+    from onnxruntime.capi import _pybind_state as ort_c
+
+    return {4: ort_c.quantize_matmul_4bits, 8: ort_c.quantize_matmul_8bits}[bits]
 
 
 def version() -> str:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import onnx_ir as ir
 import torch
 
-from loracc.io.onnx_model import tensor_to_torch
+from loracc.io.onnx_model import tensor_dims, tensor_to_torch
 from loracc.lower.onnx.quant import NBitsScheme, QuantScheme, scheme_of
 
 __all__ = [
@@ -98,7 +98,7 @@ class WeightUse:
         """The initializer's shape as a float weight (``MatMulNBits``: (N, K))."""
         if isinstance(self.quant, NBitsScheme):
             return self.quant.shape
-        return tuple(int(d) for d in self.init.const_value.shape)  # type: ignore[union-attr]
+        return tensor_dims(self.init.const_value.shape)  # type: ignore[union-attr]
 
     @property
     def named(self) -> bool:

@@ -49,7 +49,7 @@ import torch
 
 from loracc import kernels
 from loracc.errors import FormatError, LoweringError, UnsupportedError
-from loracc.io.onnx_model import tensor_to_torch, torch_to_tensor
+from loracc.io.onnx_model import tensor_dims, tensor_to_torch, torch_to_tensor
 from loracc.ir import PLAIN_INITS, Adapter, Site, SiteKind
 from loracc.lower.onnx.bind import BindingTable
 from loracc.lower.onnx.index import GraphIndex, WeightUse
@@ -186,9 +186,9 @@ def _branch_dtype(use: WeightUse) -> int:
         x = use.quant.activation
         return _elem(x.dtype if x.dtype is not None else use.quant.float_dtype)
     if use.op != "Gather":
-        x = use.node.inputs[0]
-        if x is not None and x.dtype is not None:
-            return _elem(x.dtype)
+        first = use.node.inputs[0]
+        if first is not None and first.dtype is not None:
+            return _elem(first.dtype)
     operand = use.node.inputs[use.operand]
     if operand is not None and operand.dtype is not None:
         return _elem(operand.dtype)

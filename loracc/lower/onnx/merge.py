@@ -33,13 +33,14 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import onnx_ir as ir
 import torch
 
 from loracc import kernels
 from loracc.errors import NonFiniteError, UnsupportedError
-from loracc.io.onnx_model import tensor_to_torch, torch_dtype, torch_to_tensor
+from loracc.io.onnx_model import tensor_dims, tensor_to_torch, torch_dtype, torch_to_tensor
 from loracc.ir import Adapter, Site, TokenRows
 from loracc.lower.onnx.bind import BindingTable, with_tied
 from loracc.lower.onnx.index import GraphIndex, Place
@@ -93,7 +94,7 @@ def _replace(tensor: torch.Tensor, transposed: bool) -> Callable[[torch.Tensor],
 def _check_fits(place: Place, key: str, shape: tuple[int, ...]) -> None:
     """Refuse, while planning (so ``--dry-run`` refuses too), a replacement of ``key`` whose
     shape is not the initializer's as the edit sees it."""
-    held = tuple(int(d) for d in place.init.const_value.shape)  # type: ignore[union-attr]
+    held = tensor_dims(place.init.const_value.shape)  # type: ignore[union-attr]
     seen = held[::-1] if place.transposed else held
     if seen != shape:
         how = f", read transposed from {list(held)}" if place.transposed else ""
@@ -219,7 +220,9 @@ def apply_edits(
                 )
             (node_edits,) = [lists[key] for key in by_edits]
             name = original.name or ""
-            requantized(scheme, source, lambda w, e=node_edits, n=name: _edited(w, e, n, None))
+            requantized(
+                scheme, source, partial(_edited, edits=node_edits, name=name, allow_nonfinite=None)
+            )
             changed.append(name)
             continue
         for n, (key, target) in enumerate(by_edits.items()):
@@ -239,7 +242,7 @@ def _lazy(
         w = _edited(w, edits, name, allow_nonfinite, dtype)
         return torch_to_tensor(w, dtype, name=name)
 
-    return ir.LazyTensor(compute, dtype=dtype, shape=ir.Shape(list(source.shape)), name=name)
+    return ir.LazyTensor(compute, dtype=dtype, shape=ir.Shape(tensor_dims(source.shape)), name=name)
 
 
 def _edited(

@@ -36,6 +36,8 @@ import onnx_ir as ir
 import torch
 
 from loracc.errors import UnsupportedError
+from loracc.io.onnx_model import tensor_dims
+from loracc.io.ort import block_quantizer
 
 __all__ = [
     "QUANT_OPS",
@@ -63,7 +65,7 @@ def _tensor(value: ir.Value) -> ir.TensorProtocol:
 
 
 def _shape(value: ir.Value) -> tuple[int, ...]:
-    return tuple(int(d) for d in _tensor(value).shape)
+    return tensor_dims(_tensor(value).shape)
 
 
 def _unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
@@ -173,9 +175,7 @@ class NBitsScheme:
         (packed B, scales, zero points or None), each in its initializer's shape and dtype."""
         if self.refusal is not None:
             raise UnsupportedError(self.refusal)
-        from onnxruntime.capi import _pybind_state as ort_c
-
-        quantizer = {4: ort_c.quantize_matmul_4bits, 8: ort_c.quantize_matmul_8bits}[self.bits]
+        quantizer = block_quantizer(self.bits)
         dtype = np.float16 if self.float_dtype == ir.DataType.FLOAT16 else np.float32
         k_blocks, per = self.k_blocks, 8 // self.bits
         rows = k_blocks * self.block_size
@@ -188,11 +188,11 @@ class NBitsScheme:
         quantizer(packed, padded, scales, zero_points, self.block_size, self.N, rows, symmetric)
         weight_input = self.node.inputs[1]
         assert weight_input is not None
-        packed = packed.reshape(_shape(weight_input))
-        scales = scales.reshape(_shape(self.scales))
+        packed_b = packed.reshape(_shape(weight_input))
+        block_scales = scales.reshape(_shape(self.scales))
         if self.zero_points is None:
-            return packed, scales, None
-        return packed, scales, zero_points.reshape(_shape(self.zero_points))
+            return packed_b, block_scales, None
+        return packed_b, block_scales, zero_points.reshape(_shape(self.zero_points))
 
     def requantize(
         self,
@@ -208,7 +208,7 @@ class NBitsScheme:
         scale_t, zp_t = tensors
         old_scales = scale_t.numpy().astype(np.float32).reshape(n, kb)
         old_zp = self._zero_points(zp_t)
-        w = np.zeros((n, kb * bs), dtype=np.float32)
+        w: np.ndarray = np.zeros((n, kb * bs), dtype=np.float32)
         w[:, : self.K] = weight.to(torch.float32).numpy()
         w = w.reshape(n, kb, bs)
         step = old_scales[:, :, None]
@@ -506,7 +506,9 @@ def requantized(
             assert array is not None
             return ir.Tensor(array, dtype=dtype, name=name)
 
-        return ir.LazyTensor(make, dtype=dtype, shape=ir.Shape(list(tensor.shape)), name=name)
+        return ir.LazyTensor(
+            make, dtype=dtype, shape=ir.Shape(tensor_dims(tensor.shape)), name=name
+        )
 
     parts = [(weight_value, 0), (scheme.scales, 1), (scheme.zero_points, 2)]
     for value, part in [(v, p) for v, p in parts if v is not None]:
