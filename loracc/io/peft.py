@@ -14,7 +14,7 @@ import math
 import os
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import NoReturn
@@ -36,9 +36,10 @@ from loracc.io.peft_config import (
     resolve_pattern,
 )
 from loracc.io.peft_keys import CONFIG_NAME, KEY, PICKLE_NAME, WEIGHTS_NAME
+from loracc.io.peft_params import ModuleTensors, ParameterSites, is_kasa
 from loracc.io.replicated import ReplicatedCheckpoint
 from loracc.ir import PLAIN_INITS, Adapter, Replacement, Site, SiteKind, TokenRows
-from loracc.weights import BaseWeights, ExpertSplit
+from loracc.weights import BaseWeights
 
 __all__ = ["adapter_files", "read_peft_adapter"]
 
@@ -63,19 +64,6 @@ def adapter_files(folder: Path) -> tuple[Path, Path]:
             )
         raise InputError(f"{folder}: no {WEIGHTS_NAME}")
     return inside(folder, CONFIG_NAME, str(folder)), inside(folder, WEIGHTS_NAME, str(folder))
-
-
-@dataclass
-class _Group:
-    """The saved tensors of one adapted module, as found in the file."""
-
-    A: torch.Tensor | None = None
-    B: torch.Tensor | None = None
-    bias: torch.Tensor | None = None
-    magnitude: torch.Tensor | None = None
-    diag: torch.Tensor | None = None  # KaSA's singular values, between lora_A and lora_B
-    embedding: bool = False
-    keys: list[str] = field(default_factory=list)
 
 
 def read_peft_adapter(
@@ -193,12 +181,13 @@ class _Reader:
             parse_layouts(layout),
             str(folder),
         )
+        self.params = ParameterSites(cfg, base, weights, self.layout, self.scale_for)
 
     def where(self, key: str) -> str:
         return f"{self.weights}: '{key}'"
 
     def build(self, tensors: dict[str, torch.Tensor]) -> Adapter:
-        groups: dict[str, _Group] = defaultdict(_Group)
+        groups: dict[str, ModuleTensors] = defaultdict(ModuleTensors)
         replacements: list[Replacement] = []
         tokens: list[tuple[str, str, torch.Tensor]] = []
         replaced_by: dict[str, str] = {}  # replaced target -> the key that replaces it
@@ -319,8 +308,8 @@ class _Reader:
 
     # -- low-rank sites -----------------------------------------------------------------------
 
-    def sites(self, groups: dict[str, _Group]) -> tuple[Site, ...]:
-        by_owner: dict[str, list[tuple[str, _Group]]] = defaultdict(list)
+    def sites(self, groups: dict[str, ModuleTensors]) -> tuple[Site, ...]:
+        by_owner: dict[str, list[tuple[str, ModuleTensors]]] = defaultdict(list)
         for raw, g in groups.items():
             if g.A is None or g.B is None:
                 present = ", ".join(g.keys)
@@ -334,9 +323,9 @@ class _Reader:
         self.out_dims = {g.B.shape[0] for g in groups.values() if g.B is not None and g.B.dim()}
         sites: list[Site] = []
         for owner, members in by_owner.items():
-            params = self.target_parameters(owner)
+            params = self.params.target_parameters(owner)
             if params:
-                sites.extend(self.parameter_sites(owner, members, params))
+                sites.extend(self.params.sites(owner, members, params))
             elif len(members) > 1:
                 raise FormatError(f"{self.weights}: module '{owner}' is adapted twice")
             else:
@@ -379,7 +368,7 @@ class _Reader:
         scale = alpha / math.sqrt(scale_rank) if self.cfg["use_rslora"] else alpha / scale_rank
         return alpha, scale
 
-    def module_site(self, module: str, g: _Group) -> Site:
+    def module_site(self, module: str, g: ModuleTensors) -> Site:
         assert g.A is not None and g.B is not None
         A, B = g.A, g.B
         key = g.keys[0]
@@ -433,7 +422,7 @@ class _Reader:
         full_rank = min(expected[:2]) if len(expected) == 2 else None
         alpha, scale = self.scale_for(module, rank, full_rank)
         init = self.cfg.init
-        if self._is_kasa(g):
+        if is_kasa(self.cfg, g):
             B, init = self._kasa(module, key, kind, g.diag, A, B), "kasa"
         bias_target = None
         if g.bias is not None:
@@ -469,10 +458,6 @@ class _Reader:
             init=init,
             layout_source=source or "shape",
         )
-
-    def _is_kasa(self, g: _Group) -> bool:
-        # peft turns any non-null kasa_config, even {}, into a KasaConfig that enables KaSA
-        return self.cfg["kasa_config"] is not None or g.diag is not None
 
     def _kasa(
         self,
@@ -569,95 +554,6 @@ class _Reader:
             B = torch.block_diag(*torch.chunk(B, nb, dim=0))
         return A, B
 
-    def target_parameters(self, owner: str) -> list[str]:
-        """Base keys of ``owner``'s parameters named by target_parameters, in config order."""
-        names = self.cfg["target_parameters"] or []
-        if not names:
-            return []
-        found = []
-        candidates = (
-            [*self.base.keys(), *self.base.expert_splits] if self.base is not None else None
-        )
-        for t in names:
-            if candidates is None:  # a "."-suffix of "<owner>.<param>", as peft matches
-                t_owner, _, param = t.rpartition(".")
-                if t_owner and (owner == t_owner or owner.endswith("." + t_owner)):
-                    found.append(f"{owner}.{param}")
-                elif not t_owner and not is_targeted(owner, self.cfg):
-                    found.append(f"{owner}.{param}")  # a bare name: any module's parameter
-                continue
-            found.extend(
-                k
-                for k in candidates
-                if k.rsplit(".", 1)[0] == owner and (k == t or k.endswith("." + t))
-            )
-        return list(dict.fromkeys(found))
-
-    def parameter_sites(
-        self, owner: str, members: list[tuple[str, _Group]], params: list[str]
-    ) -> list[Site]:
-        # peft nests one wrapper per parameter; the first registered is innermost (most
-        # .base_layer infixes). Shapes decide first; registration order breaks ties.
-        by_depth = sorted(members, key=lambda m: m[0].count(peft_keys.BASE_LAYER))
-        order = list(reversed(params))
-        sites = []
-        for depth, (raw, g) in enumerate(by_depth):
-            assert g.A is not None and g.B is not None
-            fitting = [p for p in params if self._param_fits(p, g.A, g.B)]
-            if len(fitting) == 1:
-                param = fitting[0]
-            elif depth < len(order) and order[depth] in fitting:
-                param = order[depth]
-            else:
-                raise FormatError(
-                    f"{self.weights}: factors of '{raw}' ({tuple(g.A.shape)}, "
-                    f"{tuple(g.B.shape)}) fit none of {params}"
-                )
-            sites.extend(self._parameter_site(owner, param, g))
-        return sites
-
-    def _param_shape(self, param: str) -> tuple[int, ...] | None:
-        return self.base.shape(param) if self.base is not None else None
-
-    def _param_fits(self, param: str, A: torch.Tensor, B: torch.Tensor) -> bool:
-        shape = self._param_shape(param)
-        return shape is None or bool(_param_readings(shape, A, B))
-
-    def _parameter_site(self, owner: str, param: str, g: _Group) -> list[Site]:
-        assert g.A is not None and g.B is not None
-        shape = self._param_shape(param)
-        name = f"{owner}.{param.rsplit('.', 1)[1]}"
-        experts, transposed, source = 0, False, "target_parameters: no base"
-        if shape is not None and len(shape) == 3:
-            experts = shape[0]
-            decision = self.layout.experts(name, shape, g.A.shape[1], g.B.shape[0])
-            transposed, source = decision.layout is Layout.EXPERTS_IN_OUT, decision.source
-        elif shape is not None:
-            source = "target_parameters: a 2-D parameter is (out, in)"
-        rank = g.A.shape[0] // experts if experts else g.A.shape[0]
-        alpha, scale = self.scale_for(name, rank)
-        if g.magnitude is not None or g.bias is not None or self._is_kasa(g):
-            raise UnsupportedError(
-                f"{self.weights}: '{name}': DoRA, lora_bias or KaSA on target_parameters (peft "
-                "has none)"
-            )
-        site = Site(
-            module=name,
-            target=param,
-            kind=SiteKind.PARAMETER,
-            lora_A=g.A,
-            lora_B=g.B,
-            alpha=alpha,
-            scale=scale,
-            use_rslora=bool(self.cfg["use_rslora"]),
-            init=self.cfg.init,
-            experts=experts,
-            transposed=transposed,
-            layout_source=source,
-        )
-        split = self.base.expert_splits.get(param) if self.base is not None else None
-        return [site] if split is None else _split_experts(site, split, self.base)
-
     def cross_check(self, sites: tuple[Site, ...]) -> None:
         """Note where the saved keys and the config's targeting disagree (keys win)."""
         targets = self.cfg["target_modules"]
@@ -671,52 +567,4 @@ class _Reader:
                 )
 
 
-def _split_experts(site: Site, split: ExpertSplit, base: BaseWeights | None) -> list[Site]:
-    """One LINEAR site per stored per-expert tensor of a fused expert parameter.
-
-    Expert e's delta is ``s·B3[e] @ A3[e]`` (peft's ParamWrapper split: A expert-major, B with
-    the expert index fastest); its rows are cut at the stored tensors' boundaries.
-    """
-    assert base is not None
-    if site.transposed:
-        raise UnsupportedError(
-            f"{site.module}: a transposed fused expert parameter stored per expert is not supported"
-        )
-    E, r = site.experts, site.rank
-    A3 = site.lora_A.reshape(E, r, site.lora_A.shape[1])
-    B3 = site.lora_B.reshape(site.lora_B.shape[0], r, E).permute(2, 0, 1)
-    out = []
-    for e, keys in enumerate(split.keys):
-        row = 0
-        for key in keys:
-            shape = base.shape(key)
-            assert shape is not None  # a stored per-expert tensor
-            rows = shape[0]
-            out.append(
-                replace(
-                    site,
-                    module=key.removesuffix(".weight"),
-                    target=key,
-                    kind=SiteKind.LINEAR,
-                    lora_A=A3[e].contiguous(),
-                    lora_B=B3[e, row : row + rows].contiguous(),
-                    experts=0,
-                )
-            )
-            row += rows
-    return out
-
-
 _KINDS = {Layout.LINEAR: SiteKind.LINEAR, Layout.CONV1D: SiteKind.CONV1D}
-
-
-def _param_readings(shape: tuple[int, ...], A: torch.Tensor, B: torch.Tensor) -> list[bool]:
-    """The readings (transposed or not) under which factors A (r·E, in), B (out, r·E) fit
-    parameter ``shape``: a 2-D parameter is (out, in); a 3-D one (E, out, in) or, transposed,
-    (E, in, out) (:meth:`LayoutRule.experts` decides between them)."""
-    if len(shape) == 2:
-        return [False] if (B.shape[0], A.shape[1]) == shape else []
-    if len(shape) != 3 or A.shape[0] % shape[0]:
-        return []
-    _, d1, d2 = shape
-    return [t for t in (False, True) if (A.shape[1], B.shape[0]) == ((d1, d2) if t else (d2, d1))]

@@ -1,0 +1,195 @@
+"""target_parameters: LoRA on a module's parameters (nn.Parameter, fused 3-D MoE experts).
+
+peft wraps each named parameter in a ParamWrapper whose delta ``s·B @ A`` is added to the
+parameter itself; a fused expert parameter (E, out, in) (or, ``is_transposed``, (E, in, out)) gets
+factors A (r·E, in) and B (out, r·E). Which parameter a saved group belongs to is decided by the
+shapes first, then peft's registration order; the 3-D layout by :class:`LayoutRule.experts`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from loracc.arch import Layout
+from loracc.errors import FormatError, UnsupportedError
+from loracc.io import peft_keys
+from loracc.io.layout import LayoutRule
+from loracc.io.peft_config import LoraConfig, is_targeted
+from loracc.ir import Site, SiteKind
+from loracc.weights import BaseWeights, ExpertSplit
+
+__all__ = ["ModuleTensors", "ParameterSites", "is_kasa"]
+
+
+@dataclass
+class ModuleTensors:
+    """The saved tensors of one adapted module, as found in the file."""
+
+    A: torch.Tensor | None = None
+    B: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    magnitude: torch.Tensor | None = None
+    diag: torch.Tensor | None = None  # KaSA's singular values, between lora_A and lora_B
+    embedding: bool = False
+    keys: list[str] = field(default_factory=list)
+
+
+def is_kasa(cfg: LoraConfig, g: ModuleTensors) -> bool:
+    """Whether module ``g`` is KaSA: peft turns any non-null kasa_config, even {}, on."""
+    return cfg["kasa_config"] is not None or g.diag is not None
+
+
+class ParameterSites:
+    """The sites of the modules that target_parameters names, for one adapter over one base."""
+
+    def __init__(
+        self,
+        cfg: LoraConfig,
+        base: BaseWeights | None,
+        weights: Path,
+        layout: LayoutRule,
+        scale_for: Callable[[str, int], tuple[float, float]],
+    ) -> None:
+        self.cfg, self.base, self.weights, self.layout = cfg, base, weights, layout
+        self.scale_for = scale_for
+
+    def target_parameters(self, owner: str) -> list[str]:
+        """Base keys of ``owner``'s parameters named by target_parameters, in config order."""
+        names = self.cfg["target_parameters"] or []
+        if not names:
+            return []
+        found = []
+        candidates = (
+            [*self.base.keys(), *self.base.expert_splits] if self.base is not None else None
+        )
+        for t in names:
+            if candidates is None:  # a "."-suffix of "<owner>.<param>", as peft matches
+                t_owner, _, param = t.rpartition(".")
+                if t_owner and (owner == t_owner or owner.endswith("." + t_owner)):
+                    found.append(f"{owner}.{param}")
+                elif not t_owner and not is_targeted(owner, self.cfg):
+                    found.append(f"{owner}.{param}")  # a bare name: any module's parameter
+                continue
+            found.extend(
+                k
+                for k in candidates
+                if k.rsplit(".", 1)[0] == owner and (k == t or k.endswith("." + t))
+            )
+        return list(dict.fromkeys(found))
+
+    def sites(
+        self, owner: str, members: list[tuple[str, ModuleTensors]], params: list[str]
+    ) -> list[Site]:
+        # peft nests one wrapper per parameter; the first registered is innermost (most
+        # .base_layer infixes). Shapes decide first; registration order breaks ties.
+        by_depth = sorted(members, key=lambda m: m[0].count(peft_keys.BASE_LAYER))
+        order = list(reversed(params))
+        sites = []
+        for depth, (raw, g) in enumerate(by_depth):
+            assert g.A is not None and g.B is not None
+            fitting = [p for p in params if self._param_fits(p, g.A, g.B)]
+            if len(fitting) == 1:
+                param = fitting[0]
+            elif depth < len(order) and order[depth] in fitting:
+                param = order[depth]
+            else:
+                raise FormatError(
+                    f"{self.weights}: factors of '{raw}' ({tuple(g.A.shape)}, "
+                    f"{tuple(g.B.shape)}) fit none of {params}"
+                )
+            sites.extend(self._parameter_site(owner, param, g))
+        return sites
+
+    def _param_shape(self, param: str) -> tuple[int, ...] | None:
+        return self.base.shape(param) if self.base is not None else None
+
+    def _param_fits(self, param: str, A: torch.Tensor, B: torch.Tensor) -> bool:
+        shape = self._param_shape(param)
+        return shape is None or bool(_param_readings(shape, A, B))
+
+    def _parameter_site(self, owner: str, param: str, g: ModuleTensors) -> list[Site]:
+        assert g.A is not None and g.B is not None
+        shape = self._param_shape(param)
+        name = f"{owner}.{param.rsplit('.', 1)[1]}"
+        experts, transposed, source = 0, False, "target_parameters: no base"
+        if shape is not None and len(shape) == 3:
+            experts = shape[0]
+            decision = self.layout.experts(name, shape, g.A.shape[1], g.B.shape[0])
+            transposed, source = decision.layout is Layout.EXPERTS_IN_OUT, decision.source
+        elif shape is not None:
+            source = "target_parameters: a 2-D parameter is (out, in)"
+        rank = g.A.shape[0] // experts if experts else g.A.shape[0]
+        alpha, scale = self.scale_for(name, rank)
+        if g.magnitude is not None or g.bias is not None or is_kasa(self.cfg, g):
+            raise UnsupportedError(
+                f"{self.weights}: '{name}': DoRA, lora_bias or KaSA on target_parameters (peft "
+                "has none)"
+            )
+        site = Site(
+            module=name,
+            target=param,
+            kind=SiteKind.PARAMETER,
+            lora_A=g.A,
+            lora_B=g.B,
+            alpha=alpha,
+            scale=scale,
+            use_rslora=bool(self.cfg["use_rslora"]),
+            init=self.cfg.init,
+            experts=experts,
+            transposed=transposed,
+            layout_source=source,
+        )
+        split = self.base.expert_splits.get(param) if self.base is not None else None
+        return [site] if split is None else _split_experts(site, split, self.base)
+
+
+def _split_experts(site: Site, split: ExpertSplit, base: BaseWeights | None) -> list[Site]:
+    """One LINEAR site per stored per-expert tensor of a fused expert parameter.
+
+    Expert e's delta is ``s·B3[e] @ A3[e]`` (peft's ParamWrapper split: A expert-major, B with
+    the expert index fastest); its rows are cut at the stored tensors' boundaries.
+    """
+    assert base is not None
+    if site.transposed:
+        raise UnsupportedError(
+            f"{site.module}: a transposed fused expert parameter stored per expert is not supported"
+        )
+    E, r = site.experts, site.rank
+    A3 = site.lora_A.reshape(E, r, site.lora_A.shape[1])
+    B3 = site.lora_B.reshape(site.lora_B.shape[0], r, E).permute(2, 0, 1)
+    out = []
+    for e, keys in enumerate(split.keys):
+        row = 0
+        for key in keys:
+            shape = base.shape(key)
+            assert shape is not None  # a stored per-expert tensor
+            rows = shape[0]
+            out.append(
+                replace(
+                    site,
+                    module=key.removesuffix(".weight"),
+                    target=key,
+                    kind=SiteKind.LINEAR,
+                    lora_A=A3[e].contiguous(),
+                    lora_B=B3[e, row : row + rows].contiguous(),
+                    experts=0,
+                )
+            )
+            row += rows
+    return out
+
+
+def _param_readings(shape: tuple[int, ...], A: torch.Tensor, B: torch.Tensor) -> list[bool]:
+    """The readings (transposed or not) under which factors A (r·E, in), B (out, r·E) fit
+    parameter ``shape``: a 2-D parameter is (out, in); a 3-D one (E, out, in) or, transposed,
+    (E, in, out) (:meth:`LayoutRule.experts` decides between them)."""
+    if len(shape) == 2:
+        return [False] if (B.shape[0], A.shape[1]) == shape else []
+    if len(shape) != 3 or A.shape[0] % shape[0]:
+        return []
+    _, d1, d2 = shape
+    return [t for t in (False, True) if (A.shape[1], B.shape[0]) == ((d1, d2) if t else (d2, d1))]
