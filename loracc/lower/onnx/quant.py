@@ -94,10 +94,29 @@ def _pack(values: np.ndarray, bits: int) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class NBitsScheme:
-    """A ``MatMulNBits`` node's block quantization."""
+class _MatMulLike:
+    """A quantized weight read by ``node``: input 0 the float activation, its output the result."""
 
     node: ir.Node
+
+    def input(self, index: int) -> ir.Value:
+        value = self.node.inputs[index]
+        assert value is not None
+        return value
+
+    @property
+    def activation(self) -> ir.Value:
+        return self.input(0)
+
+    @property
+    def output_node(self) -> ir.Node:
+        return self.node
+
+
+@dataclass(frozen=True)
+class NBitsScheme(_MatMulLike):
+    """A ``MatMulNBits`` node's block quantization."""
+
     K: int
     N: int
     bits: int
@@ -112,19 +131,7 @@ class NBitsScheme:
 
     @property
     def weight_input(self) -> ir.Value:
-        value = self.node.inputs[1]
-        assert value is not None
-        return value
-
-    @property
-    def activation(self) -> ir.Value:
-        x = self.node.inputs[0]
-        assert x is not None
-        return x
-
-    @property
-    def output_node(self) -> ir.Node:
-        return self.node
+        return self.input(1)
 
     @property
     def float_dtype(self) -> ir.DataType:
@@ -279,12 +286,11 @@ class IntegerScheme:
 
 
 @dataclass(frozen=True)
-class DequantScheme:
+class DequantScheme(_MatMulLike):
     """A ``MatMul`` whose weight is ``DequantizeLinear(q, scale[, zero_point])`` of an initializer
     (QDQ: ``MatMulNBitsQuantizer``'s QDQ format, ``quantize_static``): per tensor, per axis or
     blocked (``axis``, ``block_size``)."""
 
-    node: ir.Node
     dequantize_node: ir.Node
     scale: ir.Value
     zero_point: ir.Value | None
@@ -300,16 +306,6 @@ class DequantScheme:
         value = self.dequantize_node.inputs[0]
         assert value is not None
         return value
-
-    @property
-    def activation(self) -> ir.Value:
-        x = self.node.inputs[0]
-        assert x is not None
-        return x
-
-    @property
-    def output_node(self) -> ir.Node:
-        return self.node
 
     @property
     def refusal(self) -> str:
