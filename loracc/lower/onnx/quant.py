@@ -237,8 +237,29 @@ class NBitsScheme(_MatMulLike):
         return packed, scales, zp.reshape(ort_zp.shape)
 
 
+class _ScaledWeight:
+    """A (K, N) integer initializer dequantized by ``scale`` (int8 schemes, merge refused)."""
+
+    scale: ir.Value
+
+    @property
+    def float_dtype(self) -> ir.DataType:
+        return _tensor(self.scale).dtype
+
+    @property
+    def transposed(self) -> bool:
+        return True
+
+    @staticmethod
+    def _no_merge(node: ir.Node, what: str) -> str:
+        return (
+            f"{node.name or node.op_type}: merging into {what} is not supported; export with "
+            "--keep-lora, or merge into the float model and quantize it again"
+        )
+
+
 @dataclass(frozen=True)
-class IntegerScheme:
+class IntegerScheme(_ScaledWeight):
     """A ``MatMulInteger`` node of ``quantize_dynamic``'s pattern (int8 weight, dynamic input)."""
 
     node: ir.Node
@@ -259,19 +280,7 @@ class IntegerScheme:
 
     @property
     def refusal(self) -> str:
-        return (
-            f"{self.node.name or 'MatMulInteger'}: merging into a MatMulInteger (int8 dynamic "
-            "quantization) base is not supported; export with --keep-lora, or merge into the "
-            "float model and quantize it again"
-        )
-
-    @property
-    def float_dtype(self) -> ir.DataType:
-        return _tensor(self.scale).dtype
-
-    @property
-    def transposed(self) -> bool:
-        return True
+        return self._no_merge(self.node, "a MatMulInteger (int8 dynamic quantization) base")
 
     def dequantize(self, weight: ir.TensorProtocol) -> torch.Tensor:
         """The (K, N) fp32 weight (stored orientation)."""
@@ -286,7 +295,7 @@ class IntegerScheme:
 
 
 @dataclass(frozen=True)
-class DequantScheme(_MatMulLike):
+class DequantScheme(_ScaledWeight, _MatMulLike):
     """A ``MatMul`` whose weight is ``DequantizeLinear(q, scale[, zero_point])`` of an initializer
     (QDQ: ``MatMulNBitsQuantizer``'s QDQ format, ``quantize_static``): per tensor, per axis or
     blocked (``axis``, ``block_size``)."""
@@ -309,19 +318,7 @@ class DequantScheme(_MatMulLike):
 
     @property
     def refusal(self) -> str:
-        return (
-            f"{self.dequantize_node.name or 'DequantizeLinear'}: merging into a QDQ "
-            "(DequantizeLinear) weight is not supported; export with --keep-lora, or merge into "
-            "the float model and quantize it again"
-        )
-
-    @property
-    def float_dtype(self) -> ir.DataType:
-        return _tensor(self.scale).dtype
-
-    @property
-    def transposed(self) -> bool:
-        return True
+        return self._no_merge(self.dequantize_node, "a QDQ (DequantizeLinear) weight")
 
     def _expand(self, values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         if values.ndim == 0 or values.size == 1:
