@@ -23,8 +23,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from loracc.passes.truncate_rank import truncate_factors
 
 

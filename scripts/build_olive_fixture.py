@@ -13,7 +13,7 @@ installed beside the venv, not into it::
 
 ``olive_adapters`` holds the PEFT adapters (``all``: q/k/v/o r=4; ``qv``: r=2; ``fused``: on the
 same function with a fused ``qkv_proj``, r=3) and ``reference.npz``: the input ``x``, the base
-output and each adapter's unmerged PEFT output. The model is ``tests/test_adapter_files.py``'s
+output and each adapter's unmerged PEFT output. The model is ``tests/e2e/test_adapter_files.py``'s
 ``Tiny``: two layers of ``model.layers.N.self_attn.{q,k,v,o}_proj``. Each model folder holds
 what a user of Olive has: ``model.onnx`` (the ``all`` PEFT model exported the way Olive exports
 one, the scale folded into B by ``olive.common.hf.peft.make_export_compatible_peft``, then
@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import copy
 import shutil
-import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -41,9 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from test_adapter_files import H, Tiny, fused_copy, peft_adapter
+from tests.support.tiny_attention import H, Tiny, fused_copy, peft_adapter
 
 ADAPTERS = {  # name: (targets, r, alpha, seed, fused base)
     "all": (["q_proj", "k_proj", "v_proj", "o_proj"], 4, 8, 1, False),

@@ -18,7 +18,7 @@ Each case under ``golden/models/<case>/`` is a few hundred KB:
   instead of silently moving the goalposts);
 * ONNX (``export``, ``keep-lora``) once ``loracc.api.onnx`` exists: see :func:`_check_onnx`.
 
-Used by ``scripts/regen_golden.py`` through :func:`suite`, and by tests/test_golden_models.py.
+Used by ``scripts/regen_golden.py`` through :func:`suite`, and by tests/e2e/test_golden_models.py.
 """
 
 from __future__ import annotations

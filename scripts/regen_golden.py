@@ -7,7 +7,7 @@
 
 A *golden suite* owns one folder under golden/ and generates its files' text from scratch in a
 temporary folder. ``--check`` regenerates in memory and diffs against the tree (CI runs it
-through tests/test_golden_ir.py). A new suite (model outputs, ONNX text) is a :class:`Suite`
+through tests/unit/test_golden_ir.py). A new suite (model outputs, ONNX text) is a :class:`Suite`
 appended to :data:`SUITES`, typically imported from its own module next to this script.
 
 The ``ir`` suite: for each case, a tiny base checkpoint and PEFT adapter folder are written from
@@ -34,8 +34,6 @@ from typing import Any
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 from loracc.io.checkpoint import Checkpoint  # noqa: E402
 from loracc.io.peft import read_peft_adapter  # noqa: E402
@@ -45,9 +43,7 @@ from loracc.passes import PassContext, parse_pipeline  # noqa: E402
 from loracc.pipeline import run_pipeline  # noqa: E402
 from loracc.printer import print_ir  # noqa: E402
 from loracc.weights import BaseWeights  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from golden_models import suite as models_suite  # noqa: E402
+from scripts.golden_models import suite as models_suite  # noqa: E402
 
 __all__ = ["GOLDEN", "SUITES", "Suite", "check", "generate", "main", "write"]
 

@@ -12,9 +12,6 @@ import pytest
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
-# `import peft_oracle` must work whether or not tests/ becomes a package.
-if str(TESTS_DIR) not in sys.path:
-    sys.path.insert(0, str(TESTS_DIR))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -35,7 +32,7 @@ def _quiet_transformers() -> None:
 
 _quiet_transformers()
 
-import peft_oracle  # noqa: E402  (needs the sys.path entry above)
+from tests.support import peft_oracle  # noqa: E402  (after transformers is quieted)
 
 
 class CaseFactory:
@@ -90,8 +87,8 @@ def repo_root() -> Path:
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    """The PEFT matrix figures (tests/test_peft_matrix.py), when that test ran."""
-    matrix = sys.modules.get("peft_matrix_cases")
+    """The PEFT matrix figures (tests/e2e/test_peft_matrix.py), when that test ran."""
+    matrix = sys.modules.get("tests.support.peft_matrix_cases")
     lines = matrix.RESULTS.summary_lines() if matrix is not None else []
     if lines:
         terminalreporter.section("PEFT LoRA matrix")

@@ -1,0 +1,1 @@
+"""Developer scripts (benchmarks, golden regeneration, fixtures); importable as ``scripts.X``."""

@@ -1,0 +1,1 @@
+"""End-to-end tests: loracc against PEFT's numbers and onnxruntime sessions; CLI, scripts."""
