@@ -10,9 +10,10 @@ python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 python -m pip show torch >/dev/null 2>&1 || python -m pip install -q torch==2.13.0
 # compat mode puts the checkout root on sys.path (a .pth file), so the scripts import the test
 # support code as `tests.support.X` and each other as `scripts.X` (docs/DESIGN.md "Tests and scripts").
-python -m pip install -q -e ".[dev]" --config-settings editable_mode=compat
+compat=(--config-settings editable_mode=compat)
+python -m pip install -q "${compat[@]}" -e ".[dev]"
 # onnxruntime and onnxruntime-gpu ship the same module and must not be installed together.
-python -c "import onnxruntime" 2>/dev/null || python -m pip install -q -e ".[ort]"
+python -c "import onnxruntime" 2>/dev/null || python -m pip install -q "${compat[@]}" -e ".[ort]"
 # onnxruntime-genai (its tests: og.Model, og.Adapters) depends on the CPU onnxruntime wheel: only
 # where that is the runtime, so it never brings a second runtime beside onnxruntime-gpu.
 if ! python -m pip show onnxruntime-gpu >/dev/null 2>&1; then
