@@ -118,14 +118,15 @@ def open_model_session(
     """:func:`loracc.io.ort.open_session` of ``model``: a ``.onnx`` file or a folder with one.
 
     An ``adapter`` that leaves some of the model's active slot defaults in place is refused
-    (:func:`loracc.api.onnx.check_adapter_files`; needs the onnx extra to read the defaults)."""
+    (:func:`loracc.lower.onnx.lora.check_adapter_files`; needs the onnx extra to read the
+    defaults)."""
     path = resolve_onnx(model)
     for part in (path, adapter):
         if part is not None:
             check_complete(Path(part))
     session = ort_io.open_session(path, providers, adapter=adapter)  # reports bad files first
     if adapter is not None and _onnx_model() is not None:
-        from loracc.api.onnx import check_adapter_files
+        from loracc.lower.onnx.lora import check_adapter_files
 
         check_adapter_files(path, adapter)
     return session

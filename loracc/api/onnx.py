@@ -474,7 +474,7 @@ def pack(
     onnx_model = load_model(model_path)
     foreign = MANIFEST_KEY not in onnx_model.metadata_props
     if foreign:  # before the adapter is read: a model without slots is refused first
-        from loracc.lower.onnx.lora import foreign_groups
+        from loracc.lower.onnx.foreign import foreign_groups
 
         found = foreign_groups(onnx_model, str(model_path))
     loaded = _load(
@@ -571,11 +571,12 @@ def _pack_foreign(
     adapter_path: Path,
 ) -> tuple[list[SlotGroup], SlotParams, list[str]]:
     """The slot values of ``loaded`` for a slotted model another tool wrote (``groups`` and
-    ``fixed`` ranks from :func:`~loracc.lower.onnx.lora.foreign_groups`). The base weights
+    ``fixed`` ranks from :func:`~loracc.lower.onnx.foreign.foreign_groups`). The base weights
     behind its slots are not described, so only plain LoRA factors are packed."""
     from torch.nn.functional import pad
 
-    from loracc.lower.onnx.lora import MANIFEST_KEY, match_foreign, pack_params
+    from loracc.lower.onnx.foreign import match_foreign
+    from loracc.lower.onnx.lora import MANIFEST_KEY, pack_params
     from loracc.lower.onnx.weights import OnnxBase
 
     where = str(model_path)
@@ -602,29 +603,8 @@ def _pack_foreign(
 
 
 def check_adapter_files(model: PathLike, *adapter_files: PathLike) -> None:
-    """Refuse adapter files that, activated together on ``model``, leave some of its active
-    slot defaults in place (a model exported with ``--filled-slots`` holds an adapter in its
-    defaults; a file naming only some slots would run beside the rest of it, two adapters
-    mixed, with no error from onnxruntime).
+    """Refuse adapter files that, activated together on ``model``, leave some of its active slot
+    defaults in place (:func:`loracc.lower.onnx.lora.check_adapter_files`)."""
+    from loracc.lower.onnx.lora import check_adapter_files as check
 
-    Raises:
-        UnsupportedError: naming the model, the files and the uncovered slots.
-    """
-    from loracc.io.onnx_model import load_model
-    from loracc.io.ort import adapter_names
-    from loracc.lower.onnx.lora import uncovered_defaults
-
-    if not adapter_files:
-        return
-    names = set().union(*(adapter_names(f) for f in adapter_files))
-    model_path = Path(model)
-    left = uncovered_defaults(load_model(model_path), names, str(model_path))
-    if left:
-        files = ", ".join(str(f) for f in adapter_files)
-        more = f" (and {len(left) - 4} more)" if len(left) > 4 else ""
-        raise UnsupportedError(
-            f"{files}: does not set the slot(s) {', '.join(repr(n) for n in left[:4])}{more} "
-            f"whose defaults in {model_path} hold another adapter; onnxruntime would mix the "
-            "two. Write the file with `loracc pack --model` for this model, or export the model "
-            "with --empty-slots (the default)"
-        )
+    check(model, *adapter_files)

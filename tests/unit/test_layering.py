@@ -146,8 +146,7 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "loracc.pipeline": ("loracc.lower", "loracc.api", "loracc.cli"),
     "loracc.api": ("loracc.cli",),
     "loracc.golden": ("loracc.api", "loracc.cli"),
-    # runner refuses adapter files through the public loracc.api.onnx.check_adapter_files
-    "loracc.runner": ("loracc.api.hf", "loracc.cli"),
+    "loracc.runner": ("loracc.api", "loracc.cli"),
 }
 # The core (the IR, its invariants and printer, the formulas, the legality table, architecture
 # data, the base-weights protocol, the errors) imports only itself: no I/O, passes or lowerings.

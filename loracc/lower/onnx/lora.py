@@ -25,8 +25,8 @@ names only some slots is exactly its adapter; with filled slots they hold the ex
 An adapter file loracc writes names every slot: slots its adapter does not use hold rank 0.
 
 Slotted models other tools wrote (Olive, onnxruntime-genai's builder) have no manifest:
-:func:`foreign_groups` reads their slot pairs from the graph and :func:`match_foreign` maps an
-adapter's modules onto them in the model's naming, splitting or fusing q/k/v as its slots are.
+:mod:`loracc.lower.onnx.foreign` reads their slot pairs from the graph and maps an adapter's
+modules onto them in the model's naming, splitting or fusing q/k/v as its slots are.
 
 **Fused weights**: sites bound to blocks of one fused weight (q/k/v in a ``qkv_proj``) share
 one branch with block-structured factors: A stacks the members' A along the rank axis, B is
@@ -39,9 +39,10 @@ The slot layout is recorded in the model's metadata (``loracc.slots``, JSON) so 
 from __future__ import annotations
 
 import json
-import re
+import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
@@ -49,8 +50,8 @@ import torch
 
 from loracc import kernels
 from loracc.errors import FormatError, LoweringError, UnsupportedError
-from loracc.io.onnx_model import tensor_dims, tensor_to_torch, torch_to_tensor
-from loracc.ir import PLAIN_INITS, Adapter, Site, SiteKind
+from loracc.io.onnx_model import tensor_to_torch, torch_to_tensor
+from loracc.ir import Adapter, Site, SiteKind
 from loracc.lower.onnx.bind import BindingTable
 from loracc.lower.onnx.index import GraphIndex, WeightUse
 from loracc.lower.onnx.quant import QUANT_OPS, scheme_of
@@ -61,12 +62,13 @@ __all__ = [
     "MANIFEST_KEY",
     "Member",
     "SlotGroup",
-    "foreign_groups",
+    "check_adapter_files",
+    "elem_type",
     "insert_slots",
-    "match_foreign",
     "pack_params",
     "plan_groups",
     "read_manifest",
+    "slot_values",
     "uncovered_defaults",
 ]
 
@@ -123,7 +125,7 @@ class SlotGroup:
         return cls(**{**data, "members": members})
 
 
-def _elem(dtype: ir.DataType | None) -> int:
+def elem_type(dtype: ir.DataType | None) -> int:
     return int(dtype) if dtype is not None else int(ir.DataType.FLOAT)
 
 
@@ -184,15 +186,15 @@ def _branch_dtype(use: WeightUse) -> int:
     (a quantized weight: its float input, else its scales' dtype)."""
     if use.quant is not None:
         x = use.quant.activation
-        return _elem(x.dtype if x.dtype is not None else use.quant.float_dtype)
+        return elem_type(x.dtype if x.dtype is not None else use.quant.float_dtype)
     if use.op != "Gather":
         first = use.node.inputs[0]
         if first is not None and first.dtype is not None:
-            return _elem(first.dtype)
+            return elem_type(first.dtype)
     operand = use.node.inputs[use.operand]
     if operand is not None and operand.dtype is not None:
-        return _elem(operand.dtype)
-    return _elem(use.init.const_value.dtype if use.init.const_value else None)
+        return elem_type(operand.dtype)
+    return elem_type(use.init.const_value.dtype if use.init.const_value else None)
 
 
 # -- slot values ------------------------------------------------------------------------------
@@ -436,7 +438,7 @@ def _branch(
                 taken,
                 f"{moved_bias.name}.channels",
                 tensor_to_torch(source).reshape(shape),
-                _elem(source.dtype),
+                elem_type(source.dtype),
             )
     out = emit("Add", [y, b], "Add")
     join = new[-1]
@@ -538,182 +540,31 @@ def uncovered_defaults(model: ir.Model, names: set[str], where: str) -> list[str
     )
 
 
-# -- slotted models other tools wrote ---------------------------------------------------------
+def check_adapter_files(
+    model: str | os.PathLike[str], *adapter_files: str | os.PathLike[str]
+) -> None:
+    """Refuse adapter files that, activated together on ``model``, leave some of its active
+    slot defaults in place (a model exported with ``--filled-slots`` holds an adapter in its
+    defaults; a file naming only some slots would run beside the rest of it, two adapters
+    mixed, with no error from onnxruntime).
 
-# Slot names of the tools that write adapter slots (docs/ONNX.md, "Models loracc did not make"):
-# loracc, Olive's convert-adapters and its ExtractAdapters on TorchScript graphs write
-# ``<module>.lora_A.weight``; ExtractAdapters on dynamo graphs keeps PEFT's parameter name
-# (``base_model.model.<module>.lora_A.default.weight``); onnxruntime-genai's model builder and
-# ``olive extract-adapters`` write ``<module>.lora_A.MatMul.weight`` with ``attn`` for
-# ``self_attn``. Every one holds A as (in, r) and B as (r, out), the scale folded into B.
-_SLOT_NAME = re.compile(
-    r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])"
-    r"(?:\.(?P<tag>[A-Za-z0-9_]+))?\.weight$"
-)
-# Fused projections (Phi-3's) and the split slots the builder and Olive write for them.
-FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+    Raises:
+        UnsupportedError: naming the model, the files and the uncovered slots.
+    """
+    from loracc.io.onnx_model import load_model
+    from loracc.io.ort import adapter_names
 
-
-def _canonical(module: str) -> str:
-    """A module path as both namings spell it (the builder's ``attn`` is HF's ``self_attn``)."""
-    return module.replace(".self_attn.", ".attn.")
-
-
-def foreign_groups(model: ir.Model, where: str) -> tuple[list[SlotGroup], dict[str, int]]:
-    """The LoRA slot pairs of a model without loracc's manifest, from the graph alone: graph
-    inputs with same-name float initializers named as some tool names them, in/out from the
-    shapes. Also the fixed rank of slots whose rank dimension is a number (quantized or
-    ``dynamic_lora_r=False`` exports)."""
-    pairs: dict[str, dict[str, ir.Value]] = {}
-    for name, value in slot_values(model).items():
-        m = _SLOT_NAME.match(name)
-        if m is None:
-            continue
-        if m["tag"] == "quant":
-            raise UnsupportedError(
-                f"{where}: slot '{name}' holds quantized LoRA weights; pack writes float slots only"
-            )
-        pairs.setdefault(m["module"], {})[m["which"]] = value
-    if not pairs:
-        raise FormatError(
-            f"{where}: no '{MANIFEST_KEY}' metadata and no LoRA slots (graph inputs with "
-            "same-name initializers named '<module>.lora_A[.MatMul|.default].weight')"
-        )
-    groups: list[SlotGroup] = []
-    fixed: dict[str, int] = {}
-    seen: dict[str, str] = {}
-    for module, ab in sorted(pairs.items()):
-        if set(ab) != {"A", "B"}:
-            missing = "lora_B" if "A" in ab else "lora_A"
-            raise FormatError(f"{where}: slot of '{module}' has no {missing} input")
-        a, b = ab["A"], ab["B"]
-        a_shape = tensor_dims(a.const_value.shape)  # type: ignore[union-attr]
-        b_shape = tensor_dims(b.const_value.shape)  # type: ignore[union-attr]
-        if len(a_shape) != 2 or len(b_shape) != 2:
-            raise UnsupportedError(f"{where}: slots of '{module}' are not 2-D MatMul factors")
-        other = seen.setdefault(_canonical(module), module)
-        if other != module:
-            raise FormatError(f"{where}: slots of '{other}' and '{module}' name one module")
-        declared = a.shape.dims[1] if a.shape is not None and len(a.shape) == 2 else None
-        groups.append(
-            SlotGroup(
-                key=module,
-                op="MatMul",
-                fan_in=a_shape[0],
-                fan_out=b_shape[1],
-                kernel=[],
-                dtype=_elem(a.const_value.dtype),  # type: ignore[union-attr]
-                A=a.name or "",
-                B=b.name or "",
-                rank_dim=str(declared) if declared is not None else "",
-                members=[],
-                weight="",
-                weight_transposed=False,
-            )
-        )
-        if isinstance(declared, int):
-            fixed[module] = declared
-    return groups, fixed
-
-
-def match_foreign(groups: Sequence[SlotGroup], adapter: Adapter, where: str) -> Adapter:
-    """Give each of ``adapter``'s sites its slot in ``groups`` (:func:`foreign_groups`), by
-    module path in either naming; a fused q/k/v (gate/up) site whose model has split slots is
-    split into one site per slot (A shared, B's rows in the slots' order and sizes), and split
-    q/k/v (gate/up) sites whose model has one fused slot become block members of it (rows in
-    q, k, v order; k and v, gate and up, have equal sizes). Refuses sites with no slot, and
-    what a slot pair without the base weights cannot hold."""
-    by_module = {_canonical(g.key): g for g in groups}
-    fused_of = {p: f for f, parts in FUSED_PARTS.items() for p in parts}
-    sites: list[Site] = []
-    blocks: dict[str, dict[str, Site]] = {}  # fused slot -> part name -> site
-    missing: list[str] = []
-    for site in adapter.sites:
-        if site.kind not in (SiteKind.LINEAR, SiteKind.CONV1D):
-            raise UnsupportedError(
-                f"{adapter.name}: module '{site.module}' is a {site.kind.value} layer; slots of "
-                f"{where} (not written by loracc) are read as MatMul factors only"
-            )
-        dora = site.magnitude is not None or site.channel_scale is not None
-        if site.lora_bias is not None or dora or site.init not in PLAIN_INITS:
-            what = "DoRA" if dora else "lora_bias" if site.lora_bias is not None else site.init
-            raise UnsupportedError(
-                f"{adapter.name}: module '{site.module}' uses {what}; {where} was not written "
-                "by loracc: its slots hold LoRA factors only, and the base weights behind them "
-                "are unknown"
-            )
-        canon = _canonical(site.module)
-        parent, _, leaf = canon.rpartition(".")
-        parts = [by_module.get(f"{parent}.{p}") for p in FUSED_PARTS.get(leaf, ())]
-        fused = f"{parent}.{fused_of.get(leaf, '')}"
-        if canon in by_module:
-            sites.append(site)
-        elif parts and all(parts):
-            sites.extend(_split_site(site, parts, adapter.name, where))  # type: ignore[arg-type]
-        elif leaf in fused_of and fused in by_module:
-            blocks.setdefault(fused, {})[leaf] = site
-        else:
-            missing.append(site.module)
-    if missing:
-        more = f" (and {len(missing) - 8} more)" if len(missing) > 8 else ""
+    if not adapter_files:
+        return
+    names = set().union(*(adapter_names(f) for f in adapter_files))
+    model_path = Path(model)
+    left = uncovered_defaults(load_model(model_path), names, str(model_path))
+    if left:
+        files = ", ".join(str(f) for f in adapter_files)
+        more = f" (and {len(left) - 4} more)" if len(left) > 4 else ""
         raise UnsupportedError(
-            f"{adapter.name}: targets {', '.join(repr(m) for m in missing[:8])}{more}, which "
-            f"{'has' if len(missing) == 1 else 'have'} no adapter slot in {where}"
+            f"{files}: does not set the slot(s) {', '.join(repr(n) for n in left[:4])}{more} "
+            f"whose defaults in {model_path} hold another adapter; onnxruntime would mix the "
+            "two. Write the file with `loracc pack --model` for this model, or export the model "
+            "with --empty-slots (the default)"
         )
-    for group in groups:
-        group.members = []
-    for site in sites:
-        group = by_module[_canonical(site.module)]
-        group.members.append(Member(site.module, site.kind.value, 0, group.fan_out))
-    for fused, parts_of in blocks.items():
-        group = by_module[fused]
-        rows = _block_rows(group, parts_of, adapter.name, where)
-        for leaf, site in parts_of.items():
-            group.members.append(Member(site.module, site.kind.value, *rows[leaf]))
-            sites.append(site)
-    return replace(adapter, sites=tuple(sites))
-
-
-def _block_rows(
-    group: SlotGroup, parts_of: Mapping[str, Site], name: str, where: str
-) -> dict[str, tuple[int, int]]:
-    """Each part's rows of a fused slot's output: the sizes the adapter gives, the rest from
-    the slot's size (k and v, gate and up, are equally wide)."""
-    order = FUSED_PARTS[group.key.rpartition(".")[2]]
-    known = {leaf: int(site.lora_B.shape[0]) for leaf, site in parts_of.items()}
-    total = group.fan_out
-    if len(order) == 2:  # gate/up
-        sizes = dict.fromkeys(order, total // 2)
-    else:  # q/k/v
-        kv = known.get("k_proj", known.get("v_proj"))
-        if kv is None:
-            kv = (total - known["q_proj"]) // 2
-        sizes = {"q_proj": total - 2 * kv, "k_proj": kv, "v_proj": kv}
-    if any(known[leaf] != sizes[leaf] for leaf in known) or sum(sizes.values()) != total:
-        given = ", ".join(f"{leaf} {size}" for leaf, size in known.items())
-        raise UnsupportedError(
-            f"{name}: the output sizes of {', '.join(repr(s.module) for s in parts_of.values())}"
-            f" ({given}) do not split the fused slot '{group.key}' of {where} ({total} rows)"
-        )
-    rows, start = {}, 0
-    for leaf in order:
-        rows[leaf] = (start, start + sizes[leaf])
-        start += sizes[leaf]
-    return rows
-
-
-def _split_site(site: Site, parts: Sequence[SlotGroup], name: str, where: str) -> list[Site]:
-    """One site per split slot: the fused A for each, B's rows in the slots' order."""
-    sizes = [g.fan_out for g in parts]
-    if sum(sizes) != site.lora_B.shape[0]:
-        raise UnsupportedError(
-            f"{name}: module '{site.module}' has {site.lora_B.shape[0]} output rows; its split "
-            f"slots in {where} ({', '.join(g.key for g in parts)}) take {sizes}"
-        )
-    out, start = [], 0
-    for group, size in zip(parts, sizes, strict=True):
-        module = f"{site.module.rpartition('.')[0]}.{group.key.rpartition('.')[2]}"
-        b = site.lora_B[start : start + size]
-        out.append(replace(site, module=module, target=f"{module}.weight", lora_B=b))
-        start += size
-    return out
