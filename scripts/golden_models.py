@@ -106,19 +106,9 @@ def _config(arch: str) -> Any:
     if arch == "llama":
         from transformers import LlamaConfig
 
-        return LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            tie_word_embeddings=False,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=0,
-        )
+        from tests.support.peft_oracle import TINY_DECODER
+
+        return LlamaConfig(**{**TINY_DECODER, "vocab_size": VOCAB})
     if arch == "gpt2":
         from transformers import GPT2Config
 
