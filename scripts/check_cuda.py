@@ -12,9 +12,22 @@ the ``.onnx_adapter`` file). Then, on CUDA and on the CPU:
 
 It prints the max abs / max rel error of CUDA against the CPU for each graph, of keep-LoRA+adapter
 against merged on each provider, and the median run time of each (after warm-up), plus the cost of
-activating the adapter. Exit status: 0 when every comparison is within ``--atol``/``--rtol`` (fp16
-defaults), 1 when one is not, 2 when the CUDA execution provider is not usable here (the message
-says why; nothing is built).
+activating the adapter.
+
+Two more checks:
+
+* **int4**: the fp16 base quantized to ``MatMulNBits`` (``scripts.bench_onnx.build_int4``: int4,
+  block 32, asymmetric, accuracy_level 4), keep-LoRA exported on it; its keep-LoRA graph with the
+  adapter active and without it on CUDA vs the CPU (tolerance ``--int4-atol``/``--int4-rtol``:
+  the two providers' int4 kernels differ), and keep-LoRA without adapter vs the int4 base on each.
+* **IOBinding**: the fp16 and the int4 keep-LoRA graphs run with ``run_with_iobinding``, input and
+  output bound on the device. ``run_with_iobinding`` ignores ``RunOptions``' active adapters, so
+  the adapter's tensors are bound to the LoRA slot inputs as device OrtValues
+  (``loracc.io.ort.adapter_ortvalues``); the result must equal the plain run with the adapter
+  active through ``RunOptions`` on the same provider (``--atol``/``--rtol``).
+
+Exit status: 0 when every comparison is within its tolerance, 1 when one is not, 2 when the CUDA
+execution provider is not usable here (the message says why; nothing is built).
 
 ``--provider cpu`` runs the same flow with the CPU in place of CUDA (a self-check of the script on
 a machine without a GPU).
@@ -34,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from scripts.bench_onnx import build
+from scripts.bench_onnx import build, build_int4
 
 PROVIDERS = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 
@@ -75,11 +88,111 @@ def timed(sess: Any, feeds: dict[str, np.ndarray], ro: Any, runs: int) -> tuple[
     return np.asarray(y, dtype=np.float32), statistics.median(times) * 1e3
 
 
+def timed_iobinding(
+    sess: Any, provider: str, x: np.ndarray, adapter_file: Path, runs: int
+) -> tuple[np.ndarray, float]:
+    """``run_with_iobinding`` with ``x``, the adapter's tensors and the output on ``provider``'s
+    device: (output, median ms)."""
+    import onnxruntime as ort
+
+    from loracc.io.ort import adapter_ortvalues
+
+    device = "cuda" if provider == "cuda" else "cpu"
+    binding = sess.io_binding()
+    binding.bind_ortvalue_input("x", ort.OrtValue.ortvalue_from_numpy(x, device, 0))
+    for name, value in adapter_ortvalues(adapter_file, device).items():
+        binding.bind_ortvalue_input(name, value)
+    binding.bind_output(sess.get_outputs()[0].name, device)
+    plain = ort.RunOptions()
+    times = []
+    for i in range(max(3, runs // 10) + runs):
+        t0 = time.perf_counter()
+        sess.run_with_iobinding(binding, plain)
+        if i >= max(3, runs // 10):
+            times.append(time.perf_counter() - t0)
+    y = binding.copy_outputs_to_cpu()[0]
+    return np.asarray(y, dtype=np.float32), statistics.median(times) * 1e3
+
+
 def errors(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     """Max abs error, and max rel error (|b| floored at 1% of max |b|, so zeros do not blow up)."""
     diff = np.abs(a - b)
     floor = 1e-2 * float(np.abs(b).max()) or 1.0
     return float(diff.max()), float((diff / np.maximum(np.abs(b), floor)).max())
+
+
+def check_int4_and_iobinding(
+    work: Path,
+    m: dict[str, Any],
+    dev: str,
+    args: argparse.Namespace,
+    tol: float,
+    out: dict[tuple[str, str], np.ndarray],
+    keep_ms: float,
+) -> list[str]:
+    """The int4 keep-LoRA graph on ``dev`` vs the CPU, and both keep-LoRA graphs through
+    IOBinding vs their plain runs; prints a table, returns the failures."""
+    import onnxruntime as ort
+
+    from loracc.io.ort import run_options
+
+    bad = []
+    q = build_int4(work, m)
+    feeds = {"x": m["x"]}
+    active, plain = run_options(q["adapter_file"]), ort.RunOptions()
+    int4: dict[tuple[str, str], np.ndarray] = {}
+    ms: dict[tuple[str, str], float] = {}
+    for p in dict.fromkeys((dev, "cpu")):
+        for name, graph, ro in (
+            ("int4 base", "base", plain),
+            ("int4 keep+adapter", "keep", active),
+            ("int4 keep, no adapter", "keep", plain),
+        ):
+            int4[name, p], ms[name, p] = timed(session(q[graph], p), feeds, ro, args.runs)
+    scale = float(np.abs(int4["int4 keep+adapter", "cpu"]).max())
+    int4_tol = args.int4_atol + args.int4_rtol * scale
+    print()
+    print(f"int4 (MatMulNBits, block 32), tolerance max abs err <= {int4_tol:.3e}:")
+    print(f"| graph | max abs err {dev} vs cpu | max rel err | {dev} ms | cpu ms |")
+    print("|---|---|---|---|---|")
+    for name in ("int4 base", "int4 keep+adapter", "int4 keep, no adapter"):
+        a, r = errors(int4[name, dev], int4[name, "cpu"])
+        print(f"| {name} | {a:.3e} | {r:.3e} | {ms[name, dev]:.3f} | {ms[name, 'cpu']:.3f} |")
+        if not a <= int4_tol:
+            bad.append(f"{name}: {dev} vs cpu max abs err {a:.3e} > {int4_tol:.3e}")
+    for p in dict.fromkeys((dev, "cpu")):
+        a, _ = errors(int4["int4 keep, no adapter", p], int4["int4 base", p])
+        print(f"{p}: int4 keep without adapter vs int4 base max abs err {a:.3e}")
+        if not a <= tol:
+            bad.append(
+                f"{p}: int4 keep without adapter vs int4 base max abs err {a:.3e} > {tol:.3e}"
+            )
+    effect, _ = errors(int4["int4 keep+adapter", "cpu"], int4["int4 base", "cpu"])
+    if effect <= int4_tol:
+        bad.append(f"the adapter changes the int4 output by only {effect:.3e}: not a test")
+
+    print()
+    print(f"IOBinding (x, adapter tensors and output on {dev}), vs the plain run with RunOptions:")
+    print("| graph | max abs err | max rel err | iobinding ms | plain ms |")
+    print("|---|---|---|---|---|")
+    for name, path, adapter_file, reference, plain_ms in (
+        ("keep+adapter", m["keep"], m["adapter_file"], out["keep+adapter", dev], keep_ms),
+        (
+            "int4 keep+adapter",
+            q["keep"],
+            q["adapter_file"],
+            int4["int4 keep+adapter", dev],
+            ms["int4 keep+adapter", dev],
+        ),
+    ):
+        y, t = timed_iobinding(session(path, dev), dev, m["x"], adapter_file, args.runs)
+        a, r = errors(y, reference)
+        print(f"| {name} | {a:.3e} | {r:.3e} | {t:.3f} | {plain_ms:.3f} |")
+        if not a <= tol:
+            bad.append(
+                f"{dev}: {name} through IOBinding vs plain run max abs err {a:.3e} > {tol:.3e}"
+            )
+    return bad
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--atol", type=float, default=2e-2, help="max abs error allowed (fp16)")
     ap.add_argument("--rtol", type=float, default=2e-2, help="times max |y|, added to --atol")
+    ap.add_argument("--int4-atol", type=float, default=2e-2, help="int4, cuda vs cpu")
+    ap.add_argument("--int4-rtol", type=float, default=5e-2, help="int4, times max |y|")
     args = ap.parse_args(argv)
 
     if args.provider == "cuda":
@@ -155,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         if effect <= tol:
             bad.append(f"the adapter changes the output by only {effect:.3e}: not a test")
         print(f"activating the adapter (Load + add_active_adapter): {activate_ms:.3f} ms")
+        keep_ms = next(row[3] for row in rows if row[0] == "keep+adapter")
+        bad += check_int4_and_iobinding(Path(tmp), m, dev, args, tol, out, keep_ms)
     if bad:
         print("check_cuda: FAILED\n  " + "\n  ".join(bad))
         return 1

@@ -34,7 +34,8 @@ NOTES for developers:
 * LoRA slots are graph inputs that have initializers of the same name (zero-rank defaults);
   onnxruntime hides them from ``get_inputs()``, so they are never required feeds.
 * ``run_with_ort_values`` is used for every run: it honours active adapters
-  (``run_with_iobinding`` does not) and lets bf16 cross the boundary.
+  (``run_with_iobinding`` does not: IOBinding callers bind :func:`adapter_ortvalues` to the slot
+  inputs instead) and lets bf16 cross the boundary.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ __all__ = [
     "PROVIDER_ALIASES",
     "Session",
     "TensorSpec",
+    "adapter_ortvalues",
     "block_quantizer",
     "cuda_usable",
     "from_bf16_bits",
@@ -384,6 +386,27 @@ def read_adapter(path: str | os.PathLike[str]) -> dict[str, tuple[tuple[int, ...
         name: (tuple(v.shape()), int(v.element_type()), _raw_bytes(v, f"{path}: {name}"))
         for name, v in params.items()
     }
+
+
+def adapter_ortvalues(
+    path: str | os.PathLike[str], device: str = "cpu", device_id: int = 0
+) -> dict[str, Any]:
+    """The tensors of an adapter file as OrtValues of their own on ``device`` ("cpu", "cuda").
+
+    For IOBinding: ``run_with_iobinding`` ignores the adapters active in its ``RunOptions`` (it
+    only warns), so bind these to the slot inputs of the same names instead.
+    """
+    ort = _ort()
+    path = Path(path)
+    out: dict[str, Any] = {}
+    for name, value in _adapter_parameters(path).items():
+        if int(value.element_type()) == BFLOAT16:
+            raise UnsupportedError(
+                f"{path}: {name} is bfloat16; bind it from to_ortvalue on the CPU"
+            )
+        array = np.array(value.numpy(), copy=True)  # the reader's values are views into it
+        out[name] = ort.OrtValue.ortvalue_from_numpy(array, device, device_id)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
