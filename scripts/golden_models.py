@@ -110,19 +110,9 @@ def _config(arch: str) -> Any:
 
         return LlamaConfig(**{**TINY_DECODER, "vocab_size": VOCAB})
     if arch == "gpt2":
-        from transformers import GPT2Config
+        from tests.support.peft_oracle import gpt2_config
 
-        return GPT2Config(
-            vocab_size=VOCAB,
-            n_embd=32,
-            n_layer=2,
-            n_head=4,
-            n_positions=64,
-            tie_word_embeddings=True,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=0,
-        )
+        return gpt2_config(tie=True)
     raise ValueError(f"unknown arch {arch}")
 
 
