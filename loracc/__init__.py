@@ -7,6 +7,7 @@ lower it to a merged Hugging Face checkpoint (:func:`merge`) or an ONNX model
 
 from __future__ import annotations
 
+from loracc.api.combine import CombineReport, combine
 from loracc.api.hf import (
     ConvertReport,
     MergeReport,
@@ -23,6 +24,7 @@ from loracc.pipeline import compile_adapter
 
 __all__ = [
     "Adapter",
+    "CombineReport",
     "ConvertReport",
     "LoraccError",
     "MergeReport",
@@ -33,6 +35,7 @@ __all__ = [
     "SiteKind",
     "TokenRows",
     "check_adapter_files",
+    "combine",
     "compile_adapter",
     "convert",
     "emit_ir",

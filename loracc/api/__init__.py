@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from loracc.api.combine import CombineReport, combine
 from loracc.api.hf import (
     DTYPES,
     ConvertReport,
@@ -17,11 +18,13 @@ from loracc.api.onnx import OnnxReport, PackReport, bind_onnx, export_onnx, pack
 
 __all__ = [
     "DTYPES",
+    "CombineReport",
     "ConvertReport",
     "MergeReport",
     "OnnxReport",
     "PackReport",
     "bind_onnx",
+    "combine",
     "convert",
     "emit_ir",
     "export_onnx",

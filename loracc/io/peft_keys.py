@@ -33,6 +33,7 @@ __all__ = [
     "WEIGHTS_NAME",
     "factor_keys",
     "lora_bias_key",
+    "magnitude_key",
     "saved_key",
     "token_rows_key",
     "unprefixed",
@@ -88,6 +89,11 @@ def factor_keys(module: str, *, embedding: bool) -> tuple[str, str]:
 def lora_bias_key(module: str) -> str:
     """The saved key of ``module``'s ``lora_B.bias``."""
     return saved_key(f"{module}.lora_B.bias")
+
+
+def magnitude_key(module: str) -> str:
+    """The saved key of ``module``'s DoRA magnitude, as peft 0.21 saves it."""
+    return saved_key(f"{module}.lora_magnitude_vector")
 
 
 def token_rows_key(module: str) -> str:

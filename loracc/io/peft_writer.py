@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +58,19 @@ def _owner(site: Site) -> str:
     return site.module.rsplit(".", 1)[0] if site.kind is SiteKind.PARAMETER else site.module
 
 
-def adapter_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
-    """The adapter_model.safetensors content of a plain adapter, keyed as peft saves it."""
-    require(adapter, Target.PEFT_ADAPTER)
+def _dora_checked(adapter: Adapter, keep_dora: bool) -> bool:
+    """Ask the legality table about ``adapter`` (its DoRA magnitudes set aside when
+    ``keep_dora``: ``loracc combine`` writes them as saved); whether any magnitude is written."""
+    dora = keep_dora and any(s.magnitude is not None for s in adapter.sites)
+    plain = [replace(s, magnitude=None) for s in adapter.sites] if dora else adapter.sites
+    require(replace(adapter, sites=tuple(plain)), Target.PEFT_ADAPTER)
+    return dora
+
+
+def adapter_tensors(adapter: Adapter, *, keep_dora: bool = False) -> dict[str, torch.Tensor]:
+    """The adapter_model.safetensors content of a plain adapter, keyed as peft saves it (with
+    ``keep_dora``, DoRA magnitudes too)."""
+    _dora_checked(adapter, keep_dora)
     out: dict[str, torch.Tensor] = {}
     wrapped = {_owner(s) for s in adapter.sites}
     for site in sorted(adapter.sites, key=lambda s: s.module):
@@ -68,6 +79,8 @@ def adapter_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
         out[key_A], out[key_B] = site.lora_A, site.lora_B
         if site.lora_bias is not None:
             out[peft_keys.lora_bias_key(module)] = site.lora_bias
+        if keep_dora and site.magnitude is not None:
+            out[peft_keys.magnitude_key(module)] = site.magnitude
     for r in adapter.replacements:
         out[peft_keys.whole_tensor_key(r.target, wrapped)] = r.tensor
     for t in adapter.token_rows:
@@ -75,9 +88,9 @@ def adapter_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
 
-def adapter_config(adapter: Adapter) -> dict[str, Any]:
+def adapter_config(adapter: Adapter, *, keep_dora: bool = False) -> dict[str, Any]:
     """adapter_config.json of the plain adapter: alpha = r for every module, so scale 1."""
-    require(adapter, Target.PEFT_ADAPTER)
+    dora = _dora_checked(adapter, keep_dora)
     config: dict[str, Any] = {k: v for k, v in adapter.config.items() if k not in _DROPPED}
     ranks = {s.module: s.rank for s in adapter.sites}
     top = max(ranks.values(), default=int(config.get("r", 8)))
@@ -90,7 +103,7 @@ def adapter_config(adapter: Adapter) -> dict[str, Any]:
         rank_pattern=pattern,
         alpha_pattern=dict(pattern),
         use_rslora=False,
-        use_dora=False,
+        use_dora=dora,
         init_lora_weights=True,
         target_modules=modules,
         ensure_weight_tying=False,
@@ -103,10 +116,11 @@ def adapter_config(adapter: Adapter) -> dict[str, Any]:
     return config
 
 
-def write_peft_adapter(adapter: Adapter, folder: Path) -> list[str]:
-    """Write ``adapter`` (plain, folded) into ``folder``; return the tensor keys written."""
-    tensors = adapter_tensors(adapter)
-    config = adapter_config(adapter)
+def write_peft_adapter(adapter: Adapter, folder: Path, *, keep_dora: bool = False) -> list[str]:
+    """Write ``adapter`` (plain, folded; DoRA sites kept as DoRA with ``keep_dora``) into
+    ``folder``; return the tensor keys written."""
+    tensors = adapter_tensors(adapter, keep_dora=keep_dora)
+    config = adapter_config(adapter, keep_dora=keep_dora)
     folder = Path(folder)
     writer = SafetensorsWriter(
         folder / peft_keys.WEIGHTS_NAME,

@@ -1,0 +1,107 @@
+"""``loracc combine``: several PEFT adapters into one (docs/FORMATS.md "Combining adapters")."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from loracc.api import combine as api
+from loracc.cli.common import (
+    OnceCommand,
+    emit,
+    force_option,
+    guard,
+    json_option,
+    layout_option,
+    note_lines,
+    output_dir_option,
+)
+from loracc.errors import ConfigError
+from loracc.lower.combine import METHODS, MajoritySign
+
+__all__ = ["combine"]
+
+
+@click.command(cls=OnceCommand)
+@click.option(
+    "--adapter",
+    "adapter_dirs",
+    multiple=True,
+    required=True,
+    type=click.Path(),
+    help="PEFT adapter folder; repeat for each adapter, all for one base model.",
+)
+@click.option("--weights", default=None, help="One weight per adapter, e.g. 1.0,0.5 [all 1.0].")
+@click.option(
+    "--method",
+    required=True,
+    help=f"How to combine: {', '.join(METHODS)} (peft's add_weighted_adapter types).",
+)
+@click.option("--rank", type=int, default=None, help="svd: the rank kept [the largest input].")
+@click.option(
+    "--density",
+    type=float,
+    default=None,
+    help="ties, dare_*, magnitude_prune: the fraction of factor entries kept, in (0, 1].",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="dare_*: mask seed.")
+@click.option(
+    "--majority-sign",
+    type=click.Choice(["total", "frequency"]),
+    default="total",
+    show_default=True,
+    help="ties, dare_ties: how the sign of each entry is elected.",
+)
+@output_dir_option
+@force_option
+@layout_option
+@json_option
+@guard
+def combine(
+    adapter_dirs: tuple[str, ...],
+    weights: str | None,
+    method: str,
+    rank: int | None,
+    density: float | None,
+    seed: int,
+    majority_sign: MajoritySign,
+    out_dir: str,
+    force: bool,
+    layout: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Combine adapters into one PEFT adapter (peft's add_weighted_adapter, exact for rsLoRA,
+    lora_bias and DoRA)."""
+    report = api.combine(
+        adapter_dirs,
+        out_dir,
+        method=method,
+        weights=None if weights is None else _weights(weights),
+        rank=rank,
+        density=density,
+        seed=seed,
+        majority_sign=majority_sign,
+        force=force,
+        layout=layout,
+    )
+    emit(report.to_dict(), as_json, _text)
+
+
+def _weights(text: str) -> list[float]:
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--weights: '{text}' is not a comma-separated list of numbers") from None
+
+
+def _text(r: dict[str, Any]) -> str:
+    weights = ",".join(f"{w:g}" for w in r["weights"])
+    lines = [
+        f"wrote {r['output']}: --method {r['method']} (weights {weights}), {len(r['sites'])} "
+        f"sites, {len(r['tensors'])} tensors"
+    ]
+    lines += [
+        f"  {s['module']}: rank {s['rank']}{' (DoRA)' if s['dora'] else ''}" for s in r["sites"]
+    ]
+    return "\n".join(lines + note_lines(r))
