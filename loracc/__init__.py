@@ -7,7 +7,7 @@ lower it to a merged Hugging Face checkpoint (:func:`merge`) or an ONNX model
 
 from __future__ import annotations
 
-from loracc.api.combine import CombineReport, combine
+from loracc.api.combination import CombineReport, combine
 from loracc.api.hf import (
     ConvertReport,
     MergeReport,

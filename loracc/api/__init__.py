@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from loracc.api.combine import CombineReport, combine
+from loracc.api.combination import CombineReport, combine
 from loracc.api.hf import (
     DTYPES,
     ConvertReport,

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from loracc.api import combine as api
+from loracc.api import combination as api
 from loracc.cli.common import (
     OnceCommand,
     emit,
