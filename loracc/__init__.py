@@ -2,7 +2,8 @@
 
 Read an adapter into the IR (:func:`load_adapter`), run passes (:func:`compile_adapter`), and
 lower it to a merged Hugging Face checkpoint (:func:`merge`) or an ONNX model
-(:func:`export_onnx`, which needs the onnx extra only when called).
+(:func:`export_onnx`, which needs the onnx extra only when called). :func:`combine` makes one
+adapter of several.
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ The output is what peft 0.21 writes for a vanilla LoRA: ``adapter_config.json`` 
 ``adapter_model.safetensors`` with ``base_model.model.``-prefixed keys. Only plain sites can be
 written: every scale must already be folded (``fold-scaling``: scale 1, alpha = r), residual
 inits reconstructed, and no DoRA magnitude or channel scale may remain, because a plain LoRA on
-the original base cannot express ``m/‖W + ΔW‖``.
+the original base cannot express ``m/‖W + ΔW‖``. The one exception is ``keep_dora`` (``loracc
+combine``): saved magnitudes are written back as ``lora_magnitude_vector`` with ``use_dora``
+true, a DoRA adapter whose magnitudes are still the trained ones.
 
 Config: ``r`` and ``lora_alpha`` are the largest rank; ``rank_pattern`` and ``alpha_pattern``
 give every other module its own rank as both r and alpha (escaped full module names, which

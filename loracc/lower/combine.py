@@ -18,8 +18,9 @@ weights and scales folded into the factors, so no flag of the inputs (``use_rslo
   has cross terms ``Bᵢ@Aⱼ``): it is peft's definition; ``cat`` is the exact sum. Every adapter
   that changes a module must have the same rank there. A module only one adapter changes gets
   f of that one factor pair and ``w·s`` folded into B.
-- One adapter in all: ``linear`` whatever the method (as peft), so one adapter with weight 1
-  comes back as itself (its scale folded into B).
+- One adapter in all: ``linear`` (as peft; ``cat`` and ``svd`` without ``rank`` give the same
+  product, the other methods and ``rank`` are refused rather than ignored), so one adapter with
+  weight 1 comes back as itself (its scale folded into B).
 
 What peft gets wrong and loracc defines (peft issue #3761):
 
@@ -35,9 +36,13 @@ What peft gets wrong and loracc defines (peft issue #3761):
   module's magnitude ‖W + ΔW‖ needs the base (peft keeps the magnitude it computed for a zero
   delta).
 
+Whole tensors (modules_to_save copies, saved biases, the embedding peft saves with an
+``embed_tokens`` target) are kept when every adapter replaces them with the same tensor, else
+refused: a replacement is not a delta, so nothing combines two of them.
+
 Refused (one line naming the adapter or module): residual inits (PiSSA, OLoRA, CorDA, KaSA, ...:
 ``loracc convert --base`` them first), ``target_parameters`` (peft refuses them too),
-modules_to_save, trainable tokens and saved biases (whole tensors, not deltas), layer_replication,
+trainable tokens, layer_replication,
 different ranks on one module for the factor-wise methods, the ``*_svd`` forms of the pruning
 methods (their pruning acts on the dense delta, which has no low-rank factors to truncate).
 
@@ -58,7 +63,7 @@ from typing import Literal
 import torch
 
 from loracc.errors import ConfigError, UnsupportedError
-from loracc.ir import PLAIN_INITS, Adapter, Site, SiteKind
+from loracc.ir import PLAIN_INITS, Adapter, Replacement, Site, SiteKind
 from loracc.passes.truncate_rank import truncate_factors
 
 __all__ = ["FACTOR_WISE", "METHODS", "CombineOptions", "combine_adapters"]
@@ -141,6 +146,9 @@ def combine_adapters(adapters: Sequence[Adapter], options: CombineOptions) -> Ad
     for adapter in adapters:
         _check_adapter(adapter)
     _check_dora_mix(adapters)
+    replacements = _shared_replacements(adapters)
+    if len(adapters) == 1:
+        _check_single(adapters[0], options)
     weights = options.weights or (1.0,) * len(adapters)
     method = "linear" if len(adapters) == 1 else options.method
     rank = options.rank or max(s.rank for a in adapters for s in a.sites)
@@ -160,6 +168,7 @@ def combine_adapters(adapters: Sequence[Adapter], options: CombineOptions) -> Ad
     return Adapter(
         name=f"combine({', '.join(names)})",
         sites=sites,
+        replacements=replacements,
         config=MappingProxyType(config),
         notes=tuple(n for a in adapters for n in a.notes),
     )
@@ -170,7 +179,6 @@ def _check_adapter(adapter: Adapter) -> None:
     name = adapter.name
     whole = [
         (adapter.refusals, adapter.refusals[0] if adapter.refusals else ""),
-        (adapter.replacements, "modules_to_save copies and saved biases replace whole tensors"),
         (adapter.token_rows, "trainable tokens replace whole rows"),
         (adapter.layer_replication, "layer_replication changes the base's layers"),
     ]
@@ -188,6 +196,36 @@ def _check_adapter(adapter: Adapter) -> None:
                 f"{name}: {site.module}: init '{site.init}' changes the base weight; write it "
                 "as a plain adapter first with `loracc convert --base BASE`, then combine that"
             )
+
+
+def _shared_replacements(adapters: Sequence[Adapter]) -> tuple[Replacement, ...]:
+    """The whole tensors every adapter replaces alike (peft saves the embedding it wraps, and
+    such copies are the base's), kept; any other replacement has no combination and is refused."""
+    first = {r.target: r for r in adapters[0].replacements}
+    for adapter in adapters:
+        mine = {r.target: r for r in adapter.replacements}
+        for target in sorted(first.keys() | mine.keys()):
+            a, b = first.get(target), mine.get(target)
+            if a is not None and b is not None and torch.equal(a.tensor, b.tensor):
+                continue
+            owner, replaced = (adapter.name, b) if b is not None else (adapters[0].name, a)
+            assert replaced is not None  # target comes from one of the two
+            raise UnsupportedError(
+                f"{owner}: cannot combine: it replaces {target} whole ({replaced.origin}) and "
+                "the other adapters do not replace it with the same tensor"
+            )
+    return adapters[0].replacements
+
+
+def _check_single(adapter: Adapter, options: CombineOptions) -> None:
+    """One adapter is combined with ``linear`` (peft's rule; cat and svd at its own rank give the
+    same product): refuse the options that would then be ignored."""
+    if options.method not in ("linear", "cat", "svd") or options.rank is not None:
+        asked = f"--method {options.method}" + (f" --rank {options.rank}" if options.rank else "")
+        raise UnsupportedError(
+            f"{adapter.name}: one adapter is combined with linear (as peft does), so {asked} "
+            "would be ignored; use --method linear, or `loracc convert --rank R` to truncate"
+        )
 
 
 def _check_dora_mix(adapters: Sequence[Adapter]) -> None:
@@ -290,14 +328,14 @@ def _factor_wise(
 
 
 def _bias_sum(parts: list[_Part]) -> torch.Tensor | None:
-    biased = [p for p in parts if p.site.lora_bias is not None]
-    if not biased:
+    """``Σ wᵢsᵢ·biasᵢ`` over the parts with a ``lora_bias``, in fp32, stored in their dtype."""
+    terms = [(p.site.lora_bias, p.ws) for p in parts if p.site.lora_bias is not None]
+    if not terms:
         return None
-    total = torch.zeros_like(biased[0].site.lora_bias, dtype=torch.float32)  # type: ignore[arg-type]
-    for p in biased:
-        assert p.site.lora_bias is not None
-        total = total + p.site.lora_bias.float() * p.ws
-    return total.to(biased[0].site.lora_bias.dtype)  # type: ignore[union-attr]
+    total = torch.zeros(terms[0][0].shape, dtype=torch.float32)
+    for bias, ws in terms:
+        total = total + bias.float() * ws
+    return total.to(terms[0][0].dtype)
 
 
 def _with_bias(site: Site, names: list[str]) -> Site:

@@ -44,6 +44,11 @@ TARGETS = {
     "llama": (["q_proj", "v_proj"], ["v_proj", "o_proj"]),
     "gpt2": (["c_attn", "c_proj"], ["c_proj", "c_fc"]),
 }
+# The pairs the methods are compared on: shared, own and Embedding modules.
+PAIR_TARGETS = {
+    "llama": (["q_proj", "v_proj", "embed_tokens"], ["v_proj", "o_proj", "embed_tokens"]),
+    "gpt2": TARGETS["gpt2"],
+}
 
 
 @dataclass(frozen=True)
@@ -194,7 +199,7 @@ METHODS: list[tuple[str, dict[str, Any]]] = [
 
 
 def _pair(base: Base) -> list[Path]:
-    first, second = TARGETS[base.arch]
+    first, second = PAIR_TARGETS[base.arch]
     return [
         _adapter(base, "pair-0", 11, r=4, lora_alpha=8, target_modules=first),
         _adapter(base, "pair-1", 12, r=4, lora_alpha=3, target_modules=second),
@@ -335,7 +340,7 @@ def test_dora_with_plain_refused(llama: Base, tmp_path: Path) -> None:
 
 
 def test_different_ranks_refused_for_linear(llama: Base, tmp_path: Path) -> None:
-    a = _pair(llama)[0]
+    a = _adapter(llama, "rank4-qv", 30, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     b = _adapter(llama, "rank8-v", 31, r=8, lora_alpha=8, target_modules=["v_proj"])
     _refused([*_flags([a, b]), "--method", "linear"], tmp_path / "o", "v_proj", "rank8-v r=8")
     loracc.combine([a, b], tmp_path / "svd", method="svd", rank=8)  # svd and cat take any ranks
@@ -374,6 +379,23 @@ def test_whole_tensors_and_parameters_refused(
     spec = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], **lora}
     a = _adapter(llama, name, 41, **spec)
     _refused([*_flags([a, _pair(llama)[0]]), "--method", "cat"], tmp_path / "o", name, needle)
+
+
+@pytest.mark.parametrize(
+    "extra", [["--method", "ties", "--density", "0.5"], ["--method", "svd", "--rank", "2"]]
+)
+def test_one_adapter_options_that_peft_ignores_refused(
+    extra: list[str], llama: Base, tmp_path: Path
+) -> None:
+    _refused([*_flags(_pair(llama)[:1]), *extra], tmp_path / "o", "pair-0", "linear", extra[1])
+
+
+def test_unshared_whole_tensor_refused(llama: Base, tmp_path: Path) -> None:
+    """pair-0 saves the embedding it wraps (peft does, for an embed_tokens target); an adapter
+    without that copy would keep the base's: refused, naming the tensor."""
+    a = _adapter(llama, "rank4-qv", 30, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    args = [*_flags([a, _pair(llama)[0]]), "--method", "cat"]
+    _refused(args, tmp_path / "o", "pair-0", "model.embed_tokens.weight whole")
 
 
 def test_cli_writes_and_reports(llama: Base, tmp_path: Path) -> None:
