@@ -398,6 +398,15 @@ def test_unshared_whole_tensor_refused(llama: Base, tmp_path: Path) -> None:
     _refused(args, tmp_path / "o", "pair-0", "model.embed_tokens.weight whole")
 
 
+def test_output_over_an_input_adapter_refused(llama: Base) -> None:
+    adapters = _pair(llama)
+    before = (adapters[1] / "adapter_model.safetensors").read_bytes()
+    args = ["combine", *_flags(adapters), "--method", "cat", "--force", "-o", str(adapters[1])]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert (adapters[1] / "adapter_model.safetensors").read_bytes() == before
+
+
 def test_cli_writes_and_reports(llama: Base, tmp_path: Path) -> None:
     adapters = _pair(llama)
     args = [*_flags(adapters), "--weights", "0.7,-0.4", "--method", "svd", "--json"]

@@ -39,6 +39,7 @@ REPO = Path(loracc.__file__).resolve().parents[1]  # the loracc under test, for 
 WRITERS = (
     "merge",
     "convert",
+    "combine",
     "export",
     "export-keep-lora",
     "pack",
@@ -77,7 +78,7 @@ def _onnx_set(keep_lora: bool) -> Callable[[Path], list[Path]]:
 
 def build(name: str, root: Path) -> Writer:
     root.mkdir(parents=True, exist_ok=True)
-    if name in ("merge", "convert", "golden-record-hf"):
+    if name in ("merge", "convert", "combine", "golden-record-hf"):
         lay = mc.build_valid(root, shards=2)
         base, adapter = str(lay.base), str(lay.adapter)
         if name == "merge":
@@ -85,8 +86,9 @@ def build(name: str, root: Path) -> Writer:
             return Writer(
                 name, root, argv, {"base": lay.base, "adapter": lay.adapter}, root / "out"
             )
-        if name == "convert":
-            argv = _cmd("convert", "--adapter", adapter)
+        if name in ("convert", "combine"):
+            method = ["--method", "cat"] if name == "combine" else []
+            argv = _cmd(name, "--adapter", adapter, *method)
             return Writer(name, root, argv, {"adapter": lay.adapter}, root / "out")
         argv = _cmd("golden", "record", "--model", base)
         return Writer(name, root, argv, {"base": lay.base}, root / "out.npz")
