@@ -69,10 +69,10 @@ from loracc.passes.truncate_rank import truncate_factors
 __all__ = ["FACTOR_WISE", "METHODS", "CombineOptions", "combine_adapters"]
 
 # peft's methods loracc computes: the factor-wise family, cat, svd.
-FACTOR_WISE = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+_PRUNING = ("ties", "dare_linear", "dare_ties", "magnitude_prune")  # take --density
+FACTOR_WISE = ("linear", *_PRUNING)
 METHODS = ("cat", "svd", *FACTOR_WISE)
-_DENSE_SVD = ("ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
-_NEEDS_DENSITY = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
+_DENSE_SVD = tuple(f"{m}_svd" for m in _PRUNING)
 
 MajoritySign = Literal["total", "frequency"]
 
@@ -114,14 +114,16 @@ class CombineOptions:
             raise ConfigError(f"--weights: {list(self.weights)} are not all finite")
         if self.rank is not None and (m != "svd" or self.rank < 1):
             raise ConfigError(f"--rank {self.rank}: needs --method svd and a rank >= 1")
-        if m in _NEEDS_DENSITY and self.density is None:
+        if m in _PRUNING and self.density is None:
             raise ConfigError(f"--method {m} needs --density D (the fraction kept, in (0, 1])")
-        if self.density is not None and m not in _NEEDS_DENSITY:
+        if self.density is not None and m not in _PRUNING:
             raise ConfigError(f"--density: --method {m} does not prune")
         if self.density is not None and not 0 < self.density <= 1:
             raise ConfigError(f"--density {self.density}: must be in (0, 1]")
         if self.majority_sign not in ("total", "frequency"):
             raise ConfigError(f"--majority-sign: '{self.majority_sign}' is not total or frequency")
+        if self.majority_sign != "total" and m not in ("ties", "dare_ties"):
+            raise ConfigError(f"--majority-sign: --method {m} elects no signs")
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +153,7 @@ def combine_adapters(adapters: Sequence[Adapter], options: CombineOptions) -> Ad
         _check_single(adapters[0], options)
     weights = options.weights or (1.0,) * len(adapters)
     method = "linear" if len(adapters) == 1 else options.method
-    rank = options.rank or max(s.rank for a in adapters for s in a.sites)
+    rank = options.rank or max((s.rank for a in adapters for s in a.sites), default=1)
     parts: dict[str, list[_Part]] = {}
     for i, (adapter, w) in enumerate(zip(adapters, weights, strict=True)):
         for site in adapter.sites:

@@ -17,6 +17,7 @@ are compared with:
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import loracc
 from loracc.cli import main
@@ -331,6 +332,21 @@ def test_dora_on_separate_modules_is_exact(llama: Base, tmp_path: Path) -> None:
     model.base_model.set_adapter(["a0", "a1"])  # both active: each changes its own module
     reference = po.model_output(model, llama.inputs)
     assert po.rel_err(_logits(llama, tmp_path / "out"), reference) <= RTOL
+
+
+def test_dora_weight_scales_the_delta_before_normalisation(llama: Base, tmp_path: Path) -> None:
+    """DoRA with weight w: the delta is w·s·B@A, the trained magnitude is kept. The reference is
+    peft's forward of the same adapter with its lora_B scaled by w (written here by hand)."""
+    lora = dict(r=4, lora_alpha=10, target_modules=TARGETS["llama"][0], use_dora=True)
+    adapter = _adapter(llama, "identity-dora", 1, **lora)
+    scaled = tmp_path / "scaled"
+    shutil.copytree(adapter, scaled)
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    tensors = {k: v * 0.5 if ".lora_B." in k else v for k, v in tensors.items()}
+    save_file(tensors, str(scaled / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+    loracc.combine([adapter], tmp_path / "out", method="linear", weights=[0.5])
+    assert po.rel_err(_logits(llama, tmp_path / "out"), _logits(llama, scaled)) <= RTOL
 
 
 def test_dora_with_plain_refused(llama: Base, tmp_path: Path) -> None:
