@@ -64,8 +64,9 @@ def _dora_checked(adapter: Adapter, keep_dora: bool) -> bool:
     """Ask the legality table about ``adapter`` (its DoRA magnitudes set aside when
     ``keep_dora``: ``loracc combine`` writes them as saved); whether any magnitude is written."""
     dora = keep_dora and any(s.magnitude is not None for s in adapter.sites)
-    plain = [replace(s, magnitude=None) for s in adapter.sites] if dora else adapter.sites
-    require(replace(adapter, sites=tuple(plain)), Target.PEFT_ADAPTER)
+    if dora:
+        adapter = replace(adapter, sites=tuple(replace(s, magnitude=None) for s in adapter.sites))
+    require(adapter, Target.PEFT_ADAPTER)
     return dora
 
 
