@@ -39,7 +39,7 @@ def combine(
     weights: Sequence[float] | None = None,
     rank: int | None = None,
     density: float | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     majority_sign: MajoritySign = "total",
     force: bool = False,
     layout: LayoutChoices = None,
@@ -54,7 +54,7 @@ def combine(
         weights: one per adapter (default 1.0 each).
         rank: svd: the rank kept (default the largest input rank).
         density: ties, dare_*, magnitude_prune: the fraction of factor entries kept.
-        seed: dare_*: seeds the keep masks (same seed, same bytes).
+        seed: dare_*: seeds the keep masks (same seed, same bytes; default 0).
         majority_sign: ties, dare_ties: sign election by ``total`` or ``frequency``.
         force: replace an existing ``out_dir``.
         layout: ``--layout`` choices for the readers.

@@ -45,7 +45,7 @@ __all__ = ["combine"]
     default=None,
     help="ties, dare_*, magnitude_prune: the fraction of factor entries kept, in (0, 1].",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="dare_*: mask seed.")
+@click.option("--seed", type=int, default=None, help="dare_*: the mask seed [0].")
 @click.option(
     "--majority-sign",
     type=click.Choice(["total", "frequency"]),
@@ -64,7 +64,7 @@ def combine(
     method: str,
     rank: int | None,
     density: float | None,
-    seed: int,
+    seed: int | None,
     majority_sign: MajoritySign,
     out_dir: str,
     force: bool,

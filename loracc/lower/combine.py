@@ -86,7 +86,7 @@ class CombineOptions:
         weights: one per adapter (default 1.0 each).
         rank: ``svd`` only: the rank kept (default the largest input rank).
         density: the pruning methods: the fraction of entries kept, in (0, 1].
-        seed: ``dare_*``: seeds the keep masks.
+        seed: ``dare_*``: seeds the keep masks (None: 0).
         majority_sign: ``ties``/``dare_ties``: sign election by ``total`` or ``frequency``.
     """
 
@@ -94,7 +94,7 @@ class CombineOptions:
     weights: tuple[float, ...] | None = None
     rank: int | None = None
     density: float | None = None
-    seed: int = 0
+    seed: int | None = None
     majority_sign: MajoritySign = "total"
 
     def check(self, count: int) -> None:
@@ -122,6 +122,8 @@ class CombineOptions:
             raise ConfigError(f"--density {self.density}: must be in (0, 1]")
         if self.majority_sign not in ("total", "frequency"):
             raise ConfigError(f"--majority-sign: '{self.majority_sign}' is not total or frequency")
+        if self.seed is not None and not m.startswith("dare_"):
+            raise ConfigError(f"--seed: --method {m} draws nothing at random")
         if self.majority_sign != "total" and m not in ("ties", "dare_ties"):
             raise ConfigError(f"--majority-sign: --method {m} elects no signs")
 
@@ -376,7 +378,7 @@ def _mask_options(
     positions = [ids] if isinstance(ids, int) else ids
 
     def generator(j: int) -> torch.Generator:
-        text = f"{options.seed}\0{module}\0{factor}\0{positions[j]}".encode()
+        text = f"{options.seed or 0}\0{module}\0{factor}\0{positions[j]}".encode()
         seed = int.from_bytes(hashlib.sha256(text).digest()[:8], "little") >> 1
         return torch.Generator().manual_seed(seed)
 

@@ -312,7 +312,7 @@ def test_dare_structure_and_mean(llama: Base) -> None:
     d, weights = 0.5, (0.7, -0.4)
     module = "model.layers.0.self_attn.v_proj"
 
-    def site(method: str, seed: int = 0, density: float | None = d) -> loracc.Site:
+    def site(method: str, seed: int | None = 0, density: float | None = d) -> loracc.Site:
         options = CombineOptions(method, weights, density=density, seed=seed)
         return next(s for s in combine_adapters(adapters, options).sites if s.module == module)
 
@@ -327,7 +327,7 @@ def test_dare_structure_and_mean(llama: Base) -> None:
     sigma = ((1 - d) ** 2 * (1 - (1 - d) ** 2) / A.numel()) ** 0.5
     assert abs(zeros - (1 - d) ** 2) <= 5 * sigma
 
-    linear = site("linear", density=None)
+    linear = site("linear", seed=None, density=None)
     expected = linear.lora_B.double() @ linear.lora_A.double()
     n = 400
     mean = torch.zeros_like(expected)
@@ -414,6 +414,8 @@ def test_different_ranks_refused_for_linear(llama: Base, tmp_path: Path) -> None
         (["--method", "linear", "--rank", "2"], ["--rank"]),
         (["--method", "cat", "--weights", "1,2,3"], ["3 weights for 2 adapters"]),
         (["--method", "mean"], ["'mean' is not one of"]),
+        (["--method", "cat", "--seed", "3"], ["--seed", "draws nothing"]),
+        (["--method", "linear", "--majority-sign", "frequency"], ["elects no signs"]),
     ],
 )
 def test_bad_options_refused(
