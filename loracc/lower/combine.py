@@ -42,12 +42,12 @@ refused: a replacement is not a delta, so nothing combines two of them.
 
 Refused (one line naming the adapter or module): residual inits (PiSSA, OLoRA, CorDA, KaSA, ...:
 ``loracc convert --base`` them first), ``target_parameters`` (peft refuses them too),
-trainable tokens, layer_replication,
-different ranks on one module for the factor-wise methods, the ``*_svd`` forms of the pruning
-methods (their pruning acts on the dense delta, which has no low-rank factors to truncate).
+trainable tokens, layer_replication, different ranks on one module for the factor-wise methods,
+the ``*_svd`` forms of the pruning methods (their pruning acts on the dense delta, which has no
+low-rank factors to truncate), and options the method does not use.
 
 Random methods (``dare_*``): each factor's keep mask is drawn from a generator seeded from
-``seed``, the module and the adapter's position, so a seed gives identical bytes. peft draws from
+``seed`` (default 0), the module and the adapter's position, so a seed gives identical bytes. peft draws from
 the global torch generator in its module order, so its masks cannot be reproduced bit for bit.
 """
 
