@@ -47,8 +47,9 @@ the ``*_svd`` forms of the pruning methods (their pruning acts on the dense delt
 low-rank factors to truncate), and options the method does not use.
 
 Random methods (``dare_*``): each factor's keep mask is drawn from a generator seeded from
-``seed`` (default 0), the module and the adapter's position, so a seed gives identical bytes. peft draws from
-the global torch generator in its module order, so its masks cannot be reproduced bit for bit.
+``seed`` (default 0), the module and the adapter's position, so a seed gives identical bytes.
+peft draws from the global torch generator in its module order, so its masks cannot be
+reproduced bit for bit.
 """
 
 from __future__ import annotations
