@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from loracc.api.common import LayoutChoices, PathLike
+from loracc.api.common import LayoutChoices, PathLike, adapter_paths
 from loracc.api.onnx import bind_onnx
 from loracc.errors import ConfigError, LoweringError, NonFiniteError, UnsupportedError
 from loracc.io.checkpoint import Checkpoint
@@ -19,8 +20,10 @@ from loracc.io.peft_writer import write_peft_adapter
 from loracc.ir import Adapter
 from loracc.legality import Target, require
 from loracc.lower.merge import MergeOptions, check_mergeable, merge_into, parse_size
+from loracc.lower.stack import check_stack, compile_stack, parse_weights, weighted
 from loracc.passes import Pass, PassContext
 from loracc.pipeline import (
+    PipelineResult,
     compile_adapter,
     convert_pipeline,
     in_order,
@@ -30,6 +33,7 @@ from loracc.pipeline import (
     run_pipeline,
 )
 from loracc.printer import print_ir
+from loracc.weights import BaseWeights
 
 __all__ = [
     "DTYPES",
@@ -96,9 +100,10 @@ class MergeReport:
 
 def merge(
     base_dir: PathLike,
-    adapter_dir: PathLike,
+    adapter_dir: PathLike | Sequence[PathLike],
     out_dir: PathLike,
     *,
+    weights: str | Sequence[float] | None = None,
     dtype: str | torch.dtype | None = None,
     max_shard_size: str | int = "5GB",
     force: bool = False,
@@ -113,6 +118,11 @@ def merge(
 ) -> MergeReport:
     """Merge a PEFT adapter into a Hugging Face checkpoint, streaming one tensor at a time.
 
+    ``adapter_dir`` is one adapter folder or a list of them: a stack, merged as if each were
+    merged into the result of the ones before it (DoRA's norm on the weight it is merged into),
+    in one pass over the base with one rounding per tensor (:mod:`loracc.lower.stack`).
+    ``weights`` (one per adapter, or "1.0,0.5") scale each adapter's delta; a DoRA adapter's
+    weight scales its delta before the normalisation (docs/PASSES.md "Stacking").
     ``passes`` are optional passes added to the required ones of :func:`merge_pipeline` (or
     configuring them); the pipeline runs in the canonical order. The output folder is written
     under a temporary name and renamed at the end; an existing ``out_dir`` is refused unless
@@ -130,22 +140,42 @@ def merge(
         progress=progress,
         workers=workers or min(4, os.cpu_count() or 1),
     )
+    paths = adapter_paths(adapter_dir)
+    scales = parse_weights(weights, len(paths)) or (1.0,) * len(paths)
+    if initial_adapter is not None and len(paths) > 1:
+        raise ConfigError(
+            "--initial-adapter with several --adapter: it is unclear which adapter it belongs "
+            "to; merge that adapter alone first"
+        )
     base = Checkpoint(base_dir)
-    adapter = read_peft_adapter(
-        Path(adapter_dir),
-        base,
-        initial=initial_adapter,
-        allow_nonfinite=allow_nonfinite,
-        layout=layout,
-        allow_large_replication=allow_large_replication,
-    )
-    require(adapter, Target.MERGE, before_passes=True)  # before any pass reads the base
-    result = compile_adapter(adapter, base, merge_pipeline(passes or ()), device=options.device)
-    inputs = [Path(base_dir), Path(adapter_dir)] + (
-        [Path(initial_adapter)] if initial_adapter else []
-    )
+    loaded = []
+    for path, scale in zip(paths, scales, strict=True):
+        adapter = read_peft_adapter(
+            path,
+            base,
+            initial=initial_adapter,
+            allow_nonfinite=allow_nonfinite,
+            layout=layout,
+            allow_large_replication=allow_large_replication,
+        )
+        require(adapter, Target.MERGE, before_passes=True)  # before any pass reads the base
+        loaded.append(weighted(adapter, scale))
+    check_stack(loaded)
+    pipeline = merge_pipeline(passes or ())
+
+    def compile_one(adapter: Adapter, below: BaseWeights) -> tuple[Adapter, PipelineResult]:
+        result = compile_adapter(adapter, below, pipeline, device=options.device)
+        return result.adapter, result
+
+    compiled = compile_stack(loaded, base, compile_one)
+    inputs = [Path(base_dir), *paths] + ([Path(initial_adapter)] if initial_adapter else [])
     with atomic_dir(out, inputs, force=force) as tmp:
-        stats = merge_into(result.adapter, base, tmp, options)
+        stats = merge_into([a for a, _ in compiled], base, tmp, options)
+    steps = [
+        {**step, "adapter": a.name} if len(compiled) > 1 else step
+        for a, result in compiled
+        for step in pass_steps(result)
+    ]
     return MergeReport(
         output=str(out),
         shards=stats.shards,
@@ -154,10 +184,10 @@ def merge(
         copied=stats.copied,
         bytes_written=stats.bytes_written,
         seconds=round(stats.seconds, 3),
-        sites=len(result.adapter.sites),
+        sites=sum(len(a.sites) for a, _ in compiled),
         config_updates=stats.config_updates,
-        passes=pass_steps(result),
-        notes=device_notes + list(result.adapter.notes),
+        passes=steps,
+        notes=device_notes + [n for a, _ in compiled for n in a.notes],
     )
 
 

@@ -10,7 +10,6 @@ without the ``onnx`` extra.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loracc.api.common import LayoutChoices, PathLike
+from loracc.api.common import adapter_paths as _paths
 from loracc.errors import ConfigError, UnsupportedError
 from loracc.legality import Target, require
 from loracc.pipeline import compile_adapter, onnx_pipeline, pass_steps
@@ -70,15 +70,6 @@ class PackReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _paths(adapters: PathLike | Sequence[PathLike]) -> list[Path]:
-    if isinstance(adapters, (str, os.PathLike)):
-        return [Path(adapters)]
-    paths = [Path(a) for a in adapters]
-    if not paths:
-        raise ConfigError("--adapter: at least one adapter folder is needed")
-    return paths
 
 
 def _checkpoint(base_weights: PathLike | None) -> Checkpoint | None:
@@ -253,16 +244,20 @@ def _adapter_paths(out: Path, adapters: Sequence[Path]) -> list[Path]:
 def _bind_all(
     index: Any, adapters: list[Adapter], ckpt: Checkpoint | None, base_path: Path, target: Target
 ) -> tuple[BindingTable, list[Adapter], list[dict[str, Any]]]:
+    """Bind and compile ``adapters``: a merge stacks them (each compiled against the model the
+    ones before it made, :mod:`loracc.lower.stack`); keep-lora compiles each on the base."""
     from loracc.lower.onnx.bind import bind_adapter
     from loracc.lower.onnx.weights import OnnxBase
+    from loracc.lower.stack import compile_stack
 
     table = bind_adapter(index, adapters, base=ckpt)
     onnx_base = OnnxBase.from_table(table, adapters, str(base_path))
-    compiled, steps = [], []
-    for a in adapters:
-        c, s = _compile(a, onnx_base, target)
-        compiled.append(c)
-        steps.extend(s)
+    if target is Target.ONNX_MERGE:
+        done = compile_stack(adapters, onnx_base, lambda a, below: _compile(a, below, target))
+    else:
+        done = [_compile(a, onnx_base, target) for a in adapters]
+    compiled = [c for c, _ in done]
+    steps = [{**step, "adapter": c.name} if len(done) > 1 else step for c, s in done for step in s]
     # passes may add targets (untying); bind whatever is new
     bind_adapter(index, compiled, base=ckpt, table=table)
     return table, compiled, steps
@@ -276,18 +271,24 @@ def _compiled(
     allow_nonfinite: bool,
     layout: LayoutChoices,
     target: Target,
+    weights: Sequence[float] | None = None,
 ) -> tuple[Any, Any, BindingTable, list[Adapter], list[Adapter], list[dict[str, Any]]]:
-    """The base model read, its graph indexed, the adapters read, bound and compiled:
-    (model, index, table, loaded, compiled, pass steps)."""
+    """The base model read, its graph indexed, the adapters read (each delta scaled by its
+    weight), bound and compiled: (model, index, table, loaded, compiled, pass steps)."""
     from loracc.io.onnx_model import load_model
     from loracc.lower.onnx.index import GraphIndex
     from loracc.lower.onnx.surgery import lift_weight_constants
+    from loracc.lower.stack import check_stack, weighted
 
     model = load_model(base_path)
     loaded = [
         _load(p, ckpt, initial_adapter, allow_nonfinite, layout, target=target)
         for p in adapter_paths
     ]
+    if weights is not None:
+        loaded = [weighted(a, w) for a, w in zip(loaded, weights, strict=True)]
+    if target is Target.ONNX_MERGE:
+        check_stack(loaded)
     lift_weight_constants(model.graph)
     index = GraphIndex(model)
     table, compiled, steps = _bind_all(index, loaded, ckpt, base_path, target)
@@ -308,13 +309,16 @@ def export_onnx(
     dry_run: bool = False,
     allow_nonfinite: bool = False,
     layout: LayoutChoices = None,
+    weights: str | Sequence[float] | None = None,
 ) -> OnnxReport:
     """Merge ``adapters`` into ``base_onnx``, or add them as adapter slots (``keep_lora``).
 
     Args:
         base_onnx: an ONNX export of the base model (external data beside it is read lazily).
-        adapters: one PEFT adapter folder; several only with ``keep_lora`` (slots = the union
-            of their targets, one adapter file each, the first adapter in the defaults).
+        adapters: one PEFT adapter folder, or several: merged, a stack (each merged into the
+            result of the ones before it, in order, one rounding; as ``loracc merge``); with
+            ``keep_lora``, slots = the union of their targets, one adapter file each, the first
+            adapter in the defaults.
         output: the ``.onnx`` path to write (None with ``dry_run``).
         keep_lora: explicit LoRA branches with slots, plus ``<output stem>.onnx_adapter``.
         empty_slots: with ``keep_lora``, rank-0 defaults: the plain model behaves as the base
@@ -332,17 +336,26 @@ def export_onnx(
         allow_nonfinite: accept NaN or Inf in the adapters' tensors, and write edited
             initializers (or slot values) holding NaN or Inf.
         layout: ``--layout`` choices for sites nothing else decides (docs/FORMATS.md).
+        weights: merged only: one weight per adapter ("1.0,0.5"), scaling its delta (a DoRA
+            adapter's before the normalisation).
     """
     from loracc.io.genai import genai_files
     from loracc.io.onnx_model import needs_external_data
     from loracc.lower.onnx.lora import insert_slots, pack_params, plan_groups
     from loracc.lower.onnx.merge import apply_edits, merge_edits
+    from loracc.lower.stack import parse_weights
 
     start = time.perf_counter()
     base_path = Path(base_onnx)
     adapter_paths = _paths(adapters)
-    if len(adapter_paths) > 1 and not keep_lora:
-        raise ConfigError("several --adapter need --keep-lora (a merge takes one adapter)")
+    if weights is not None and keep_lora:
+        raise ConfigError("--weights scales adapters merged together; --keep-lora merges none")
+    scales = parse_weights(weights, len(adapter_paths))
+    if initial_adapter is not None and len(adapter_paths) > 1 and not keep_lora:
+        raise ConfigError(
+            "--initial-adapter with several --adapter: it is unclear which adapter it belongs "
+            "to; merge that adapter alone first"
+        )
     if empty_slots is not None and not keep_lora:
         flag = "--empty-slots" if empty_slots else "--filled-slots"
         raise ConfigError(f"{flag} needs --keep-lora")
@@ -353,7 +366,7 @@ def export_onnx(
     ckpt = _checkpoint(base_weights)
     target = Target.ONNX_KEEP_LORA if keep_lora else Target.ONNX_MERGE
     model, index, table, loaded, compiled, steps = _compiled(
-        base_path, adapter_paths, ckpt, initial_adapter, allow_nonfinite, layout, target
+        base_path, adapter_paths, ckpt, initial_adapter, allow_nonfinite, layout, target, scales
     )
     protected = _inputs(base_path, adapter_paths, model, initial_adapter, base_weights)
     genai = genai_files(base_path, Path(output), protected) if output is not None else None
@@ -374,7 +387,7 @@ def export_onnx(
     )
     extra: list[tuple[Path, _AdapterWriter]] = []
     if not keep_lora:
-        plan = merge_edits(index, table, compiled[0])
+        plan = merge_edits(index, table, compiled)
         report.changed = apply_edits(index, plan, allow_nonfinite=allow_nonfinite)
     else:
         if sum(1 for a in compiled if a.replacements or a.token_rows) > 1:

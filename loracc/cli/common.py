@@ -25,6 +25,7 @@ __all__ = [
     "OnceCommand",
     "RepeatedOptionError",
     "adapter_option",
+    "adapters_option",
     "allow_nonfinite_option",
     "binding_lines",
     "emit",
@@ -40,6 +41,7 @@ __all__ = [
     "passes_option",
     "step_lines",
     "terminal_progress",
+    "weights_option",
 ]
 
 
@@ -161,6 +163,22 @@ def _escaped(value: Any) -> Any:
 # Options several commands share, each defined once.
 adapter_option = click.option(
     "--adapter", "adapter_dir", required=True, type=click.Path(), help="PEFT adapter folder."
+)
+adapters_option = click.option(
+    "--adapter",
+    "adapter_dirs",
+    required=True,
+    multiple=True,
+    type=click.Path(),
+    help="PEFT adapter folder; repeat to stack adapters: each is merged into the result of the "
+    "ones before it, in order, in one pass with one rounding.",
+)
+weights_option = click.option(
+    "--weights",
+    default=None,
+    metavar="W1,W2,...",
+    help="One weight per --adapter, scaling its delta (a DoRA adapter's before the "
+    "normalisation); default all 1.",
 )
 initial_adapter_option = click.option(
     "--initial-adapter",

@@ -11,6 +11,7 @@ from loracc.api import hf as api
 from loracc.cli.common import (
     OnceCommand,
     adapter_option,
+    adapters_option,
     allow_nonfinite_option,
     binding_lines,
     emit,
@@ -26,6 +27,7 @@ from loracc.cli.common import (
     passes_option,
     step_lines,
     terminal_progress,
+    weights_option,
 )
 
 __all__ = ["compile_", "convert", "inspect_", "merge"]
@@ -33,7 +35,8 @@ __all__ = ["compile_", "convert", "inspect_", "merge"]
 
 @click.command(cls=OnceCommand)
 @click.option("--base", "base_dir", required=True, type=click.Path(), help="Base HF folder.")
-@adapter_option
+@adapters_option
+@weights_option
 @output_dir_option
 @click.option("--dtype", default=None, help="Cast floating tensors: float32, float16, bfloat16.")
 @click.option(
@@ -66,7 +69,8 @@ __all__ = ["compile_", "convert", "inspect_", "merge"]
 @guard
 def merge(
     base_dir: str,
-    adapter_dir: str,
+    adapter_dirs: tuple[str, ...],
+    weights: str | None,
     out_dir: str,
     dtype: str | None,
     max_shard_size: str,
@@ -80,11 +84,17 @@ def merge(
     allow_large_replication: bool,
     as_json: bool,
 ) -> None:
-    """Merge a PEFT LoRA adapter into a Hugging Face checkpoint (streamed, bounded memory)."""
+    """Merge PEFT LoRA adapters into a Hugging Face checkpoint (streamed, bounded memory).
+
+    \b
+    loracc merge --base BASE --adapter A -o OUT
+    loracc merge --base BASE --adapter A1 --adapter A2 --weights 1.0,0.5 -o OUT
+    """
     report = api.merge(
         base_dir,
-        adapter_dir,
+        list(adapter_dirs),
         out_dir,
+        weights=weights,
         dtype=dtype,
         max_shard_size=max_shard_size,
         force=force,

@@ -22,6 +22,7 @@ from loracc.cli.common import (
     layout_option,
     note_lines,
     step_lines,
+    weights_option,
 )
 from loracc.errors import ConfigError
 
@@ -45,9 +46,12 @@ base_weights_option = click.option(
     required=True,
     multiple=True,
     type=click.Path(),
-    help="PEFT adapter folder. Repeat with --keep-lora: slots cover the union of the targets, "
-    "one adapter file each (OUT.<folder>.onnx_adapter), the first adapter in the defaults.",
+    help="PEFT adapter folder. Repeat to stack adapters in a merged export (each merged into "
+    "the result of the ones before it, in order); with --keep-lora: slots cover the union of the "
+    "targets, one adapter file each (OUT.<folder>.onnx_adapter), the first adapter in the "
+    "defaults.",
 )
+@weights_option
 @click.option("-o", "--output", "output", type=click.Path(), help="Output .onnx file.")
 @click.option(
     "--keep-lora",
@@ -85,6 +89,7 @@ def export(
     onnx_flag: bool,
     base_onnx: str,
     adapters: tuple[str, ...],
+    weights: str | None,
     output: str | None,
     keep_lora: bool,
     empty_slots: bool | None,
@@ -118,6 +123,7 @@ def export(
         dry_run=dry_run,
         allow_nonfinite=allow_nonfinite,
         layout=layout,
+        weights=weights,
     )
     emit(report.to_dict(), as_json, _export_text)
 

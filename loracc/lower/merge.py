@@ -18,7 +18,9 @@ GIL is released in every torch op and system call. ``docs/BENCHMARKS.md`` has th
 
 Edit order on one tensor: :func:`loracc.kernels.apply_edits` (whole replacement, trainable-token
 rows, LoRA deltas each followed by its DoRA channel scale, lora_bias), the order peft's unmerged
-forward composes them in; a row block applies the delta step to its rows.
+forward composes them in; a row block applies the delta step to its rows. A stack of adapters
+(:mod:`loracc.lower.stack`) applies each adapter's edits in turn, still in fp32 with one rounding,
+in the same single pass over the base.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import re
 import shutil
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +42,7 @@ from typing import Any
 import torch
 
 from loracc import kernels
-from loracc.errors import ConfigError, InputError, NonFiniteError, UnsupportedError
+from loracc.errors import ConfigError, InputError, NonFiniteError
 from loracc.io.checkpoint import INDEX_NAME, SINGLE_NAME, WEIGHT_SUFFIXES, Checkpoint, inside
 from loracc.io.safetensors import (
     SafetensorsWriter,
@@ -49,8 +51,9 @@ from loracc.io.safetensors import (
     pwrite_all,
     read_tensor,
 )
-from loracc.ir import Adapter, SiteKind, TargetEdits
+from loracc.ir import Adapter, Site, SiteKind, TargetEdits
 from loracc.legality import Target, require
+from loracc.lower.stack import Chain, output_chains
 
 __all__ = ["MergeOptions", "MergeStats", "check_mergeable", "merge_into", "parse_size"]
 
@@ -114,7 +117,11 @@ class _Out:
     source: TensorInfo
     dtype: torch.dtype
     shape: tuple[int, ...]
-    edits: TargetEdits
+    chain: Chain
+
+    @property
+    def stages(self) -> tuple[TargetEdits, ...]:
+        return self.chain.stages
 
     @property
     def nbytes(self) -> int:
@@ -129,20 +136,12 @@ def check_mergeable(adapter: Adapter) -> None:
     require(adapter, Target.MERGE)
 
 
-def _plan(adapter: Adapter, base: Checkpoint, dtype: torch.dtype | None) -> list[_Out]:
-    edits = adapter.edits_by_target()
-    keys = [k for k in base if k not in adapter.removed_keys]
-    keys += [k for k in adapter.tensor_sources if k not in base]
-    missing = set(edits) - set(keys)
-    if missing:
-        raise UnsupportedError(f"{adapter.name}: targets '{sorted(missing)[0]}', not in the output")
+def _plan(adapters: Sequence[Adapter], base: Checkpoint, dtype: torch.dtype | None) -> list[_Out]:
     plan = []
-    for key in keys:
-        info = base.info(adapter.tensor_sources.get(key, key))
-        e = edits.get(key) or TargetEdits()
-        shape = tuple(e.replacement.tensor.shape) if e.replacement else info.shape
+    for key, chain in output_chains(adapters, base.keys()).items():
+        info = base.info(chain.source)
         out_dtype = dtype if (dtype is not None and info.dtype.is_floating_point) else info.dtype
-        plan.append(_Out(key, info, out_dtype, shape, e))
+        plan.append(_Out(key, info, out_dtype, chain.shape(info.shape), chain))
     return plan
 
 
@@ -160,7 +159,7 @@ def _shards(plan: list[_Out], max_size: int) -> list[list[_Out]]:
 
 
 def _compute(item: _Out, device: str, allow_nonfinite: bool) -> torch.Tensor:
-    w = kernels.apply_edits(lambda: read_tensor(item.source), item.edits, device=device)
+    w = item.chain.apply(lambda: read_tensor(item.source), device=device)
     out = w.to(dtype=item.dtype).cpu()
     if not allow_nonfinite:
         _check_finite(out, item.key)
@@ -178,9 +177,11 @@ def _check_finite(t: torch.Tensor, key: str) -> None:
 
 
 def _config(
-    base: Checkpoint, adapter: Adapter, plan: list[_Out], dtype: torch.dtype | None
+    base: Checkpoint, adapters: Sequence[Adapter], plan: list[_Out], dtype: torch.dtype | None
 ) -> dict[str, Any]:
-    updates: dict[str, Any] = dict(adapter.config_updates)
+    updates: dict[str, Any] = {}
+    for adapter in adapters:
+        updates.update(adapter.config_updates)
     if dtype is not None:
         name = str(dtype).removeprefix("torch.")
         for key in ("dtype", "torch_dtype"):
@@ -188,7 +189,7 @@ def _config(
                 updates[key] = name
     tied = base.tied_embeddings
     for item in plan:
-        r = item.edits.replacement
+        r = next((e.replacement for e in reversed(item.stages) if e.replacement), None)
         resized = r is not None and r.origin == "embedding"
         if resized and item.shape[0] != item.source.shape[0] and (tied is None or item.key in tied):
             updates["vocab_size"] = item.shape[0]
@@ -247,20 +248,19 @@ class _Scratch:
 
 
 def _needs_compute(item: _Out) -> bool:
-    return bool(item.edits) or item.dtype != item.source.dtype
+    return bool(item.stages) or item.dtype != item.source.dtype
 
 
 def _streamable(item: _Out) -> bool:
     """Whether every edit of ``item`` acts on whole rows (see ``_stream``)."""
-    e = item.edits
     src = item.source
-    if e.replacement is not None or e.rows or e.bias_sites:
+    if any(e.whole_tensor for e in item.stages):
         return False
     if not (src.dtype.is_floating_point and item.dtype.is_floating_point):
         return False
     if item.shape != src.shape or src.numel == 0:
         return False
-    for site in e.sites:
+    for site in _sites(item):
         if site.kind not in (SiteKind.LINEAR, SiteKind.PARAMETER) or site.experts:
             return False
         A, B = site.lora_A, site.lora_B
@@ -272,6 +272,11 @@ def _streamable(item: _Out) -> bool:
         if cs is not None and cs.numel() != item.shape[0]:
             return False
     return True
+
+
+def _sites(item: _Out) -> list[Site]:
+    """The sites of every stage, in the order their deltas apply."""
+    return [site for e in item.stages for site in e.sites]
 
 
 def _row_blocks(rows: int, cols: int, block: int | None = None) -> list[tuple[int, int]]:
@@ -305,12 +310,13 @@ class _Views:
 def _stream(item: _Out, writer: SafetensorsWriter, scratch: _Scratch, opts: MergeOptions) -> None:
     """Compute ``item`` block by block into its slot of ``writer``; same bits as ``_compute``."""
     src, device = item.source, opts.device
-    if item.edits.sites:
+    sites = _sites(item)
+    if sites:
         rows, cols = item.shape[0], math.prod(item.shape[1:])
     else:  # a plain cast: any shape, read as one long row-vector
         rows, cols = src.numel, 1
     factors = []
-    for site in item.edits.sites:
+    for site in sites:
         A = site.lora_A.to(device=device, dtype=torch.float32).contiguous()
         B = site.lora_B.to(device=device, dtype=torch.float32).contiguous()
         cs = site.channel_scale
@@ -400,13 +406,18 @@ def _write_shard(
     return writer.data_bytes
 
 
-def merge_into(adapter: Adapter, base: Checkpoint, out: Path, opts: MergeOptions) -> MergeStats:
-    """Write the merged checkpoint into the (temporary) folder ``out``."""
-    check_mergeable(adapter)
+def merge_into(
+    adapters: Adapter | Sequence[Adapter], base: Checkpoint, out: Path, opts: MergeOptions
+) -> MergeStats:
+    """Write the merged checkpoint into the (temporary) folder ``out``: ``adapters`` (compiled,
+    a stack compiled by :func:`loracc.lower.stack.compile_stack`) merged in order."""
+    stack = [adapters] if isinstance(adapters, Adapter) else list(adapters)
+    for adapter in stack:
+        check_mergeable(adapter)
     start = time.perf_counter()
-    plan = _plan(adapter, base, opts.dtype)
+    plan = _plan(stack, base, opts.dtype)
     shards = _shards(plan, opts.max_shard_size)
-    stats = MergeStats(config_updates=_config(base, adapter, plan, opts.dtype))
+    stats = MergeStats(config_updates=_config(base, stack, plan, opts.dtype))
     _copy_side_files(base, out)
     _write_config(base, stats.config_updates, out / "config.json")
     names = (
@@ -426,7 +437,7 @@ def merge_into(adapter: Adapter, base: Checkpoint, out: Path, opts: MergeOptions
         nonlocal done
         if not _needs_compute(item):
             stats.copied += 1
-        elif item.edits:
+        elif item.stages:
             stats.changed.append(item.key)
         weight_map[item.key] = name
         done += 1

@@ -183,6 +183,6 @@ def test_streamed_blocks_equal_peft_merge(tmp_path, monkeypatch, variant, out_dt
 
 def _rows_cols(item) -> tuple[int, int]:
     """What ``_stream`` splits ``item`` into: (rows, columns)."""
-    if item.edits.sites:
+    if any(e.sites for e in item.stages):  # a stack's edits, adapter by adapter
         return item.shape[0], math.prod(item.shape[1:])
     return item.source.numel, 1

@@ -1,9 +1,9 @@
 """An option that takes one value, given twice, is refused (exit 2, one line), never "last wins".
 
-click keeps the last value of a repeated option, so ``merge --adapter A --adapter B`` merged B
-alone with exit 0. Every loracc command refuses a repeated single-valued option instead; options
-meant to repeat (``--dim``, export's ``--adapter`` with ``--keep-lora``) and plain flags are left
-alone.
+click keeps the last value of a repeated option, so ``merge --adapter A --adapter B`` once merged
+B alone with exit 0. Every loracc command refuses a repeated single-valued option instead; options
+meant to repeat (``--dim``, merge's and export's ``--adapter``, which stack adapters) and plain
+flags are left alone.
 """
 
 from __future__ import annotations
@@ -34,16 +34,17 @@ def _invoke(args: list[str] | str, dirs: dict[str, str]) -> click.testing.Result
     return CliRunner().invoke(main, [dirs.get(a, a) for a in words])
 
 
-def test_merge_with_two_adapters_is_refused(dirs, tmp_path):
-    """The bug: exit 0, "merged N sites", output identical to B alone."""
-    out = tmp_path / "out"
-    res = _invoke(f"merge --base BASE --adapter A --adapter B -o {out}", dirs)
-    assert res.exit_code == 2, res.output
-    assert res.output == (
-        "loracc: error: merge: --adapter given 2 times; it takes one value and loracc will not "
-        "keep only the last\n"
-    )
-    assert not out.exists() and not list(tmp_path.iterdir())
+def test_merge_with_two_adapters_keeps_both(dirs, tmp_path):
+    """The old bug: exit 0, "merged N sites", output identical to B alone. Now both are merged
+    (a stack, tests/e2e/test_stacking.py checks the values against PEFT)."""
+    both, alone = tmp_path / "both", tmp_path / "alone"
+    res = _invoke(f"merge --base BASE --adapter A --adapter B -o {both}", dirs)
+    assert res.exit_code == 0, res.output
+    res_b = _invoke(f"merge --base BASE --adapter B -o {alone}", dirs)
+    res_a = _invoke(f"merge --base BASE --adapter A -o {tmp_path / 'a'}", dirs)
+    sites = [int(r.output.split()[1]) for r in (res, res_a, res_b)]
+    assert sites[0] == sites[1] + sites[2] > sites[2], (res.output, res_a.output, res_b.output)
+    assert (both / "model.safetensors").read_bytes() != (alone / "model.safetensors").read_bytes()
 
 
 # Each: a command line (split on spaces) that is valid once the repeated option is given once.
@@ -87,7 +88,7 @@ def test_repeatable_options_and_plain_flags_still_repeat(dirs, tmp_path):
     res = _invoke(f"merge --base BASE --adapter A -o {out} --force --force", dirs)
     assert res.exit_code == 0, res.output
     res = _invoke("export --onnx --base M.onnx --adapter A --adapter B -o X", dirs)
-    assert res.exit_code == 2 and "need --keep-lora" in res.output  # export's own rule, not ours
+    assert res.exit_code == 2 and "given 2 times" not in res.output  # M.onnx is missing
 
 
 def _commands(group: click.Group) -> list[click.Command]:

@@ -12,6 +12,10 @@ the checkpoint merge (:mod:`loracc.lower.merge`):
    before this lowering), on the site's rows of a fused weight only,
 4. ``lora_bias``: ``b += s·b_B``.
 
+A stack of adapters (:mod:`loracc.lower.stack`, each compiled against the model the ones before
+it made) lists each adapter's edits after the previous adapter's, in the order above within
+each, and still rounds once.
+
 Every edit is written in its own orientation (the site's logical orientation, or the Hugging
 Face stored one) and applied through a transposed view when the initializer is stored the other
 way round; a delta is applied to the site's stored view of it (:meth:`loracc.ir.Site.to_stored`).
@@ -31,7 +35,7 @@ rounding to the initializer's dtype (a finite fp32 value that overflows fp16 is 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -52,12 +56,14 @@ __all__ = ["Edit", "EditPlan", "apply_edits", "merge_edits"]
 
 @dataclass(eq=False)
 class Edit:
-    """One change to one initializer, applied in :class:`~loracc.kernels.Step` order."""
+    """One change to one initializer, applied in (``stage``, :class:`~loracc.kernels.Step`)
+    order: ``stage`` is the adapter's place in a stack."""
 
     rank: kernels.Step
     transposed: bool
     apply: Callable[[torch.Tensor], torch.Tensor]
     label: str
+    stage: int = 0
 
 
 @dataclass
@@ -134,17 +140,36 @@ def _bias(site: Site) -> Callable:
 
 
 def merge_edits(
-    index: GraphIndex, table: BindingTable, adapter: Adapter, *, lora: bool = True
+    index: GraphIndex,
+    table: BindingTable,
+    adapters: Adapter | Sequence[Adapter],
+    *,
+    lora: bool = True,
 ) -> EditPlan:
-    """Every (initializer, reader) pair the adapter edits, with the edits in apply order.
+    """Every (initializer, reader) pair the adapters edit, with the edits in apply order
+    (several adapters: a stack, each adapter's edits after the previous one's).
 
     With ``lora=False`` only whole-tensor edits (replacements, token rows) are listed: what the
     keep-lora lowering bakes into the base.
     """
     plan = EditPlan()
+    stack = [adapters] if isinstance(adapters, Adapter) else list(adapters)
+    for stage, adapter in enumerate(stack):
+        _plan_adapter(index, table, adapter, plan, stage, lora=lora)
+    for node_edits in plan.edits.values():
+        node_edits.sort(key=lambda e: (e.stage, e.rank))  # stable: adapter order within a rank
+    return plan
+
+
+def _plan_adapter(
+    index: GraphIndex, table: BindingTable, adapter: Adapter, plan: EditPlan, stage: int, *,
+    lora: bool,
+) -> None:  # fmt: skip
+    """Add the edits of ``adapter``, the ``stage``-th of a stack, to ``plan``."""
 
     def add(place: Place, edit: Edit) -> None:
         plan.inits[id(place.init)] = place.init
+        edit.stage = stage
         for node in place.nodes:
             plan.edits[(id(place.init), node)].append(edit)
 
@@ -183,9 +208,6 @@ def merge_edits(
                 for place in b.bias:
                     bias = Edit(kernels.Step.BIAS, False, _bias(site), f"{site.module} lora_bias")
                     add(place, bias)
-    for node_edits in plan.edits.values():
-        node_edits.sort(key=lambda e: e.rank)  # stable: adapter order within a rank
-    return plan
 
 
 def apply_edits(
