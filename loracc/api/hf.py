@@ -122,7 +122,7 @@ def merge(
     merged into the result of the ones before it (DoRA's norm on the weight it is merged into),
     in one pass over the base with one rounding per tensor (:mod:`loracc.lower.stack`).
     ``weights`` (one per adapter, or "1.0,0.5") scale each adapter's delta; a DoRA adapter's
-    weight scales its delta before the normalisation (docs/PASSES.md "Stacking").
+    weight scales its delta before the normalisation (docs/FORMATS.md "Stacking adapters").
     ``passes`` are optional passes added to the required ones of :func:`merge_pipeline` (or
     configuring them); the pipeline runs in the canonical order. The output folder is written
     under a temporary name and renamed at the end; an existing ``out_dir`` is refused unless
