@@ -83,17 +83,22 @@ class Chain:
         return w
 
 
-def output_chains(adapters: Sequence[Adapter], base_keys: Sequence[str]) -> dict[str, Chain]:
+def output_chains(
+    adapters: Sequence[Adapter], base_keys: Sequence[str], *, strict: bool = True
+) -> dict[str, Chain]:
     """Every output key after ``adapters`` (in order: the base's, less removed keys, then new
-    ones), each with its :class:`Chain`. A target no stage has is refused."""
+    ones), each with its :class:`Chain`. A target that is none of them is refused, or with
+    ``strict=False`` taken as a base key the listing left out (an ONNX base lists only the
+    weights sites bind, not the tensors replacements bind)."""
     chains = {key: Chain(key) for key in base_keys}
     for adapter in adapters:
         edits = adapter.edits_by_target()
         keys = [k for k in chains if k not in adapter.removed_keys]
         keys += [k for k in adapter.tensor_sources if k not in chains]
         missing = sorted(set(edits) - set(keys))
-        if missing:
+        if missing and strict:
             raise UnsupportedError(f"{adapter.name}: targets '{missing[0]}', not in the output")
+        keys += missing
         new = {}
         for key in keys:
             src = adapter.tensor_sources.get(key, key)
@@ -109,7 +114,7 @@ class StackedBase:
 
     def __init__(self, base: BaseWeights, adapters: Sequence[Adapter]) -> None:
         self.base = base
-        self._chains = output_chains(adapters, base.keys())
+        self._chains = output_chains(adapters, base.keys(), strict=False)
         tied = base.tied_embeddings
         self._tied = tied if tied is None or tied[0] not in self._chains else None
 

@@ -165,6 +165,14 @@ STACKS: dict[str, tuple[str, list[dict[str, Any]], list[float] | None]] = {
         ],
         None,
     ),
+    "modules_to_save then lora on it": (
+        "llama_linear",
+        [
+            dict(r=4, lora_alpha=8, target_modules=ATTN, modules_to_save=["lm_head"]),
+            dict(r=2, lora_alpha=8, target_modules=["v_proj", "lm_head"]),
+        ],
+        None,
+    ),
     "embeddings x2": (
         "llama_embed",
         [
@@ -280,24 +288,28 @@ def test_single_adapter_list_is_the_single_merge(peft_cases, work: Path) -> None
     assert all(torch.equal(weighted[k], plain[k]) for k in plain)
 
 
-def test_onnx_merged_export_stacks(peft_cases, work: Path) -> None:
-    """``export --onnx`` merged with two adapters (DoRA second): the logits of PEFT's sequential
-    merge, and the same initializer values as ``loracc merge`` of the stack."""
+@pytest.mark.parametrize("name", ["lora then dora", "modules_to_save then lora on it"])
+def test_onnx_merged_export_stacks(peft_cases, work: Path, name: str) -> None:
+    """``export --onnx`` merged with two adapters (DoRA second; a LoRA on a tensor the first
+    replaced): the logits of PEFT's sequential merge."""
     from tests.support import onnx_oracle as oo
 
-    case, adapters, _ = _adapters(peft_cases, work, "lora then dora")
-    base_onnx = oo.export_torchscript(case, work / "base.onnx")
-    out = work / "stacked.onnx"
+    case, adapters, _ = _adapters(peft_cases, work, name)
+    base_onnx = work / "base.onnx"
+    if not base_onnx.exists():
+        oo.export_torchscript(case, base_onnx)
+    slug = name.replace(" ", "_")
+    out = work / f"stacked_{slug}.onnx"
     loracc.export_onnx(str(base_onnx), [str(a) for a in adapters], str(out))
     model = po.load_model(case.base_dir, case.arch)
-    state = peft_stack(case, adapters, dtype=torch.float32)
+    state = peft_stack(case, [lean(a) for a in adapters], dtype=torch.float32)
     model.load_state_dict(state, strict=False)
     want = po.model_output(model.eval(), case.inputs)
     got = oo.run(out, case)
     err = po.rel_err(got, want)
-    ERRORS["onnx merged lora then dora: logits rel err vs PEFT"] = err
+    ERRORS[f"onnx merged {name}: logits rel err vs PEFT"] = err
     oo.assert_close(got, want, "stacked ONNX vs PEFT sequential merge")
-    single = work / "first_only.onnx"
+    single = work / f"first_only_{slug}.onnx"
     loracc.export_onnx(str(base_onnx), [str(adapters[0])], str(single))
     assert po.rel_err(oo.run(single, case), want) > 1e-4  # the second adapter did something
 
