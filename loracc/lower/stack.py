@@ -150,9 +150,9 @@ class StackedBase:
         return chain.shape(base_shape) if base_shape is not None else None
 
     def changed(self, key: str) -> bool:
-        """Whether an adapter below changed ``key`` (or made it)."""
+        """Whether an adapter below changed the values of ``key`` (an untied copy is the same)."""
         chain = self._chains.get(key)
-        return chain is not None and (bool(chain.stages) or chain.source != key)
+        return chain is not None and bool(chain.stages)
 
     def read(self, key: str) -> torch.Tensor:
         chain = self._chains.get(key)
@@ -262,9 +262,11 @@ def _holds(base: BaseWeights, key: str, tensor: torch.Tensor) -> bool:
     """Whether ``base`` stores exactly ``tensor`` as ``key``."""
     if hasattr(base, "holds"):  # an ONNX base: every initializer bound to the key
         return bool(base.holds(key, tensor))
-    if key not in base or base.shape(key) != tuple(tensor.shape):
+    tied = base.tied_embeddings
+    stored = tied[1] if tied is not None and key == tied[0] else base.resolve(key)
+    if stored is None or base.shape(stored) != tuple(tensor.shape):
         return False
-    return torch.equal(base.read(key).to(tensor.dtype), tensor)
+    return torch.equal(base.read(stored).to(tensor.dtype), tensor)
 
 
 def _without_base_copies(adapter: Adapter, base: BaseWeights) -> Adapter:

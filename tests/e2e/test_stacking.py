@@ -237,6 +237,58 @@ def test_dora_order_matters(peft_cases, work: Path) -> None:
     assert max_rel_err(second, peft_stack(case, ab[::-1], dtype=torch.float32)) <= FP32_TOL
 
 
+def peft_all_active(case: Case, adapters: list[Path]) -> torch.Tensor:
+    """Logits of PEFT's unmerged forward with every adapter loaded and active at once: for plain
+    LoRA the sum of the deltas, so an oracle independent of any merge (peft's merge of a tied
+    embedding is wrong; its unmerged forward is not)."""
+    from peft import PeftModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = po._load_base(case.arch, case.base_dir, torch.float32)
+        peft_model = PeftModel.from_pretrained(model, str(adapters[0]), adapter_name="a0")
+        for i, adapter in enumerate(adapters[1:], 1):
+            peft_model.load_adapter(str(adapter), adapter_name=f"a{i}")
+        peft_model.base_model.set_adapter([f"a{i}" for i in range(len(adapters))])
+    return po.model_output(peft_model.eval(), case.inputs)
+
+
+@pytest.mark.parametrize(
+    "configs",
+    [
+        [
+            dict(r=4, lora_alpha=8, target_modules=["wte", "c_attn"]),
+            dict(r=2, lora_alpha=8, target_modules=["wte", "c_fc"]),
+        ],
+        [
+            dict(r=4, lora_alpha=8, target_modules=["wte", "c_attn"]),
+            dict(r=2, lora_alpha=8, target_modules=["lm_head", "c_attn"]),
+        ],
+        [
+            dict(r=2, lora_alpha=8, target_modules=["lm_head", "c_proj"]),
+            dict(r=4, lora_alpha=8, target_modules=["wte"]),
+        ],
+    ],
+    ids=["wte+wte", "wte+lm_head", "lm_head+wte"],
+)
+def test_tied_gpt2_embeddings(peft_cases, tmp_path: Path, configs: list[dict[str, Any]]) -> None:
+    """GPT-2 ties wte and lm_head: the first adapter's untying holds for the next ones, and the
+    merged model's logits are PEFT's with both adapters active (unmerged)."""
+    case = peft_cases.get("gpt2_conv1d")
+    adapters = [
+        make_adapter(case, tmp_path / f"a{i}", 700 + i, **lora) for i, lora in enumerate(configs)
+    ]
+    out = tmp_path / "out"
+    loracc.merge(str(case.base_dir), [str(a) for a in adapters], str(out))
+    model = po.load_model(out, case.arch)
+    got = po.model_output(model, case.inputs)
+    want = peft_all_active(case, [lean(a) for a in adapters])
+    err = po.rel_err(got, want)
+    ERRORS[f"tied gpt2 {'+'.join(c['target_modules'][0] for c in configs)}: logits rel err"] = err
+    assert err <= 1e-5, err
+    assert po.rel_err(got, peft_all_active(case, [lean(adapters[0])])) > 1e-3
+
+
 def _ulp_errors(got: torch.Tensor, ref: torch.Tensor) -> tuple[float, int]:
     """(max |got - ref|, elements that differ), both in ``ref``'s dtype."""
     diff = (got.double() - ref.double()).abs()
