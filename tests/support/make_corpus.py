@@ -598,6 +598,20 @@ def _argv(edit: Callable[[Layout], list[str]], preexists: bool = False):
     return build
 
 
+def _stack(config: dict[str, object] | None = None, extra: tuple[str, ...] = ()):
+    """A stack: the standard adapter, then ``adapter2`` (its own factors; ``config`` changes its
+    adapter_config.json), plus ``extra`` options."""
+
+    def build(root: Path) -> Layout:
+        lay = _std(root)
+        second = root / "adapter2"
+        write_adapter(second, adapter_tensors(seed=2), {**ADAPTER_CONFIG, **(config or {})})
+        lay.argv += ["--adapter", str(second), *extra]
+        return lay
+
+    return build
+
+
 def _fp16_overflow(root: Path) -> Layout:
     """fp16 base; a finite delta of about 1e5 that only overflows when rounded to fp16."""
     base, adapter, out = root / "base", root / "adapter", root / "out"
@@ -1450,6 +1464,23 @@ CASES: tuple[Case, ...] = (
     Case("usage-device-meta", "--device meta (a torch device loracc does not compute on)",
          _with(lambda lay: None, extra=("--device", "meta")), 2, "cpu or cuda only",
          "--device", group="usage"),
+    # -- stacks (merge --adapter A --adapter B) ---------------------------------------------------
+    Case("stack-weights-count", "two adapters, `--weights 1.0` (one weight)",
+         _stack(extra=("--weights", "1.0")), 2, "1 weight(s) for 2 adapter(s)", "--weights",
+         group="stack"),
+    Case("stack-weights-not-numbers", "`--weights 1,x`",
+         _stack(extra=("--weights", "1,x")), 2, "cannot read '1,x'", "--weights", group="stack"),
+    Case("stack-weights-nonfinite", "`--weights 1,inf`",
+         _stack(extra=("--weights", "1,inf")), 2, "inf is not a finite number", "--weights",
+         group="stack"),
+    Case("stack-second-bad-config", "the second adapter's adapter_config.json has r = 0",
+         _stack({"r": 0}), 2, "'r' must be a positive integer", "adapter2", group="stack"),
+    Case("stack-layer-replication", "the second adapter has layer_replication",
+         _stack({"layer_replication": [[0, 2], [1, 2]]}), 2, "layer_replication in a stack",
+         "adapter2", group="stack"),
+    Case("stack-residual-second", "the second adapter has init_lora_weights='olora'",
+         _stack({"init_lora_weights": "olora"}), 2, "(a residual base) and is adapter 2",
+         "adapter2", group="stack"),
     # -- usage -----------------------------------------------------------------------------------
     Case("usage-missing-base", "--base is not given",
          _argv(lambda lay: ["merge", "--adapter", str(lay.adapter), "-o", str(lay.out)]),
