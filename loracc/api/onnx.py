@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from loracc.ir import Adapter
     from loracc.lower.onnx.bind import BindingTable
     from loracc.lower.onnx.lora import SlotGroup
-    from loracc.lower.onnx.weights import OnnxBase
+    from loracc.weights import BaseWeights
 
 __all__ = ["OnnxReport", "PackReport", "bind_onnx", "check_adapter_files", "export_onnx", "pack"]
 
@@ -99,7 +99,7 @@ def _load(
 
 
 def _compile(
-    adapter: Adapter, base: OnnxBase, target: Target
+    adapter: Adapter, base: BaseWeights, target: Target
 ) -> tuple[Adapter, list[dict[str, Any]]]:
     result = compile_adapter(adapter, base, onnx_pipeline())
     steps = [s for s in pass_steps(result) if s["changed"] or s["details"]]

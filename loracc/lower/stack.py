@@ -79,8 +79,12 @@ class Chain:
         stages = self.stages or (TargetEdits(),)
         w = kernels.apply_edits(read, stages[0], device=device)
         for edits in stages[1:]:
-            w = kernels.apply_edits(lambda w=w: w, edits, device=device)
+            w = kernels.apply_edits(_given(w), edits, device=device)
         return w
+
+
+def _given(tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
+    return lambda: tensor
 
 
 def output_chains(
