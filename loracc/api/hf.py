@@ -20,7 +20,14 @@ from loracc.io.peft_writer import write_peft_adapter
 from loracc.ir import Adapter
 from loracc.legality import Target, require
 from loracc.lower.merge import MergeOptions, check_mergeable, merge_into, parse_size
-from loracc.lower.stack import check_stack, compile_stack, parse_weights, weighted
+from loracc.lower.stack import (
+    check_initial,
+    check_stack,
+    compile_stack,
+    labelled_steps,
+    parse_weights,
+    weighted,
+)
 from loracc.passes import Pass, PassContext
 from loracc.pipeline import (
     PipelineResult,
@@ -142,11 +149,7 @@ def merge(
     )
     paths = adapter_paths(adapter_dir)
     scales = parse_weights(weights, len(paths)) or (1.0,) * len(paths)
-    if initial_adapter is not None and len(paths) > 1:
-        raise ConfigError(
-            "--initial-adapter with several --adapter: it is unclear which adapter it belongs "
-            "to; merge that adapter alone first"
-        )
+    check_initial(initial_adapter, len(paths))
     base = Checkpoint(base_dir)
     loaded = []
     for path, scale in zip(paths, scales, strict=True):
@@ -171,11 +174,7 @@ def merge(
     inputs = [Path(base_dir), *paths] + ([Path(initial_adapter)] if initial_adapter else [])
     with atomic_dir(out, inputs, force=force) as tmp:
         stats = merge_into([a for a, _ in compiled], base, tmp, options)
-    steps = [
-        {**step, "adapter": a.name} if len(compiled) > 1 else step
-        for a, result in compiled
-        for step in pass_steps(result)
-    ]
+    steps = labelled_steps([(a, pass_steps(result)) for a, result in compiled])
     return MergeReport(
         output=str(out),
         shards=stats.shards,

@@ -248,7 +248,7 @@ def _bind_all(
     ones before it made, :mod:`loracc.lower.stack`); keep-lora compiles each on the base."""
     from loracc.lower.onnx.bind import bind_adapter
     from loracc.lower.onnx.weights import OnnxBase
-    from loracc.lower.stack import compile_stack
+    from loracc.lower.stack import compile_stack, labelled_steps
 
     table = bind_adapter(index, adapters, base=ckpt)
     onnx_base = OnnxBase.from_table(table, adapters, str(base_path))
@@ -257,7 +257,7 @@ def _bind_all(
     else:
         done = [_compile(a, onnx_base, target) for a in adapters]
     compiled = [c for c, _ in done]
-    steps = [{**step, "adapter": c.name} if len(done) > 1 else step for c, s in done for step in s]
+    steps = labelled_steps(done)
     # passes may add targets (untying); bind whatever is new
     bind_adapter(index, compiled, base=ckpt, table=table)
     return table, compiled, steps
@@ -343,7 +343,7 @@ def export_onnx(
     from loracc.io.onnx_model import needs_external_data
     from loracc.lower.onnx.lora import insert_slots, pack_params, plan_groups
     from loracc.lower.onnx.merge import apply_edits, merge_edits
-    from loracc.lower.stack import parse_weights
+    from loracc.lower.stack import check_initial, parse_weights
 
     start = time.perf_counter()
     base_path = Path(base_onnx)
@@ -351,11 +351,8 @@ def export_onnx(
     if weights is not None and keep_lora:
         raise ConfigError("--weights scales adapters merged together; --keep-lora merges none")
     scales = parse_weights(weights, len(adapter_paths))
-    if initial_adapter is not None and len(adapter_paths) > 1 and not keep_lora:
-        raise ConfigError(
-            "--initial-adapter with several --adapter: it is unclear which adapter it belongs "
-            "to; merge that adapter alone first"
-        )
+    if not keep_lora:
+        check_initial(initial_adapter, len(adapter_paths))
     if empty_slots is not None and not keep_lora:
         flag = "--empty-slots" if empty_slots else "--filled-slots"
         raise ConfigError(f"{flag} needs --keep-lora")

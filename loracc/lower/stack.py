@@ -41,9 +41,11 @@ from loracc.weights import BaseWeights, ExpertSplit
 __all__ = [
     "Chain",
     "StackedBase",
+    "check_initial",
     "check_stack",
     "check_stage",
     "compile_stack",
+    "labelled_steps",
     "output_chains",
     "parse_weights",
     "stacked",
@@ -221,6 +223,25 @@ def weighted(adapter: Adapter, weight: float) -> Adapter:
         )
     sites = tuple(replace(s, scale=s.scale * weight, alpha=s.alpha * weight) for s in adapter.sites)
     return replace(adapter, sites=sites)
+
+
+def check_initial(initial_adapter: object, count: int) -> None:
+    """Refuse ``--initial-adapter`` with a stack: which adapter would it belong to?"""
+    if initial_adapter is not None and count > 1:
+        raise ConfigError(
+            "--initial-adapter with several --adapter: it is unclear which adapter it belongs "
+            "to; merge that adapter alone first"
+        )
+
+
+def labelled_steps(
+    done: Sequence[tuple[Adapter, Sequence[dict[str, Any]]]],
+) -> list[dict[str, Any]]:
+    """The reports' pass steps of each (adapter, steps); in a stack each names its adapter."""
+    many = len(done) > 1
+    return [
+        {**step, "adapter": a.name} if many else dict(step) for a, steps in done for step in steps
+    ]
 
 
 def check_stack(adapters: Sequence[Adapter]) -> None:

@@ -474,6 +474,9 @@ def test_onnx_refusals(peft_cases, work: Path) -> None:
     with pytest.raises(ConfigError, match="--weights scales adapters merged together"):
         loracc.export_onnx("missing.onnx", [str(a) for a in adapters], None, keep_lora=True,
                            dry_run=True, weights=[1, 1, 1])  # fmt: skip
+    with pytest.raises(ConfigError, match="--initial-adapter with several --adapter"):
+        loracc.export_onnx("missing.onnx", [str(a) for a in adapters], None, dry_run=True,
+                           initial_adapter=str(adapters[0]))  # fmt: skip
     with pytest.raises(ConfigError, match=r"--weights: 2 weight\(s\) for 3 adapter\(s\)"):
         loracc.export_onnx("missing.onnx", [str(a) for a in adapters], None, dry_run=True,
                            weights=[1, 1])  # fmt: skip
