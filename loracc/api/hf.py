@@ -21,7 +21,7 @@ from loracc.ir import Adapter
 from loracc.legality import Target, require
 from loracc.lower.merge import MergeOptions, check_mergeable, merge_into, parse_size
 from loracc.lower.stack import (
-    check_initial,
+    check_paths,
     check_stack,
     compile_stack,
     labelled_steps,
@@ -149,7 +149,7 @@ def merge(
     )
     paths = adapter_paths(adapter_dir)
     scales = parse_weights(weights, len(paths)) or (1.0,) * len(paths)
-    check_initial(initial_adapter, len(paths))
+    check_paths(paths, initial_adapter)
     base = Checkpoint(base_dir)
     loaded = []
     for path, scale in zip(paths, scales, strict=True):

@@ -343,7 +343,7 @@ def export_onnx(
     from loracc.io.onnx_model import needs_external_data
     from loracc.lower.onnx.lora import insert_slots, pack_params, plan_groups
     from loracc.lower.onnx.merge import apply_edits, merge_edits
-    from loracc.lower.stack import check_initial, parse_weights
+    from loracc.lower.stack import check_paths, parse_weights
 
     start = time.perf_counter()
     base_path = Path(base_onnx)
@@ -352,7 +352,7 @@ def export_onnx(
         raise ConfigError("--weights scales adapters merged together; --keep-lora merges none")
     scales = parse_weights(weights, len(adapter_paths))
     if not keep_lora:
-        check_initial(initial_adapter, len(adapter_paths))
+        check_paths(adapter_paths, initial_adapter)
     if empty_slots is not None and not keep_lora:
         flag = "--empty-slots" if empty_slots else "--filled-slots"
         raise ConfigError(f"{flag} needs --keep-lora")

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -41,7 +42,7 @@ from loracc.weights import BaseWeights, ExpertSplit
 __all__ = [
     "Chain",
     "StackedBase",
-    "check_initial",
+    "check_paths",
     "check_stack",
     "check_stage",
     "compile_stack",
@@ -225,9 +226,18 @@ def weighted(adapter: Adapter, weight: float) -> Adapter:
     return replace(adapter, sites=sites)
 
 
-def check_initial(initial_adapter: object, count: int) -> None:
-    """Refuse ``--initial-adapter`` with a stack: which adapter would it belong to?"""
-    if initial_adapter is not None and count > 1:
+def check_paths(paths: Sequence[Path], initial_adapter: object) -> None:
+    """Refuse a stack that names one folder twice (a typo more often than a doubled delta,
+    which ``--weights`` says plainly) or has ``--initial-adapter`` (whose adapter is it?)."""
+    seen: dict[Path, Path] = {}
+    for path in paths:
+        first = seen.setdefault(path.resolve(), path)
+        if first is not path:
+            raise ConfigError(
+                f"--adapter: '{path}' is given twice (as '{first}'); to scale an adapter's "
+                "delta give it once with --weights"
+            )
+    if initial_adapter is not None and len(paths) > 1:
         raise ConfigError(
             "--initial-adapter with several --adapter: it is unclear which adapter it belongs "
             "to; merge that adapter alone first"
