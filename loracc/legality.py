@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from loracc.errors import LoraccError, LoweringError, UnsupportedError
+from loracc.errors import LoraccError, UnsupportedError
 from loracc.ir import PLAIN_INITS, Adapter, Site, SiteKind
 
 if TYPE_CHECKING:
@@ -168,12 +168,6 @@ _ONNX_LAYERS = Refuse(
     "re-export instead)",
     before_passes=True,
 )
-_ONNX_EXPERTS = Refuse(
-    "{module}: 3-D expert parameters (target_parameters on fused experts) have no ONNX lowering "
-    "yet",
-    before_passes=True,
-    error=LoweringError,
-)
 
 _M, _OM, _OK, _P = Target.MERGE, Target.ONNX_MERGE, Target.ONNX_KEEP_LORA, Target.PEFT_ADAPTER
 
@@ -226,8 +220,8 @@ TABLE: Mapping[str, Mapping[Target, Refuse | None]] = {
     },
     "experts": {
         _M: None,
-        _OM: _ONNX_EXPERTS,
-        _OK: _ONNX_EXPERTS,
+        _OM: None,  # lower/onnx/experts.py
+        _OK: None,
         _P: Refuse("{module}: writing 3-D expert parameter sites is not supported"),
     },
     "shared-owner": {

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from loracc.io.checkpoint import Checkpoint
     from loracc.ir import Adapter
     from loracc.lower.onnx.bind import BindingTable
+    from loracc.lower.onnx.index import GraphIndex
     from loracc.lower.onnx.lora import SlotGroup
     from loracc.weights import BaseWeights
 
@@ -88,11 +89,19 @@ def _load(
     layout: LayoutChoices = None,
     *,
     target: Target,
+    index: GraphIndex | None = None,
 ) -> Adapter:
+    """The adapter at ``path``; without base weights, the expert weights of ``index`` tell
+    several target parameters of one module apart."""
     from loracc.io.peft import read_peft_adapter
 
     adapter = read_peft_adapter(
-        path, ckpt, initial=initial, allow_nonfinite=allow_nonfinite, layout=layout
+        path,
+        ckpt,
+        initial=initial,
+        allow_nonfinite=allow_nonfinite,
+        layout=layout,
+        param_shapes=index.expert_shape if index is not None and ckpt is None else None,
     )
     require(adapter, target, before_passes=True)
     return adapter
@@ -281,16 +290,16 @@ def _compiled(
     from loracc.lower.stack import check_stack, weighted
 
     model = load_model(base_path)
+    lift_weight_constants(model.graph)
+    index = GraphIndex(model)
     loaded = [
-        _load(p, ckpt, initial_adapter, allow_nonfinite, layout, target=target)
+        _load(p, ckpt, initial_adapter, allow_nonfinite, layout, target=target, index=index)
         for p in adapter_paths
     ]
     if weights is not None:
         loaded = [weighted(a, w) for a, w in zip(loaded, weights, strict=True)]
     if target is Target.ONNX_MERGE:
         check_stack(loaded)
-    lift_weight_constants(model.graph)
-    index = GraphIndex(model)
     table, compiled, steps = _bind_all(index, loaded, ckpt, base_path, target)
     return model, index, table, loaded, compiled, steps
 
@@ -487,6 +496,8 @@ def pack(
         from loracc.lower.onnx.foreign import foreign_groups
 
         found = foreign_groups(onnx_model, str(model_path))
+    else:
+        from loracc.lower.onnx.index import GraphIndex
     loaded = _load(
         adapter_path,
         _checkpoint(base_weights),
@@ -494,6 +505,7 @@ def pack(
         allow_nonfinite,
         layout,
         target=Target.ONNX_KEEP_LORA,
+        index=None if foreign else GraphIndex(onnx_model),
     )
     if foreign:
         groups, params, notes = _pack_foreign(*found, loaded, model_path, adapter_path)

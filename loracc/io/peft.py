@@ -36,7 +36,7 @@ from loracc.io.peft_config import (
     resolve_pattern,
 )
 from loracc.io.peft_keys import CONFIG_NAME, KEY, PICKLE_NAME, WEIGHTS_NAME
-from loracc.io.peft_params import ModuleTensors, ParameterSites, is_kasa
+from loracc.io.peft_params import ModuleTensors, ParameterSites, ParamShapes, is_kasa
 from loracc.io.replicated import ReplicatedCheckpoint
 from loracc.ir import PLAIN_INITS, Adapter, Replacement, Site, SiteKind, TokenRows
 from loracc.weights import BaseWeights
@@ -74,6 +74,7 @@ def read_peft_adapter(
     allow_nonfinite: bool = False,
     layout: Iterable[str] | Mapping[str, str] | None = None,
     allow_large_replication: bool = False,
+    param_shapes: ParamShapes | None = None,
 ) -> Adapter:
     """Read a PEFT LoRA adapter folder into an :class:`Adapter`.
 
@@ -85,12 +86,17 @@ def read_peft_adapter(
         layout: ``--layout`` choices, ``"MODULE_PATTERN=LAYOUT"`` strings or a mapping, for
             sites whose layout nothing else decides (docs/FORMATS.md "Layer layouts").
         allow_large_replication: accept a layer_replication of more than 4x the base's layers.
+        param_shapes: without ``base``, the shapes of target parameters known elsewhere (an
+            ONNX graph's expert weights), used only to tell which saved factors belong to
+            which of several target parameters on one module.
     """
     config_path, weights_path = adapter_files(Path(folder))
     cfg = read_config(config_path)
     tensors = open_safetensors(weights_path).read_all()
     _check_tensors(weights_path, tensors, allow_nonfinite)
-    reader = _Reader(Path(folder), weights_path, cfg, base, layout, allow_large_replication)
+    reader = _Reader(
+        Path(folder), weights_path, cfg, base, layout, allow_large_replication, param_shapes
+    )
     adapter = reader.build(tensors)
     if base is not None:
         _check_base_dtypes(adapter, base)
@@ -156,6 +162,7 @@ class _Reader:
         base: BaseWeights | None,
         layout: Iterable[str] | Mapping[str, str] | None = None,
         allow_large_replication: bool = False,
+        param_shapes: ParamShapes | None = None,
     ):
         if base is not None and cfg["layer_replication"]:  # keys use the expanded layer indices
             try:
@@ -181,7 +188,9 @@ class _Reader:
             parse_layouts(layout),
             str(folder),
         )
-        self.params = ParameterSites(cfg, base, weights, self.layout, self.scale_for)
+        self.params = ParameterSites(
+            cfg, base, weights, self.layout, self.scale_for, param_shapes
+        )
 
     def where(self, key: str) -> str:
         return f"{self.weights}: '{key}'"

@@ -22,7 +22,10 @@ from loracc.io.peft_config import LoraConfig, is_targeted
 from loracc.ir import Site, SiteKind
 from loracc.weights import BaseWeights, ExpertSplit
 
-__all__ = ["ModuleTensors", "ParameterSites", "is_kasa"]
+__all__ = ["ModuleTensors", "ParamShapes", "ParameterSites", "is_kasa"]
+
+# The shape of a target parameter ("<module>.<param>") known without a base, or None.
+ParamShapes = Callable[[str], "tuple[int, ...] | None"]
 
 
 @dataclass
@@ -53,9 +56,11 @@ class ParameterSites:
         weights: Path,
         layout: LayoutRule,
         scale_for: Callable[[str, int], tuple[float, float]],
+        param_shapes: ParamShapes | None = None,
     ) -> None:
         self.cfg, self.base, self.weights, self.layout = cfg, base, weights, layout
         self.scale_for = scale_for
+        self.param_shapes = param_shapes
 
     def target_parameters(self, owner: str) -> list[str]:
         """Base keys of ``owner``'s parameters named by target_parameters, in config order."""
@@ -109,6 +114,8 @@ class ParameterSites:
 
     def _param_fits(self, param: str, A: torch.Tensor, B: torch.Tensor) -> bool:
         shape = self._param_shape(param)
+        if shape is None and self.param_shapes is not None:
+            shape = self.param_shapes(param)  # tells the factors apart only (the layout: later)
         return shape is None or bool(_param_readings(shape, A, B))
 
     def _parameter_site(self, owner: str, param: str, g: ModuleTensors) -> list[Site]:

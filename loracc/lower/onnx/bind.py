@@ -13,7 +13,12 @@ that finds its weight:
 3. **aliases**: rules 1-2 again with ``self_attn`` read as ``attn`` (onnxruntime-genai names).
 4. **fingerprint** (with base weights): an initializer equal to the base tensor, either
    orientation; a 64-entry diagonal signature picks the candidates before a full comparison.
-5. **fused**: ``q_proj``/``k_proj``/``v_proj`` onto one ``qkv_proj`` (``query_key_value``,
+5. **experts** (3-D ``target_parameters`` on fused MoE experts): the initializer read through
+   ``Gather``/``GatherND`` and ``MatMul`` (:mod:`~loracc.lower.onnx.experts`) whose name, or a
+   name in its ``folded_from``, ends with the site's ``<module>.<param>``; its shape and the
+   graph's per-expert reading fix the orientation (a square one must read as the adapter's
+   layout says, or the site is refused).
+6. **fused**: ``q_proj``/``k_proj``/``v_proj`` onto one ``qkv_proj`` (``query_key_value``,
    ``Wqkv``, ``qkv``) weight and ``gate_proj``/``up_proj`` onto ``gate_up_proj``: the site owns
    a block of output rows, in that order (sizes from the adapter, a missing sibling takes the
    rest; with base weights the block is checked by value).
@@ -28,7 +33,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import onnx_ir as ir
@@ -88,6 +93,8 @@ class Binding:
         block: for a fused weight, the site's rows [start, stop) of the output axis.
         fused: the slot key of a fused weight (its module path), else None.
         bias: the base bias places for ``lora_bias`` (Gemm C, Conv B, or a following Add).
+        experts: (E, stored (E, in, out), why) the graph shows for a 3-D target parameter the
+            adapter was read without (no base): apply-graph-layout makes the site an expert one.
     """
 
     module: str
@@ -96,6 +103,7 @@ class Binding:
     block: tuple[int, int] | None = None
     fused: str | None = None
     bias: list[Place] = field(default_factory=list)
+    experts: tuple[int, bool, str] | None = None
 
     def places(self) -> list[Place]:
         """The initializers this site changes, each with the nodes that read it for the site."""
@@ -104,6 +112,11 @@ class Binding:
             place = by_init.setdefault(id(u.init), Place(u.init, set(), u.transposed))
             place.nodes.add(u.node)
         return list(by_init.values())
+
+    def graph_experts(self) -> tuple[int, bool, str] | None:
+        """(E, stored (E, in, out), why) when the graph shows the site's parameter is a 3-D
+        expert weight the adapter was read without (module docstring, rule 5)."""
+        return self.experts
 
     def graph_layout(self) -> tuple[SiteKind, str] | None:
         """(CONV1D, why) when the graph reads the module's own parameter as (in, out) with no
@@ -205,8 +218,14 @@ class _Binder:
         self.base = base
         self.by_op: dict[str, list[WeightUse]] = defaultdict(list)
         for use in index.uses:
-            self.by_op[use.op].append(use)
+            self.by_op["experts" if use.expert is not None else use.op].append(use)
         self._signatures: dict[int, tuple[float, ...]] = {}
+
+    def expert_named(self, module: str) -> bool:
+        """Whether an expert weight, bound or refused, is named after ``module``."""
+        names = [n for u in self.by_op["experts"] for n in u.names]
+        names += list(self.index.expert_refusals)
+        return any(common_suffix(n, module) for n in names)
 
     # -- rules 1-3 ---------------------------------------------------------------------------
 
@@ -354,7 +373,8 @@ def _tensor_keys(adapter: Adapter) -> list[str]:
 
 
 def _bind_site(binder: _Binder, site: Site, siblings: dict[str, Site]) -> Binding:
-    # 3-D expert sites never get here: loracc.legality refuses them for ONNX targets on reading.
+    if site.experts or (site.kind is SiteKind.PARAMETER and binder.expert_named(site.module)):
+        return _bind_experts(binder, site)
     ops = _KIND_OPS[site.kind]
     module = _owner(site)
     shape = site.logical_shape()
@@ -386,6 +406,88 @@ def _bind_site(binder: _Binder, site: Site, siblings: dict[str, Site]) -> Bindin
         + ("" if binder.base is not None else " (try --base-weights HF_DIR)")
     )
     raise LoweringError(f"{site.module}: cannot bind to the ONNX graph: {hint}")
+
+
+def _bind_experts(binder: _Binder, site: Site) -> Binding:
+    """Rule 5: the expert weight named after ``site.module``; each use gets ``transposed``:
+    whether its initializer holds the site's (E, out, in) with the last two axes swapped."""
+    scored = [
+        (max((common_suffix(n, site.module) for n in u.names), default=0), u)
+        for u in binder.by_op["experts"]
+    ]
+    top = max((q for q, _ in scored), default=0)
+    refused = [
+        (name, why)
+        for name, why in binder.index.expert_refusals.items()
+        if common_suffix(name, site.module) >= max(top, 1)
+    ]
+    if refused:
+        name, why = refused[0]
+        raise LoweringError(f"{site.module}: cannot bind the expert weight '{name}': {why}")
+    if not top:
+        raise LoweringError(
+            f"{site.module}: cannot bind to the ONNX graph: no 3-D initializer named after it "
+            "is read per expert through Gather/GatherND and MatMul"
+        )
+    uses = [u for q, u in scored if q == top]
+    if site.experts:
+        bound = [replace(u, transposed=_expert_flip(site, u)) for u in uses]
+        return Binding(site.module, bound, "name")
+    shown = [_expert_layout(site, u) for u in uses]
+    if len({(e, t) for e, t, _ in shown}) > 1:
+        raise LoweringError(
+            f"{site.module}: the graph reads its expert weights in different layouts"
+        )
+    experts, transposed, why = shown[0]
+    bound = [replace(u, transposed=transposed) for u in uses]
+    return Binding(site.module, bound, "name", experts=(experts, transposed, why))
+
+
+def _expert_layout(site: Site, use: WeightUse) -> tuple[int, bool, str]:
+    """(E, stored (E, in, out), why) of a target parameter read without a base, from the
+    initializer's shape; for a square one, from how the graph's MatMul reads it (the model's
+    forward, which PEFT's ``is_transposed`` follows for every architecture but Llama 4)."""
+    assert use.expert is not None
+    experts, d1, d2 = use.shape
+    fan_in, fan_out = int(site.lora_A.shape[1]), int(site.lora_B.shape[0])
+    name = use.init.name
+    if site.lora_A.shape[0] % experts or {(d1, d2)} - {(fan_out, fan_in), (fan_in, fan_out)}:
+        raise LoweringError(
+            f"{site.module}: expert weight '{name}' is {list(use.shape)}; the adapter's factors "
+            f"{tuple(site.lora_A.shape)}/{tuple(site.lora_B.shape)} fit neither (E, out, in) nor "
+            "(E, in, out)"
+        )
+    if d1 != d2:
+        return experts, (d1, d2) == (fan_in, fan_out), f"ONNX graph: '{name}' shape"
+    graph = "in, out" if use.expert.in_out else "out, in"
+    why = f"ONNX graph: '{use.expert.matmul.name}' reads square '{name}' as ({graph})"
+    return experts, use.expert.in_out, why
+
+
+def _expert_flip(site: Site, use: WeightUse) -> bool:
+    """``transposed`` of ``use`` for a site whose layout the reader decided (``site.transposed``
+    from the architecture table or ``--layout``, the base's shape). The initializer's shape
+    decides; a square one must be read by its MatMul the way that layout says, or refused."""
+    assert use.expert is not None
+    stored = site.stored_shape()
+    have = use.shape
+    layout = "in, out" if site.transposed else "out, in"
+    if have[0] != stored[0] or sorted(have[1:]) != sorted(stored[1:]):
+        raise LoweringError(
+            f"{site.module}: expert weight '{use.init.name}' is {list(have)} and the adapter's "
+            f"factors give {list(stored)} (E, {layout})"
+        )
+    if have[1] != have[2]:
+        return (have != stored) != site.transposed
+    if use.expert.in_out != site.transposed:
+        graph = "in, out" if use.expert.in_out else "out, in"
+        raise LoweringError(
+            f"{site.module}: '{use.expert.matmul.name}' reads the square expert weight "
+            f"'{use.init.name}' as ({graph}) per expert, but the adapter's layout "
+            f"({site.layout_source}) stores it as ({layout}); loracc cannot tell whether the "
+            "export transposed it"
+        )
+    return site.transposed
 
 
 def _finish(

@@ -13,6 +13,11 @@ Gather     0        the embedding table (num, dim)
 Conv       1        W (out, in, *k)
 =========  =======  ==================================================================
 
+Fused 3-D MoE expert weights are uses too: the ``Gather``/``GatherND`` that picks experts by
+the routing's index (operand 0), with how its output reaches a ``MatMul``
+(:mod:`~loracc.lower.onnx.experts`); ``transposed`` then says whether the graph reads each
+expert as (in, out), until binding relates it to the site's (E, out, in).
+
 Quantized Linear weights (``MatMulNBits``, ``quantize_dynamic``'s ``MatMulInteger``) are uses
 too, with their :mod:`~loracc.lower.onnx.quant` scheme: their reference weight is the dequantized
 one (``MatMulNBits``: (N, K), not transposed; ``MatMulInteger``: (K, N), transposed).
@@ -35,6 +40,7 @@ import onnx_ir as ir
 import torch
 
 from loracc.io.onnx_model import tensor_dims, tensor_to_torch
+from loracc.lower.onnx.experts import GATHERS, ExpertRead, trace_expert
 from loracc.lower.onnx.quant import NBitsScheme, QuantScheme, scheme_of
 
 __all__ = [
@@ -74,6 +80,7 @@ class WeightUse:
         scope: the node's module path, when the graph says it.
         names: parameter names the initializer is known by (its name, folded_from).
         quant: the quantization scheme of a quantized weight, else None.
+        expert: for a 3-D expert weight, how the gather reaches its MatMul, else None.
     """
 
     node: ir.Node
@@ -84,6 +91,7 @@ class WeightUse:
     scope: str | None
     names: tuple[str, ...]
     quant: QuantScheme | None = None
+    expert: ExpertRead | None = None
 
     @property
     def op(self) -> str:
@@ -119,7 +127,13 @@ class WeightUse:
         evidence). A builder's ``lm_head.MatMul.weight`` read the same way shows nothing: the
         builder transposed it when it wrote the graph."""
         transposes = any(p.op_type == "Transpose" for p in self.path)
-        return self.quant is None and self.own_parameter and self.transposed and not transposes
+        return (
+            self.quant is None
+            and self.expert is None
+            and self.own_parameter
+            and self.transposed
+            and not transposes
+        )
 
 
 def _generic(name: str) -> bool:
@@ -169,6 +183,12 @@ def common_suffix(a: str, b: str) -> int:
     return 0
 
 
+def _names(init: ir.Value) -> tuple[str, ...]:
+    """The names an initializer is known by: its own, then those it was folded from."""
+    names = [init.name or "", *_literal_list(init.metadata_props.get(_FOLDED_FROM))]
+    return tuple(n for n in names if n)
+
+
 def _expects_transposed(node: ir.Node) -> bool:
     """Whether the node consumes the reference orientation transposed (MatMul, Gemm transB=0)."""
     if node.op_type == "MatMul":
@@ -187,7 +207,16 @@ class GraphIndex:
         self.graph = model.graph
         self.uses: list[WeightUse] = []
         self.near_misses: dict[str, list[str]] = defaultdict(list)
+        # Expert weights left unbound, by every name they are known by: why.
+        self.expert_refusals: dict[str, str] = {}
+        experts: dict[int, list[WeightUse]] = defaultdict(list)
         for node in self.graph:
+            if node.op_type in GATHERS and (traced := trace_expert(node)) is not None:
+                if isinstance(traced, str):
+                    self._refuse_expert(node.inputs[0], traced)
+                else:
+                    experts[id(traced[0])].append(self._expert_use(*traced))
+                continue
             if node.op_type in _QUANTIZED | {"MatMul"} and (use := self._quantized(node)):
                 self.uses.append(use)
                 continue
@@ -204,6 +233,36 @@ class GraphIndex:
                 self.uses.append(use)
             else:
                 self._note(node, f"{node.op_type} whose weight is computed, not an initializer")
+
+        for uses in experts.values():
+            if self.consumers(uses[0].init) == {u.node for u in uses}:
+                self.uses.extend(uses)
+            else:
+                self._refuse_expert(
+                    uses[0].init, "it is also read other than by gathers of whole experts"
+                )
+
+    def _expert_use(
+        self, init: ir.Value, path: tuple[ir.Node, ...], read: ExpertRead
+    ) -> WeightUse:
+        return WeightUse(
+            node=read.gather,
+            operand=0,
+            init=init,
+            path=path,
+            transposed=read.in_out,
+            scope=node_scope(read.matmul) or node_scope(read.gather),
+            names=_names(init),
+            expert=read,
+        )
+
+    def _refuse_expert(self, value: ir.Value | None, why: str) -> None:
+        while value is not None and not value.is_initializer():
+            producer = value.producer()
+            value = producer.inputs[0] if producer is not None and producer.inputs else None
+        if value is not None:
+            for name in _names(value):
+                self.expert_refusals.setdefault(name, why)
 
     def _note(self, node: ir.Node, what: str) -> None:
         scope = node_scope(node)
@@ -265,8 +324,6 @@ class GraphIndex:
             return None
         if not value.const_value.dtype.is_floating_point():
             return None
-        names = [value.name or ""]
-        names += _literal_list(value.metadata_props.get(_FOLDED_FROM))
         return WeightUse(
             node=node,
             operand=operand,
@@ -274,8 +331,20 @@ class GraphIndex:
             path=tuple(path),
             transposed=_expects_transposed(node) != flipped,
             scope=node_scope(node),
-            names=tuple(n for n in names if n),
+            names=_names(value),
         )
+
+    def expert_shape(self, param: str) -> tuple[int, ...] | None:
+        """The shape of the 3-D expert weight named after target parameter ``param``
+        (``<module>.<param>``), or None when none or several shapes are."""
+        scored = [
+            (max((common_suffix(n, param) for n in u.names), default=0), u.shape)
+            for u in self.uses
+            if u.expert is not None
+        ]
+        top = max((q for q, _ in scored), default=0)
+        shapes = {shape for q, shape in scored if q == top and q}
+        return shapes.pop() if len(shapes) == 1 else None
 
     def consumers(self, init: ir.Value) -> set[ir.Node]:
         """Nodes that read ``init``, looking through Identity/Cast/Transpose."""
@@ -342,4 +411,4 @@ def read_ref(use: WeightUse, *, dtype: torch.dtype = torch.float32) -> torch.Ten
         t = use.quant.dequantize(tensor).to(dtype)
     else:
         t = tensor_to_torch(tensor, dtype)
-    return t.T.contiguous() if use.transposed else t
+    return t.mT.contiguous() if use.transposed else t

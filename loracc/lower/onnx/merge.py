@@ -86,7 +86,7 @@ class _Target:
 
 
 def _view(w: torch.Tensor, transposed: bool) -> torch.Tensor:
-    return w.T if transposed else w
+    return w.mT if transposed else w  # 3-D experts: the last two axes
 
 
 def _replace(tensor: torch.Tensor, transposed: bool) -> Callable[[torch.Tensor], torch.Tensor]:

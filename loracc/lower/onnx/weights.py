@@ -21,7 +21,7 @@ from loracc.ir import Adapter, SiteKind
 from loracc.lower.onnx.bind import BindingTable
 from loracc.lower.onnx.index import Place
 from loracc.lower.onnx.quant import QuantScheme
-from loracc.passes.apply_graph_layout import with_graph_layout
+from loracc.passes.apply_graph_layout import with_graph_experts, with_graph_layout
 
 if TYPE_CHECKING:
     from loracc.weights import ExpertSplit
@@ -58,12 +58,14 @@ class OnnxBase:
         *,
         layouts: Mapping[str, tuple[SiteKind, str]] | None = None,
         tensors: Mapping[str, Sequence[Place]] | None = None,
+        experts: Mapping[str, tuple[int, bool, str]] | None = None,
     ) -> None:
         self.folder = path
         self.config: dict[str, Any] = {}
         self._entries = entries
         self._layouts = dict(layouts or {})
         self._tensors = dict(tensors or {})
+        self._experts = dict(experts or {})
 
     @classmethod
     def from_table(
@@ -74,11 +76,15 @@ class OnnxBase:
         layouts = {
             m: shown for m, b in table.sites.items() if (shown := b.graph_layout()) is not None
         }
+        experts = {
+            m: shown for m, b in table.sites.items() if (shown := b.graph_experts()) is not None
+        }
         entries: dict[str, BaseEntry] = {}
         for adapter in adapters:
             for site in adapter.sites:
                 b = table.sites[site.module]
                 site = with_graph_layout(site, layouts.get(site.module))
+                site = with_graph_experts(site, experts.get(site.module))
                 use = b.uses[0]
                 entries.setdefault(
                     site.target,
@@ -92,11 +98,15 @@ class OnnxBase:
                     ),
                 )
         tensors = {key: tb.places for key, tb in table.tensors.items()}
-        return cls(entries, path, layouts=layouts, tensors=tensors)
+        return cls(entries, path, layouts=layouts, tensors=tensors, experts=experts)
 
     def graph_layout(self, module: str) -> tuple[SiteKind, str] | None:
         """The layer kind the graph shows for ``module``, and why (apply-graph-layout)."""
         return self._layouts.get(module)
+
+    def graph_experts(self, module: str) -> tuple[int, bool, str] | None:
+        """The expert weight the graph shows for ``module`` (apply-graph-layout)."""
+        return self._experts.get(module)
 
     def holds(self, key: str, tensor: torch.Tensor) -> bool:
         """Whether every initializer bound to ``key`` equals ``tensor`` (drop-noop-replacements)."""
@@ -146,7 +156,7 @@ class OnnxBase:
             t = e.quant.dequantize(tensor).to(dtype or torch_dtype(e.quant.float_dtype))
         else:
             t = tensor_to_torch(tensor, dtype or torch_dtype(tensor.dtype))
-        ref = t.T if e.transposed else t
+        ref = t.mT if e.transposed else t  # 3-D experts: the last two axes
         if e.block is not None:
             ref = ref[e.block[0] : e.block[1]]
         return ref.contiguous()
