@@ -28,6 +28,10 @@ Slotted models other tools wrote (Olive, onnxruntime-genai's builder) have no ma
 :mod:`loracc.lower.onnx.foreign` reads their slot pairs from the graph and maps an adapter's
 modules onto them in the model's naming, splitting or fusing q/k/v as its slots are.
 
+**MoE experts** (3-D target parameters, :mod:`loracc.lower.onnx.experts`): the slots are the
+per-expert factors, ``A (E, in, r)`` and ``B (E, r, out)``, gathered with the base weight's expert
+index beside each of its ``MatMul`` reads.
+
 **Fused weights**: sites bound to blocks of one fused weight (q/k/v in a ``qkv_proj``) share
 one branch with block-structured factors: A stacks the members' A along the rank axis, B is
 block-diagonal, each member's (s·B)ᵀ at its rows of the rank axis and its columns of the output.
@@ -53,6 +57,7 @@ from loracc.errors import FormatError, LoweringError, UnsupportedError
 from loracc.io.onnx_model import tensor_to_torch, torch_to_tensor
 from loracc.ir import Adapter, Site, SiteKind
 from loracc.lower.onnx.bind import BindingTable
+from loracc.lower.onnx.experts import ExpertRead, branch_factors, expert_slot_values
 from loracc.lower.onnx.index import GraphIndex, WeightUse
 from loracc.lower.onnx.quant import QUANT_OPS, scheme_of
 from loracc.lower.onnx.surgery import unique_name
@@ -105,6 +110,7 @@ class SlotGroup:
     scale: str | None = None
     bias: str | None = None
     nodes: list[str] = field(default_factory=list)
+    experts: int = 0
 
     @property
     def channel_shape(self) -> list[int]:
@@ -170,6 +176,9 @@ def plan_groups(table: BindingTable, adapters: Sequence[Adapter]) -> list[SlotGr
                 )
                 if use.op == "Gather":  # reference (num, dim): A looks rows up, B maps r -> dim
                     group.fan_in, group.fan_out = ref[0], ref[1]
+                if use.expert is not None:  # (E, out, in): one branch of MatMuls per read
+                    group.op, group.experts, group.kernel = "MatMul", w_shape[0], []
+                    group.fan_in, group.fan_out = site.lora_A.shape[1], site.lora_B.shape[0]
                 groups[key] = group
             if group.member(site.module) is None:
                 start, stop = b.block or (0, group.fan_out)
@@ -184,6 +193,8 @@ def plan_groups(table: BindingTable, adapters: Sequence[Adapter]) -> list[SlotGr
 def _branch_dtype(use: WeightUse) -> int:
     """The dtype the node computes in: its activation input, else its weight after casts
     (a quantized weight: its float input, else its scales' dtype)."""
+    if use.expert is not None and use.expert.x.dtype is not None:
+        return elem_type(use.expert.x.dtype)
     if use.quant is not None:
         x = use.quant.activation
         return elem_type(x.dtype if x.dtype is not None else use.quant.float_dtype)
@@ -209,6 +220,12 @@ def group_params(group: SlotGroup, sites: Mapping[str, Site]) -> dict[str, torch
     for _, site in present:
         assert site.magnitude is None, f"{site.module}: DoRA magnitude not folded (fold-dora)"
     out: dict[str, torch.Tensor] = {}
+    if group.experts:  # one member: the expert weight is never fused with another
+        site = present[0][1] if present else None
+        out[group.A], out[group.B] = expert_slot_values(
+            site, group.experts, group.fan_in, group.fan_out
+        )
+        return out
     rank = sum(s.rank for _, s in present)
     if group.op == "Conv":
         k = group.kernel
@@ -263,11 +280,15 @@ def check_fits(group_of: Mapping[str, SlotGroup], adapter: Adapter, where: str) 
         fits = A.shape[1] == group.fan_in and B.shape[0] == m.stop - m.start
         if group.op == "Conv":
             fits = fits and list(A.shape[2:]) == group.kernel
+        if group.experts:
+            fits = fits and A.shape[0] % group.experts == 0
         if not fits:
             raise UnsupportedError(
                 f"{adapter.name}: module '{site.module}' has factors {tuple(A.shape)}/"
                 f"{tuple(B.shape)}; its slot in {where} takes in={group.fan_in}, "
-                f"out={m.stop - m.start}" + (f", kernel {group.kernel}" if group.kernel else "")
+                f"out={m.stop - m.start}"
+                + (f", kernel {group.kernel}" if group.kernel else "")
+                + (f", {group.experts} experts" if group.experts else "")
             )
         if (site.magnitude is not None or site.channel_scale is not None) and not group.scale:
             raise UnsupportedError(
@@ -316,6 +337,9 @@ def _slot_dims(group: SlotGroup) -> dict[str, list[int | str]]:
             group.A: [r, group.fan_in, *group.kernel],
             group.B: [group.fan_out, r, *[1] * len(group.kernel)],
         }
+    elif group.experts:
+        E = group.experts
+        dims = {group.A: [E, group.fan_in, r], group.B: [E, r, group.fan_out]}
     else:
         dims = {group.A: [group.fan_in, r], group.B: [r, group.fan_out]}
     if group.scale:
@@ -343,7 +367,10 @@ def insert_slots(
             for name, dims in _slot_dims(group).items()
         }
         for use in uses_of[group.key]:
-            if use.quant is not None:  # float input and output around the quantized node(s)
+            if use.expert is not None:  # after the MatMul that multiplies the gathered experts
+                expert = (use.expert, use.transposed)
+                _branch(graph, taken, use.expert.matmul, group, slots, expert=expert)
+            elif use.quant is not None:  # float input and output around the quantized node(s)
                 _branch(graph, taken, use.quant.output_node, group, slots, use.quant.activation)
             else:
                 _branch(graph, taken, use.node, group, slots)
@@ -369,8 +396,10 @@ def _branch(
     group: SlotGroup,
     slots: dict[str, ir.Value],
     x: ir.Value | None = None,
+    expert: tuple[ExpertRead, bool] | None = None,
 ) -> None:
-    """Add the branch of ``x`` (default: ``node``'s first input) to ``node``'s output."""
+    """Add the branch of ``x`` (default: ``node``'s first input) to ``node``'s output; for an
+    expert read, (read, whether its weight holds the logical (E, out, in) transposed)."""
     op = "MatMul" if group.op in QUANT_OPS else node.op_type
     prefix = f"/{group.key.replace('.', '/')}/lora"
     new: list[ir.Node] = []
@@ -388,7 +417,9 @@ def _branch(
         return n.outputs[0]
 
     A, B = slots[group.A], slots[group.B]
-    if op in ("MatMul", "Gemm"):
+    if expert is not None:
+        b = branch_factors(*expert, A, B, emit)
+    elif op in ("MatMul", "Gemm"):
         a = emit("MatMul", [x if x is not None else node.inputs[0], A], "A/MatMul")
         b = emit("MatMul", [a, B], "B/MatMul")
         alpha = node.attributes.get("alpha")
@@ -479,12 +510,18 @@ def read_manifest(model: ir.Model, where: str) -> list[SlotGroup]:
 
 
 def manifest_base(model: ir.Model, groups: Sequence[SlotGroup], where: str) -> OnnxBase:
-    """The base weights behind the slots, for passes (DoRA norms, PiSSA reconstruction)."""
+    """The base weights behind the slots, for passes (DoRA norms, PiSSA reconstruction), and
+    the expert count of expert slots (apply-graph-layout makes their sites expert sites)."""
     entries: dict[str, BaseEntry] = {}
+    experts: dict[str, tuple[int, bool, str]] = {}
     for g in groups:
         init = model.graph.initializers.get(g.weight)
         if init is None:
             raise FormatError(f"{where}: base weight '{g.weight}' of slot '{g.key}' is missing")
+        if g.experts:  # no pass reads an expert weight
+            shown = (g.experts, g.weight_transposed, f"slot manifest of {where}")
+            experts.update(dict.fromkeys((m.module for m in g.members), shown))
+            continue
         quant = next((q for n in init.consumers() if (q := scheme_of(n)) is not None), None)
         for m in g.members:
             kind = SiteKind(m.kind)
@@ -494,7 +531,7 @@ def manifest_base(model: ir.Model, groups: Sequence[SlotGroup], where: str) -> O
             entries[f"{m.module}.weight"] = BaseEntry(
                 init, g.weight_transposed, block, kind, shape, quant
             )
-    return OnnxBase(entries, where)
+    return OnnxBase(entries, where, experts=experts)
 
 
 def _neutral(value: ir.Value, groups: Sequence[SlotGroup]) -> bool:
