@@ -54,8 +54,19 @@ def _feeds(case: po.Case, names: list[str]) -> dict[str, np.ndarray]:
     return {n: all_feeds[n].numpy() for n in names}
 
 
-def export_torchscript(case: po.Case, path: Path, dtype: torch.dtype = torch.float32) -> Path:
-    model = po.load_model(case.base_dir, case.arch, dtype=dtype)
+def _traceable_experts(model: torch.nn.Module, experts: str) -> torch.nn.Module:
+    """MoE experts as the exporters can trace them: transformers' default ``grouped_mm`` uses
+    ``histc`` (no ONNX op); ``batched_mm`` gathers each token's experts (Gather + MatMul)."""
+    can_set = getattr(model, "_can_set_experts_implementation", None)  # transformers models
+    if can_set is not None and can_set():
+        model.set_experts_implementation(experts)
+    return model
+
+
+def export_torchscript(
+    case: po.Case, path: Path, dtype: torch.dtype = torch.float32, experts: str = "batched_mm"
+) -> Path:
+    model = _traceable_experts(po.load_model(case.base_dir, case.arch, dtype=dtype), experts)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if case.inputs.is_floating_point():
@@ -76,7 +87,7 @@ def export_torchscript(case: po.Case, path: Path, dtype: torch.dtype = torch.flo
 
 
 def export_dynamo(case: po.Case, path: Path) -> Path:
-    model = po.load_model(case.base_dir, case.arch)
+    model = _traceable_experts(po.load_model(case.base_dir, case.arch), "batched_mm")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(

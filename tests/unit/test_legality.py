@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-from loracc.errors import LoweringError, UnsupportedError
+from loracc.errors import UnsupportedError
 from loracc.ir import Adapter, Replacement, Site, SiteKind, TokenRows
 from loracc.legality import FEATURES, TABLE, Target, require
 from loracc.weights import ExpertSplit
@@ -98,9 +98,6 @@ ONNX_LAYERS = (
     "not build (merge the adapter into the HF checkpoint with `loracc merge` and re-export "
     "instead)"
 )
-ONNX_EXPERTS = (
-    f"{Q}: 3-D expert parameters (target_parameters on fused experts) have no ONNX lowering yet"
-)
 # (feature, target) -> (error class, message, checked right after reading); absent: accepted.
 REFUSED: dict[tuple[str, Target], tuple[type[Exception], str, bool]] = {
     ("refusals", M): (UnsupportedError, "ad: cannot merge: alora_invocation_tokens is set", True),
@@ -147,8 +144,6 @@ REFUSED: dict[tuple[str, Target], tuple[type[Exception], str, bool]] = {
         f"{Q}: scale 0.5 not folded (fold-scaling) before writing",
         False,
     ),
-    ("experts", OM): (LoweringError, ONNX_EXPERTS, True),
-    ("experts", OK): (LoweringError, ONNX_EXPERTS, True),
     ("experts", P): (
         UnsupportedError,
         f"{Q}: writing 3-D expert parameter sites is not supported",

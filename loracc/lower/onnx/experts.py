@@ -154,7 +154,9 @@ def trace_expert(
     while True:
         consumers = value.consumers()
         if len(consumers) != 1 or value.is_graph_output():
-            return f"{name}: the gathered expert weight has {len(consumers)} readers, not one MatMul"
+            return (
+                f"{name}: the gathered expert weight has {len(consumers)} readers, not one MatMul"
+            )
         node = consumers[0]
         if node.domain != "":
             return f"{name}: the gathered expert weight goes to {node.op_type}, not a MatMul"
@@ -175,9 +177,9 @@ def trace_expert(
 # -- keep-lora --------------------------------------------------------------------------------
 
 
-def expert_slot_values(site: Site | None, experts: int, fan_in: int, fan_out: int) -> tuple[
-    torch.Tensor, torch.Tensor
-]:
+def expert_slot_values(
+    site: Site | None, experts: int, fan_in: int, fan_out: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The slots ``A (E, in, r)`` and ``B (E, r, out)`` of ``site`` (None: rank 0), fp32.
 
     PEFT splits the expert axis of its factors asymmetrically (ParamWrapper):
@@ -223,4 +225,3 @@ def branch_factors(
     if read.operand == 1:
         return emit("MatMul", [emit("MatMul", [read.x, g1], "first/MatMul"), g2], "MatMul")
     return emit("MatMul", [g2, emit("MatMul", [g1, read.x], "first/MatMul")], "MatMul")
-

@@ -1,0 +1,168 @@
+"""MoE experts (fused 3-D ``target_parameters``) in ONNX exports, vs the unmerged PEFT forward.
+
+Tiny Qwen3-MoE (4 experts, top 2) with LoRA on ``mlp.experts.gate_up_proj`` (square,
+(4, 32, 32)) and ``mlp.experts.down_proj`` ((4, 32, 16)), exported by torch three ways, with
+transformers' ``batched_mm`` experts (the default ``grouped_mm`` does not export):
+
+* ``ts``: TorchScript, ``MatMul(Gather(W, ids), x)`` (the weight is MatMul's operand 0),
+* ``dyn``: dynamo, ``MatMul(GatherND(W, ids[:, None]), x)``,
+* ``ts_eager``: TorchScript of the eager experts loop, ``MatMul(x, Transpose(Gather(W, e)))``
+  per expert (operand 1 through a Transpose). Tracing unrolls the loop for the experts the
+  traced input hits, so that graph is right for that input only: the test's.
+
+Modes: merged, keep-lora with filled slots, empty slots plus the export's adapter file, and
+``loracc pack`` files hot-swapped in one session (a second adapter of another rank, rsLoRA, on
+``down_proj`` only, leaving ``gate_up_proj``'s slots empty). An expert weight read some other
+way is refused, naming the module. References come from PEFT only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+import pytest
+import torch
+from click.testing import CliRunner
+
+import loracc
+from loracc.errors import LoweringError
+from tests.support import onnx_oracle as oo
+from tests.support import peft_oracle as po
+
+MODES = ["ts", "dyn", "ts_eager"]
+CASE = "qwen3moe_target_param_3d"
+# Same seed, so the same base: another rank, rsLoRA, one of the two parameters.
+DOWN_ONLY = po.spec_replace(
+    po.CASE_SPECS[CASE],
+    lora=dict(
+        r=3,
+        lora_alpha=5,
+        use_rslora=True,
+        target_modules=[],
+        target_parameters=["mlp.experts.down_proj"],
+    ),
+)
+
+
+class Moe:
+    def __init__(self, tmp: pytest.TempPathFactory) -> None:
+        self.tmp = tmp
+        self.case = po.build_case(CASE, tmp.mktemp("moe"))
+        self.down = po.build_case(CASE, tmp.mktemp("moe_down"), DOWN_ONLY)
+        self._bases: dict[str, Path] = {}
+
+    def base(self, mode: str) -> Path:
+        if mode not in self._bases:
+            path = self.tmp.mktemp(f"moe_{mode}") / "model.onnx"
+            if mode == "dyn":
+                oo.export_dynamo(self.case, path)
+            else:
+                experts = "eager" if mode == "ts_eager" else "batched_mm"
+                oo.export_torchscript(self.case, path, experts=experts)
+            self._bases[mode] = path
+        return self._bases[mode]
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory: pytest.TempPathFactory) -> Moe:
+    m = Moe(tmp_path_factory)
+    assert torch.equal(m.case.base_logits, m.down.base_logits)  # one base for both adapters
+    for c in (m.case, m.down):
+        assert po.rel_err(c.base_logits, c.peft_logits) > 1e-2  # each adapter matters
+    return m
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_base_export_matches_torch(moe: Moe, mode: str) -> None:
+    oo.assert_close(oo.run(moe.base(mode), moe.case), moe.case.base_logits, f"{mode} base")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_merged_matches_peft(moe: Moe, mode: str, tmp_path: Path) -> None:
+    out = tmp_path / "merged.onnx"
+    report = loracc.export_onnx(moe.base(mode), moe.case.adapter_dir, out)
+    assert len(report.bindings) == 4 and len(report.changed) == 4
+    assert {b["op"] for b in report.bindings} == {"GatherND" if mode == "dyn" else "Gather"}
+    oo.assert_close(oo.run(out, moe.case), moe.case.peft_logits, f"{mode} merged")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_keep_lora_filled_slots_match_peft(moe: Moe, mode: str, tmp_path: Path) -> None:
+    out = tmp_path / "filled.onnx"
+    loracc.export_onnx(moe.base(mode), moe.case.adapter_dir, out, keep_lora=True, empty_slots=False)
+    oo.assert_close(oo.run(out, moe.case), moe.case.peft_logits, f"{mode} filled slots")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_empty_slots_are_the_base_and_the_file_the_adapter(
+    moe: Moe, mode: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "slotted.onnx"
+    loracc.export_onnx(moe.base(mode), moe.case.adapter_dir, out, keep_lora=True)
+    inputs = {v.name: v for v in ir.load(out).graph.inputs}
+    a = inputs["model.layers.0.mlp.experts.down_proj.lora_A.weight"].shape
+    b = inputs["model.layers.0.mlp.experts.down_proj.lora_B.weight"].shape
+    assert [str(d) for d in a] == ["4", "16", "model.layers.0.mlp.experts.down_proj.lora_r"]
+    assert [str(d) for d in b] == ["4", "model.layers.0.mlp.experts.down_proj.lora_r", "32"]
+    oo.assert_close(oo.run(out, moe.case), moe.case.base_logits, f"{mode} empty slots")
+    file = out.with_name("slotted.onnx_adapter")
+    oo.assert_close(oo.run(out, moe.case, file), moe.case.peft_logits, f"{mode} adapter file")
+
+
+@pytest.mark.parametrize("mode", ["ts", "dyn"])
+def test_packed_files_hot_swap_in_one_session(moe: Moe, mode: str, tmp_path: Path) -> None:
+    out = tmp_path / "slotted.onnx"
+    loracc.export_onnx(moe.base(mode), moe.case.adapter_dir, out, keep_lora=True)
+    full, down = tmp_path / "full.onnx_adapter", tmp_path / "down.onnx_adapter"
+    assert not loracc.pack(out, moe.case.adapter_dir, full).empty
+    report = loracc.pack(out, moe.down.adapter_dir, down)
+    assert sorted(report.empty) == [f"model.layers.{i}.mlp.experts.gate_up_proj" for i in (0, 1)]
+    sess = oo.session(out)
+    for files, want, what in [
+        ((full,), moe.case.peft_logits, "packed full adapter"),
+        ((down,), moe.down.peft_logits, "packed down_proj adapter (r=3, rsLoRA)"),
+        ((), moe.case.base_logits, "no adapter"),
+        ((full,), moe.case.peft_logits, "full adapter again"),
+    ]:
+        oo.assert_close(oo.run(sess, moe.case, *files), want, f"{mode} {what}")
+
+
+def _insert_mul_after_gather(src: Path, dst: Path, weight: str) -> None:
+    """A ``Mul`` by one between the gather of ``weight`` and its MatMul: the same numbers, a
+    pattern loracc does not bind."""
+    model = ir.load(src)
+    graph = model.graph
+    gather = next(n for n in graph.initializers[weight].consumers())
+    one = ir.Value(name="one", shape=ir.Shape([]), type=ir.TensorType(ir.DataType.FLOAT))
+    one.const_value = ir.tensor(1.0, dtype=ir.DataType.FLOAT, name="one")
+    graph.register_initializer(one)
+    gathered = gather.outputs[0]
+    readers = list(gathered.uses())
+    mul = ir.Node("", "Mul", [gathered, one], name="/m/model/layers.0/mlp/experts/Mul_one")
+    for user, index in readers:
+        user.replace_input_with(index, mul.outputs[0])
+    graph.insert_after(gather, [mul])
+    ir.save(model, dst)
+
+
+def test_unbindable_expert_pattern_is_refused(moe: Moe, tmp_path: Path) -> None:
+    from loracc.cli import main
+
+    weight = "m.model.layers.0.mlp.experts.gate_up_proj"
+    base = tmp_path / "mul.onnx"
+    _insert_mul_after_gather(moe.base("ts"), base, weight)
+    oo.assert_close(oo.run(base, moe.case), moe.case.base_logits, "edited base")
+    for keep in (False, True):
+        out = tmp_path / f"x{keep}.onnx"
+        with pytest.raises(LoweringError) as e:
+            loracc.export_onnx(base, moe.case.adapter_dir, out, keep_lora=keep)
+        msg = str(e.value)
+        assert msg.startswith("model.layers.0.mlp.experts.gate_up_proj: ") and weight in msg
+        assert "goes through Mul before its MatMul" in msg
+        assert not out.exists()
+    args: list[Any] = ["export", "--onnx", "--base", str(base), "--adapter"]
+    result = CliRunner().invoke(main, [*args, str(moe.case.adapter_dir), "-o", str(tmp_path / "c")])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "gate_up_proj" in result.output
