@@ -188,9 +188,7 @@ class _Reader:
             parse_layouts(layout),
             str(folder),
         )
-        self.params = ParameterSites(
-            cfg, base, weights, self.layout, self.scale_for, param_shapes
-        )
+        self.params = ParameterSites(cfg, base, weights, self.layout, self.scale_for, param_shapes)
 
     def where(self, key: str) -> str:
         return f"{self.weights}: '{key}'"

@@ -12,8 +12,9 @@ A target parameter read without a base is 2-D to the reader; when the graph hold
 3-D expert weight (E, d1, d2), the pass makes it an expert site (``Site.experts``,
 ``Site.transposed``): the delta is then PEFT's per-expert one, not a rank r·E matrix.
 
-Fields read: ``Site.kind``, ``Site.layout_source``, ``Site.experts``; from the base, the kind the graph shows for
-each module (:class:`GraphLayouts`, which the ONNX base weights provide; any other base: skipped).
+Fields read: ``Site.kind``, ``Site.layout_source``, ``Site.experts``; from the base, the kind (and
+expert weights) the graph shows for each module (:class:`GraphLayouts`, which the ONNX base
+weights provide; any other base: skipped).
 PEFT fields read: fan_in_fan_out (through ``Site.kind`` and ``Site.layout_source``).
 """
 
@@ -74,9 +75,7 @@ def with_graph_experts(site: Site, shown: tuple[int, bool, str] | None) -> Site:
     experts, transposed, why = shown
     rank = site.lora_A.shape[0] // experts
     scale = site.alpha / (math.sqrt(rank) if site.use_rslora else rank)
-    return replace(
-        site, experts=experts, transposed=transposed, layout_source=why, scale=scale
-    )
+    return replace(site, experts=experts, transposed=transposed, layout_source=why, scale=scale)
 
 
 @dataclass(frozen=True, slots=True)

@@ -242,9 +242,7 @@ class GraphIndex:
                     uses[0].init, "it is also read other than by gathers of whole experts"
                 )
 
-    def _expert_use(
-        self, init: ir.Value, path: tuple[ir.Node, ...], read: ExpertRead
-    ) -> WeightUse:
+    def _expert_use(self, init: ir.Value, path: tuple[ir.Node, ...], read: ExpertRead) -> WeightUse:
         return WeightUse(
             node=read.gather,
             operand=0,
