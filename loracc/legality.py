@@ -168,6 +168,12 @@ _ONNX_LAYERS = Refuse(
     "re-export instead)",
     before_passes=True,
 )
+_ONNX_SPLIT = Refuse(
+    "{adapter}: --base-weights stores the fused expert parameters one tensor per expert, and the "
+    "ONNX graph holds them fused (E, out, in); export without --base-weights (the graph's expert "
+    "weights give the shapes)",
+    before_passes=True,
+)
 
 _M, _OM, _OK, _P = Target.MERGE, Target.ONNX_MERGE, Target.ONNX_KEEP_LORA, Target.PEFT_ADAPTER
 
@@ -191,8 +197,8 @@ TABLE: Mapping[str, Mapping[Target, Refuse | None]] = {
     "removed-keys": {_M: None, _OM: None, _OK: None, _P: None},
     "split-experts": {
         _M: None,
-        _OM: None,
-        _OK: None,
+        _OM: _ONNX_SPLIT,
+        _OK: _ONNX_SPLIT,
         _P: Refuse(
             "{adapter}: cannot convert: fused expert target_parameters stored per expert in the "
             "base are not written back as a PEFT adapter yet"

@@ -103,7 +103,7 @@ def _load(
         layout=layout,
         param_shapes=index.expert_shape if index is not None and ckpt is None else None,
     )
-    require(adapter, target, before_passes=True)
+    require(adapter, target, base=ckpt, before_passes=True)
     return adapter
 
 

@@ -1,14 +1,16 @@
 """MoE experts (fused 3-D ``target_parameters``) in ONNX exports, vs the unmerged PEFT forward.
 
 Tiny Qwen3-MoE (4 experts, top 2) with LoRA on ``mlp.experts.gate_up_proj`` (square,
-(4, 32, 32)) and ``mlp.experts.down_proj`` ((4, 32, 16)), exported by torch three ways, with
+(4, 32, 32)) and ``mlp.experts.down_proj`` ((4, 32, 16)), and tiny GPT-OSS, whose experts are
+``is_transposed`` ((E, in, out): (4, 32, 32) and (4, 16, 32)), exported by torch with
 transformers' ``batched_mm`` experts (the default ``grouped_mm`` does not export):
 
-* ``ts``: TorchScript, ``MatMul(Gather(W, ids), x)`` (the weight is MatMul's operand 0),
-* ``dyn``: dynamo, ``MatMul(GatherND(W, ids[:, None]), x)``,
-* ``ts_eager``: TorchScript of the eager experts loop, ``MatMul(x, Transpose(Gather(W, e)))``
-  per expert (operand 1 through a Transpose). Tracing unrolls the loop for the experts the
-  traced input hits, so that graph is right for that input only: the test's.
+* ``ts``: TorchScript, ``MatMul(Gather(W, ids), x)`` (Qwen3: the weight is MatMul's operand 0;
+  GPT-OSS: ``MatMul(x, Gather(W, ids))``, operand 1),
+* ``dyn``: dynamo, the same with ``GatherND(W, ids[:, None])``,
+* ``ts_eager`` (Qwen3): TorchScript of the eager experts loop, ``MatMul(x, Transpose(Gather(W,
+  e)))`` per expert (operand 1 through a Transpose). Tracing unrolls the loop for the experts
+  the traced input hits, so that graph is right for that input only: the test's.
 
 Modes: merged, keep-lora with filled slots, empty slots plus the export's adapter file, and
 ``loracc pack`` files hot-swapped in one session (a second adapter of another rank, rsLoRA, on
@@ -27,12 +29,15 @@ import torch
 from click.testing import CliRunner
 
 import loracc
-from loracc.errors import LoweringError
+from loracc.errors import LoweringError, UnsupportedError
 from tests.support import onnx_oracle as oo
 from tests.support import peft_oracle as po
 
-MODES = ["ts", "dyn", "ts_eager"]
 CASE = "qwen3moe_target_param_3d"
+GPT_OSS = "gpt_oss_target_param_3d"
+# (case, export) pairs
+EXPORTS = [(CASE, "ts"), (CASE, "dyn"), (CASE, "ts_eager"), (GPT_OSS, "ts"), (GPT_OSS, "dyn")]
+IDS = [f"{'qwen3moe' if c == CASE else 'gpt_oss'}-{m}" for c, m in EXPORTS]
 # Same seed, so the same base: another rank, rsLoRA, one of the two parameters.
 DOWN_ONLY = po.spec_replace(
     po.CASE_SPECS[CASE],
@@ -49,66 +54,84 @@ DOWN_ONLY = po.spec_replace(
 class Moe:
     def __init__(self, tmp: pytest.TempPathFactory) -> None:
         self.tmp = tmp
-        self.case = po.build_case(CASE, tmp.mktemp("moe"))
+        self.cases = {name: po.build_case(name, tmp.mktemp(name)) for name in (CASE, GPT_OSS)}
+        self.case = self.cases[CASE]
         self.down = po.build_case(CASE, tmp.mktemp("moe_down"), DOWN_ONLY)
-        self._bases: dict[str, Path] = {}
+        self._bases: dict[tuple[str, str], Path] = {}
 
-    def base(self, mode: str) -> Path:
-        if mode not in self._bases:
-            path = self.tmp.mktemp(f"moe_{mode}") / "model.onnx"
+    def base(self, mode: str, name: str = CASE) -> Path:
+        if (name, mode) not in self._bases:
+            case = self.cases[name]
+            path = self.tmp.mktemp(f"{name}_{mode}") / "model.onnx"
             if mode == "dyn":
-                oo.export_dynamo(self.case, path)
+                oo.export_dynamo(case, path)
             else:
                 experts = "eager" if mode == "ts_eager" else "batched_mm"
-                oo.export_torchscript(self.case, path, experts=experts)
-            self._bases[mode] = path
-        return self._bases[mode]
+                oo.export_torchscript(case, path, experts=experts)
+            self._bases[(name, mode)] = path
+        return self._bases[(name, mode)]
 
 
 @pytest.fixture(scope="module")
 def moe(tmp_path_factory: pytest.TempPathFactory) -> Moe:
     m = Moe(tmp_path_factory)
     assert torch.equal(m.case.base_logits, m.down.base_logits)  # one base for both adapters
-    for c in (m.case, m.down):
+    for c in (*m.cases.values(), m.down):
         assert po.rel_err(c.base_logits, c.peft_logits) > 1e-2  # each adapter matters
     return m
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_base_export_matches_torch(moe: Moe, mode: str) -> None:
-    oo.assert_close(oo.run(moe.base(mode), moe.case), moe.case.base_logits, f"{mode} base")
+@pytest.mark.parametrize(("name", "mode"), EXPORTS, ids=IDS)
+def test_base_export_matches_torch(moe: Moe, name: str, mode: str) -> None:
+    case = moe.cases[name]
+    oo.assert_close(oo.run(moe.base(mode, name), case), case.base_logits, f"{mode} base")
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_merged_matches_peft(moe: Moe, mode: str, tmp_path: Path) -> None:
-    out = tmp_path / "merged.onnx"
-    report = loracc.export_onnx(moe.base(mode), moe.case.adapter_dir, out)
+@pytest.mark.parametrize(("name", "mode"), EXPORTS, ids=IDS)
+def test_merged_matches_peft(moe: Moe, name: str, mode: str, tmp_path: Path) -> None:
+    case, out = moe.cases[name], tmp_path / "merged.onnx"
+    report = loracc.export_onnx(moe.base(mode, name), case.adapter_dir, out)
     assert len(report.bindings) == 4 and len(report.changed) == 4
     assert {b["op"] for b in report.bindings} == {"GatherND" if mode == "dyn" else "Gather"}
-    oo.assert_close(oo.run(out, moe.case), moe.case.peft_logits, f"{mode} merged")
+    oo.assert_close(oo.run(out, case), case.peft_logits, f"{name} {mode} merged")
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_keep_lora_filled_slots_match_peft(moe: Moe, mode: str, tmp_path: Path) -> None:
-    out = tmp_path / "filled.onnx"
-    loracc.export_onnx(moe.base(mode), moe.case.adapter_dir, out, keep_lora=True, empty_slots=False)
-    oo.assert_close(oo.run(out, moe.case), moe.case.peft_logits, f"{mode} filled slots")
+@pytest.mark.parametrize(("name", "mode"), EXPORTS, ids=IDS)
+def test_keep_lora_filled_slots_match_peft(moe: Moe, name: str, mode: str, tmp_path: Path) -> None:
+    case, out = moe.cases[name], tmp_path / "filled.onnx"
+    loracc.export_onnx(
+        moe.base(mode, name), case.adapter_dir, out, keep_lora=True, empty_slots=False
+    )
+    oo.assert_close(oo.run(out, case), case.peft_logits, f"{name} {mode} filled slots")
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("name", "mode"), EXPORTS, ids=IDS)
 def test_empty_slots_are_the_base_and_the_file_the_adapter(
-    moe: Moe, mode: str, tmp_path: Path
+    moe: Moe, name: str, mode: str, tmp_path: Path
 ) -> None:
-    out = tmp_path / "slotted.onnx"
-    loracc.export_onnx(moe.base(mode), moe.case.adapter_dir, out, keep_lora=True)
+    case, out = moe.cases[name], tmp_path / "slotted.onnx"
+    loracc.export_onnx(moe.base(mode, name), case.adapter_dir, out, keep_lora=True)
     inputs = {v.name: v for v in ir.load(out).graph.inputs}
-    a = inputs["model.layers.0.mlp.experts.down_proj.lora_A.weight"].shape
-    b = inputs["model.layers.0.mlp.experts.down_proj.lora_B.weight"].shape
-    assert [str(d) for d in a] == ["4", "16", "model.layers.0.mlp.experts.down_proj.lora_r"]
-    assert [str(d) for d in b] == ["4", "model.layers.0.mlp.experts.down_proj.lora_r", "32"]
-    oo.assert_close(oo.run(out, moe.case), moe.case.base_logits, f"{mode} empty slots")
+    slot = "model.layers.0.mlp.experts.down_proj"
+    a = inputs[f"{slot}.lora_A.weight"].shape  # (E, in, r), (E, r, out): PEFT's in and out
+    b = inputs[f"{slot}.lora_B.weight"].shape
+    assert [str(d) for d in a] == ["4", "16", f"{slot}.lora_r"]
+    assert [str(d) for d in b] == ["4", f"{slot}.lora_r", "32"]
+    oo.assert_close(oo.run(out, case), case.base_logits, f"{name} {mode} empty slots")
     file = out.with_name("slotted.onnx_adapter")
-    oo.assert_close(oo.run(out, moe.case, file), moe.case.peft_logits, f"{mode} adapter file")
+    oo.assert_close(oo.run(out, case, file), case.peft_logits, f"{name} {mode} adapter file")
+
+
+@pytest.mark.parametrize("keep_lora", [False, True], ids=["merged", "keep-lora"])
+def test_base_weights_layout_matches_the_graph(moe: Moe, keep_lora: bool, tmp_path: Path) -> None:
+    """With --base-weights the architecture table decides GPT-OSS's (E, in, out); the graph
+    must agree (a square weight is checked against its MatMul's reading)."""
+    case, out = moe.cases[GPT_OSS], tmp_path / "out.onnx"
+    filled: dict[str, Any] = {"keep_lora": True, "empty_slots": False} if keep_lora else {}
+    loracc.export_onnx(
+        moe.base("dyn", GPT_OSS), case.adapter_dir, out, base_weights=case.base_dir, **filled
+    )
+    oo.assert_close(oo.run(out, case), case.peft_logits, "gpt_oss --base-weights")
 
 
 @pytest.mark.parametrize("mode", ["ts", "dyn"])
@@ -166,3 +189,12 @@ def test_unbindable_expert_pattern_is_refused(moe: Moe, tmp_path: Path) -> None:
     result = CliRunner().invoke(main, [*args, str(moe.case.adapter_dir), "-o", str(tmp_path / "c")])
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
     assert "gate_up_proj" in result.output
+
+
+def test_base_weights_storing_experts_one_by_one_are_refused(moe: Moe, tmp_path: Path) -> None:
+    """Qwen3-MoE's checkpoint stores each expert's gate/up/down; the graph holds them fused."""
+    with pytest.raises(UnsupportedError, match="one tensor per expert"):
+        loracc.export_onnx(
+            moe.base("ts"), moe.case.adapter_dir, tmp_path / "x.onnx",
+            base_weights=moe.case.base_dir,
+        )  # fmt: skip

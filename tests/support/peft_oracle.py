@@ -122,6 +122,18 @@ def qwen3moe_config() -> Any:
     )
 
 
+def gpt_oss_config() -> Any:
+    """GPT-OSS: experts ``is_transposed`` (stored (E, in, out)), with biases."""
+    from transformers import GptOssConfig
+
+    return GptOssConfig(
+        **{**TINY_DECODER, "intermediate_size": 16},
+        head_dim=8,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    )
+
+
 class TinyConvNet(nn.Module):
     """A custom (non-transformers) model: Conv2d 3x3, 1x1 and strided 3x3, then a Linear."""
 
@@ -155,6 +167,7 @@ ARCHS: dict[str, Arch] = {
     "gpt2": Arch("gpt2", gpt2_config, "causal"),  # tied wte / lm_head (GPT-2 default)
     "gpt2_untied": Arch("gpt2_untied", lambda: gpt2_config(tie=False), "causal"),
     "qwen3moe": Arch("qwen3moe", qwen3moe_config, "causal"),
+    "gpt_oss": Arch("gpt_oss", gpt_oss_config, "causal"),
     "conv": Arch("conv", None, "custom"),
 }
 
@@ -422,6 +435,17 @@ CASE_SPECS: dict[str, CaseSpec] = {
     # Fused 3-D expert parameters (E, out, in); on disk transformers 5.24 writes per-expert keys.
     "qwen3moe_target_param_3d": CaseSpec(
         "qwen3moe",
+        dict(
+            r=2,
+            lora_alpha=4,
+            target_modules=[],
+            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+        ),
+    ),
+    # Transposed experts (E, in, out), stored fused: gate_up_proj (4, 32, 32), down_proj
+    # (4, 16, 32).
+    "gpt_oss_target_param_3d": CaseSpec(
+        "gpt_oss",
         dict(
             r=2,
             lora_alpha=4,

@@ -98,6 +98,11 @@ ONNX_LAYERS = (
     "not build (merge the adapter into the HF checkpoint with `loracc merge` and re-export "
     "instead)"
 )
+ONNX_SPLIT = (
+    "ad: --base-weights stores the fused expert parameters one tensor per expert, and the ONNX "
+    "graph holds them fused (E, out, in); export without --base-weights (the graph's expert "
+    "weights give the shapes)"
+)
 # (feature, target) -> (error class, message, checked right after reading); absent: accepted.
 REFUSED: dict[tuple[str, Target], tuple[type[Exception], str, bool]] = {
     ("refusals", M): (UnsupportedError, "ad: cannot merge: alora_invocation_tokens is set", True),
@@ -111,6 +116,8 @@ REFUSED: dict[tuple[str, Target], tuple[type[Exception], str, bool]] = {
     ),
     ("layer-replication", OM): (UnsupportedError, ONNX_LAYERS, True),
     ("layer-replication", OK): (UnsupportedError, ONNX_LAYERS, True),
+    ("split-experts", OM): (UnsupportedError, ONNX_SPLIT, True),
+    ("split-experts", OK): (UnsupportedError, ONNX_SPLIT, True),
     ("split-experts", P): (
         UnsupportedError,
         "ad: cannot convert: fused expert target_parameters stored per expert in the base are "
