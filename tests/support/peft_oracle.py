@@ -303,6 +303,14 @@ class CaseSpec:
     merge: bool = True
 
 
+# LoRA on both fused expert parameters of every MoE layer (PEFT nests the two wrappers).
+FUSED_EXPERTS_LORA: dict[str, Any] = dict(
+    r=2,
+    lora_alpha=4,
+    target_modules=[],
+    target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+)
+
 CASE_SPECS: dict[str, CaseSpec] = {
     # Plain Linear on every Llama projection.
     "llama_linear": CaseSpec(
@@ -433,26 +441,10 @@ CASE_SPECS: dict[str, CaseSpec] = {
         ),
     ),
     # Fused 3-D expert parameters (E, out, in); on disk transformers 5.24 writes per-expert keys.
-    "qwen3moe_target_param_3d": CaseSpec(
-        "qwen3moe",
-        dict(
-            r=2,
-            lora_alpha=4,
-            target_modules=[],
-            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
-        ),
-    ),
+    "qwen3moe_target_param_3d": CaseSpec("qwen3moe", FUSED_EXPERTS_LORA),
     # Transposed experts (E, in, out), stored fused: gate_up_proj (4, 32, 32), down_proj
     # (4, 16, 32).
-    "gpt_oss_target_param_3d": CaseSpec(
-        "gpt_oss",
-        dict(
-            r=2,
-            lora_alpha=4,
-            target_modules=[],
-            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
-        ),
-    ),
+    "gpt_oss_target_param_3d": CaseSpec("gpt_oss", FUSED_EXPERTS_LORA),
     # One 3-D parameter per module (no nesting): isolates the per-expert on-disk layout.
     "qwen3moe_target_param_3d_single": CaseSpec(
         "qwen3moe",
