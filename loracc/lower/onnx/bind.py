@@ -13,15 +13,16 @@ that finds its weight:
 3. **aliases**: rules 1-2 again with ``self_attn`` read as ``attn`` (onnxruntime-genai names).
 4. **fingerprint** (with base weights): an initializer equal to the base tensor, either
    orientation; a 64-entry diagonal signature picks the candidates before a full comparison.
-5. **experts** (3-D ``target_parameters`` on fused MoE experts): the initializer read through
-   ``Gather``/``GatherND`` and ``MatMul`` (:mod:`~loracc.lower.onnx.experts`) whose name, or a
-   name in its ``folded_from``, ends with the site's ``<module>.<param>``; its shape and the
-   graph's per-expert reading fix the orientation (a square one must read as the adapter's
-   layout says, or the site is refused).
-6. **fused**: ``q_proj``/``k_proj``/``v_proj`` onto one ``qkv_proj`` (``query_key_value``,
+5. **fused**: ``q_proj``/``k_proj``/``v_proj`` onto one ``qkv_proj`` (``query_key_value``,
    ``Wqkv``, ``qkv``) weight and ``gate_proj``/``up_proj`` onto ``gate_up_proj``: the site owns
    a block of output rows, in that order (sizes from the adapter, a missing sibling takes the
    rest; with base weights the block is checked by value).
+
+A 3-D expert site (``target_parameters`` on fused MoE experts; a target parameter the graph
+holds as one) binds by name only: the initializer read through ``Gather``/``GatherND`` and
+``MatMul`` (:mod:`~loracc.lower.onnx.experts`) whose name, or a name in its ``folded_from``,
+ends with the site's ``<module>.<param>``; its shape and the graph's per-expert reading fix the
+orientation (:func:`_expert_layout`, :func:`_expert_flip`).
 
 A site no rule binds is an error naming the module. Bindings are keyed by module name and hold
 no copy of the site: passes replace sites, so a lowering reads the current site from its adapter.
@@ -115,7 +116,7 @@ class Binding:
 
     def graph_experts(self) -> tuple[int, bool, str] | None:
         """(E, stored (E, in, out), why) when the graph shows the site's parameter is a 3-D
-        expert weight the adapter was read without (module docstring, rule 5)."""
+        expert weight the adapter was read without (no base)."""
         return self.experts
 
     def graph_layout(self) -> tuple[SiteKind, str] | None:
@@ -409,7 +410,7 @@ def _bind_site(binder: _Binder, site: Site, siblings: dict[str, Site]) -> Bindin
 
 
 def _bind_experts(binder: _Binder, site: Site) -> Binding:
-    """Rule 5: the expert weight named after ``site.module``; each use gets ``transposed``:
+    """The expert weight named after ``site.module``; each use gets ``transposed``:
     whether its initializer holds the site's (E, out, in) with the last two axes swapped."""
     scored = [
         (max((common_suffix(n, site.module) for n in u.names), default=0), u)
