@@ -20,9 +20,11 @@ way is refused, naming the module. References come from PEFT only.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 import pytest
 import torch
@@ -198,3 +200,107 @@ def test_base_weights_storing_experts_one_by_one_are_refused(moe: Moe, tmp_path:
             moe.base("ts"), moe.case.adapter_dir, tmp_path / "x.onnx",
             base_weights=moe.case.base_dir,
         )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Every orientation: hand-built graphs, an fp64 reference of PEFT's ParamWrapper delta
+
+
+def _expert_graph(path: Path, weight: np.ndarray, operand: int, swapped: bool) -> None:
+    """``y = R @ x`` (operand 0) or ``x @ R`` (operand 1), ``R = W[ids]`` (its last two axes
+    swapped when ``swapped``), W an initializer named ``layers.0.experts.w``."""
+    w = ir.Value(name="layers.0.experts.w", const_value=ir.tensor(weight, name="w"))
+    w.type, w.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(list(weight.shape))
+    ids = ir.Value(name="ids", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([6]))
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT))
+    gather = ir.Node("", "Gather", [w, ids], attributes=[ir.AttrInt64("axis", 0)], name="g")
+    r = gather.outputs[0]
+    nodes = [gather]
+    if swapped:
+        nodes.append(ir.Node("", "Transpose", [r], attributes=[ir.AttrInt64s("perm", [0, 2, 1])]))
+        r = nodes[-1].outputs[0]
+    nodes.append(ir.Node("", "MatMul", [r, x] if operand == 0 else [x, r], name="mm"))
+    y = nodes[-1].outputs[0]
+    y.name, y.type = "y", ir.TensorType(ir.DataType.FLOAT)
+    graph = ir.Graph([ids, x], [y], nodes=nodes, initializers=[w], opset_imports={"": 17})
+    ir.save(ir.Model(graph, ir_version=8), path)
+
+
+def _param_adapter(
+    folder: Path, lora_A: torch.Tensor, lora_B: torch.Tensor, r: int, alpha: float
+) -> Path:
+    """A PEFT adapter folder with LoRA (rank ``r`` per expert) on parameter ``w`` of
+    ``layers.0.experts``, as PEFT saves a target_parameters adapter."""
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": [],
+        "target_parameters": ["experts.w"],
+    }))  # fmt: skip
+    prefix = "base_model.model.layers.0.experts"
+    tensors = {f"{prefix}.lora_A.weight": lora_A, f"{prefix}.lora_B.weight": lora_B}
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+@pytest.mark.parametrize("stored_in_out", [False, True], ids=["out-in", "in-out"])
+@pytest.mark.parametrize("operand", [0, 1])
+@pytest.mark.parametrize("swapped", [False, True], ids=["direct", "transpose"])
+def test_every_expert_orientation(
+    stored_in_out: bool, operand: int, swapped: bool, tmp_path: Path
+) -> None:
+    """W (E, out, in) or (E, in, out), not square so its shape decides; read as ``R @ x`` or
+    ``x @ R`` with or without a Transpose: merged and filled slots equal the fp64 forward of
+    ``W + ΔP``, ``ΔP[e] = s·B3[e]@A3[e]`` (transposed for (E, in, out))."""
+    E, r, fan_in, fan_out, s = 3, 2, 5, 4, 1.5
+    g = torch.Generator().manual_seed(7)
+    lora_A, lora_B = (
+        torch.randn(r * E, fan_in, generator=g),
+        torch.randn(fan_out, r * E, generator=g),
+    )
+    adapter = _param_adapter(tmp_path / "adapter", lora_A, lora_B, r, s * r)
+    delta = s * torch.einsum(  # PEFT's split: A expert-major, B with the expert index fastest
+        "eor,eri->eoi",
+        lora_B.double().reshape(fan_out, r, E).permute(2, 0, 1),
+        lora_A.double().reshape(E, r, fan_in),
+    )
+    shape = (E, fan_in, fan_out) if stored_in_out else (E, fan_out, fan_in)
+    weight = torch.randn(shape, generator=g)
+    merged = weight.double() + (delta.mT if stored_in_out else delta)
+    ids = torch.tensor([0, 2, 1, 1, 0, 2])
+    chosen = merged[ids].mT if swapped else merged[ids]
+    x = torch.randn(6, chosen.shape[2], 1) if operand == 0 else torch.randn(6, 1, chosen.shape[1])
+    want = chosen @ x.double() if operand == 0 else x.double() @ chosen
+    base = tmp_path / "base.onnx"
+    _expert_graph(base, weight.numpy(), operand, swapped)
+    feeds = {"ids": ids.numpy(), "x": x.numpy()}
+    for keep in (False, True):
+        out = tmp_path / f"out{keep}.onnx"
+        kw: dict[str, Any] = {"keep_lora": True, "empty_slots": False} if keep else {}
+        loracc.export_onnx(base, adapter, out, **kw)
+        got = torch.from_numpy(oo.session(out).run(None, feeds)[0]).double()
+        assert po.rel_err(got, want) < 1e-6, (
+            "keep-lora" if keep else "merged",
+            po.rel_err(got, want),
+        )
+
+
+def test_square_expert_read_against_the_layout_is_refused(tmp_path: Path) -> None:
+    """--base-weights says GPT-OSS's (E, in, out); a graph whose MatMul reads the square weight
+    as (out, in) could hold it transposed: refused, not guessed."""
+    from safetensors.torch import save_file
+
+    E, r, d = 3, 2, 4
+    weight = torch.randn(E, d, d)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "gpt_oss"}))
+    save_file({"layers.0.experts.w": weight}, str(hf / "model.safetensors"))
+    lora_A, lora_B = torch.randn(r * E, d), torch.randn(d, r * E)
+    adapter = _param_adapter(tmp_path / "adapter", lora_A, lora_B, r, r)
+    base = tmp_path / "base.onnx"
+    _expert_graph(base, weight.numpy(), operand=0, swapped=False)  # W[e] @ x: (out, in)
+    with pytest.raises(LoweringError, match=r"layers\.0\.experts\.w: 'mm' reads the square"):
+        loracc.export_onnx(base, adapter, tmp_path / "x.onnx", base_weights=hf)
+    loracc.export_onnx(base, adapter, tmp_path / "ok.onnx")  # the graph decides without a base
