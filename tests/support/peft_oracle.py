@@ -122,6 +122,12 @@ def qwen3moe_config() -> Any:
     )
 
 
+def mixtral_config() -> Any:
+    from transformers import MixtralConfig
+
+    return MixtralConfig(**TINY_DECODER, num_local_experts=3, num_experts_per_tok=2)
+
+
 def gpt_oss_config() -> Any:
     """GPT-OSS: experts ``is_transposed`` (stored (E, in, out)), with biases."""
     from transformers import GptOssConfig
@@ -168,6 +174,7 @@ ARCHS: dict[str, Arch] = {
     "gpt2_untied": Arch("gpt2_untied", lambda: gpt2_config(tie=False), "causal"),
     "qwen3moe": Arch("qwen3moe", qwen3moe_config, "causal"),
     "gpt_oss": Arch("gpt_oss", gpt_oss_config, "causal"),
+    "mixtral": Arch("mixtral", mixtral_config, "causal"),
     "conv": Arch("conv", None, "custom"),
 }
 
@@ -445,6 +452,10 @@ CASE_SPECS: dict[str, CaseSpec] = {
     # Transposed experts (E, in, out), stored fused: gate_up_proj (4, 32, 32), down_proj
     # (4, 16, 32).
     "gpt_oss_target_param_3d": CaseSpec("gpt_oss", FUSED_EXPERTS_LORA),
+    # Experts next to 2-D sites (q_proj, the router's gate).
+    "mixtral_target_param_3d": CaseSpec(
+        "mixtral", {**FUSED_EXPERTS_LORA, "target_modules": ["q_proj", "gate"]}
+    ),
     # One 3-D parameter per module (no nesting): isolates the per-expert on-disk layout.
     "qwen3moe_target_param_3d_single": CaseSpec(
         "qwen3moe",
