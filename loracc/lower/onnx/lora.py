@@ -221,9 +221,8 @@ def group_params(group: SlotGroup, sites: Mapping[str, Site]) -> dict[str, torch
         assert site.magnitude is None, f"{site.module}: DoRA magnitude not folded (fold-dora)"
     out: dict[str, torch.Tensor] = {}
     if group.experts:  # one member: the expert weight is never fused with another
-        site = present[0][1] if present else None
         out[group.A], out[group.B] = expert_slot_values(
-            site, group.experts, group.fan_in, group.fan_out
+            present[0][1] if present else None, group.experts, group.fan_in, group.fan_out
         )
         return out
     rank = sum(s.rank for _, s in present)

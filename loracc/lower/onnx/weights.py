@@ -77,7 +77,7 @@ class OnnxBase:
             m: shown for m, b in table.sites.items() if (shown := b.graph_layout()) is not None
         }
         experts = {
-            m: shown for m, b in table.sites.items() if (shown := b.graph_experts()) is not None
+            m: found for m, b in table.sites.items() if (found := b.graph_experts()) is not None
         }
         entries: dict[str, BaseEntry] = {}
         for adapter in adapters:
