@@ -18,7 +18,14 @@ from loracc.api.hf import (
     merge,
 )
 from loracc.api.hf import inspect_adapter as inspect
-from loracc.api.onnx import OnnxReport, PackReport, check_adapter_files, export_onnx, pack
+from loracc.api.onnx import (
+    OnnxReport,
+    PackReport,
+    adapter_session,
+    check_adapter_files,
+    export_onnx,
+    pack,
+)
 from loracc.errors import LoraccError
 from loracc.ir import Adapter, Replacement, Site, SiteKind, TokenRows
 from loracc.pipeline import compile_adapter
@@ -35,6 +42,7 @@ __all__ = [
     "Site",
     "SiteKind",
     "TokenRows",
+    "adapter_session",
     "check_adapter_files",
     "combine",
     "compile_adapter",

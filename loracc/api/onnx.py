@@ -11,7 +11,7 @@ without the ``onnx`` extra.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,13 +26,22 @@ if TYPE_CHECKING:
     import torch
 
     from loracc.io.checkpoint import Checkpoint
+    from loracc.io.ort import AdapterSession
     from loracc.ir import Adapter
     from loracc.lower.onnx.bind import BindingTable
     from loracc.lower.onnx.index import GraphIndex
     from loracc.lower.onnx.lora import SlotGroup
     from loracc.weights import BaseWeights
 
-__all__ = ["OnnxReport", "PackReport", "bind_onnx", "check_adapter_files", "export_onnx", "pack"]
+__all__ = [
+    "OnnxReport",
+    "PackReport",
+    "adapter_session",
+    "bind_onnx",
+    "check_adapter_files",
+    "export_onnx",
+    "pack",
+]
 
 
 @dataclass
@@ -630,3 +639,42 @@ def check_adapter_files(model: PathLike, *adapter_files: PathLike) -> None:
     from loracc.lower.onnx.lora import check_adapter_files as check
 
     check(model, *adapter_files)
+
+
+def adapter_session(
+    session: Any, adapters: Mapping[str, PathLike], *, model: PathLike | None = None
+) -> AdapterSession:
+    """``session`` (an ``onnxruntime.InferenceSession`` of ``model``) wrapped so that each
+    request runs the adapter chosen with ``with wrapped.active(name):``, also for callers that
+    pass no ``RunOptions`` or run through IOBinding (optimum's ``ORTModelForCausalLM``:
+    ``ort_model.session = loracc.adapter_session(ort_model.session, {...})``).
+
+    ``adapters`` maps names to ``.onnx_adapter`` files. Each file is checked against the model
+    first (:func:`check_adapter_files`: it must not leave filled slot defaults beside it), and
+    the defaults of every slot the files set are kept, so an IOBinding request without adapter
+    runs the model's own defaults. ``model`` defaults to the path the session was created from.
+
+    Raises:
+        InputError: a file sets a tensor that is not one of the model's adapter slots.
+        UnsupportedError: a file leaves filled slot defaults of the model in place.
+    """
+    from loracc.errors import InputError
+    from loracc.io.onnx_model import load_model
+    from loracc.io.ort import AdapterSession, adapter_names, session_device
+
+    path = Path(model if model is not None else session._model_path)
+    graph = load_model(path).graph
+    slot_inputs = {v.name for v in graph.inputs} & set(graph.initializers)
+    defaults = {}
+    for file in adapters.values():
+        check_adapter_files(path, file)
+        for name in sorted(adapter_names(file)):
+            if name not in slot_inputs:
+                raise InputError(
+                    f"{file}: '{name}' is not an adapter slot of {path} (write the file with "
+                    "`loracc pack --model` for this model)"
+                )
+            value = graph.initializers[name].const_value
+            assert value is not None  # an initializer has a value
+            defaults[name] = value.numpy()
+    return AdapterSession(session, adapters, defaults, *session_device(session))

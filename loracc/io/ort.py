@@ -41,13 +41,15 @@ NOTES for developers:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import errno
 import functools
 import io
 import os
 import re
-from collections.abc import Mapping, Sequence
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,7 @@ from loracc.errors import FormatError, InputError, UnsupportedError
 __all__ = [
     "BFLOAT16",
     "PROVIDER_ALIASES",
+    "AdapterSession",
     "Session",
     "TensorSpec",
     "adapter_ortvalues",
@@ -71,6 +74,7 @@ __all__ = [
     "read_adapter",
     "run_options",
     "session",
+    "session_device",
     "to_bf16_bits",
     "to_numpy",
     "to_ortvalue",
@@ -407,6 +411,115 @@ def adapter_ortvalues(
         array = np.array(value.numpy(), copy=True)  # the reader's values are views into it
         out[name] = ort.OrtValue.ortvalue_from_numpy(array, device, device_id)
     return out
+
+
+class AdapterSession:
+    """An ``InferenceSession`` stand-in whose runs apply the adapter active for the request.
+
+    For callers that run the session themselves without loracc's ``RunOptions`` (optimum's
+    ``ORTModelForCausalLM`` calls ``session.run(None, feeds)``, or ``run_with_iobinding`` on
+    CUDA): put this object where the session was, and choose the adapter per request with
+    :meth:`active`. Everything else (``get_inputs``, ``io_binding``, ``_sess`` …) is the
+    wrapped session's.
+
+    * ``run`` passes ``RunOptions`` with the active adapter (none: the graph's slot defaults).
+    * ``run_with_iobinding`` binds the active adapter's tensors, as OrtValues on the session's
+      device, to the slot inputs of the binding (onnxruntime ignores ``RunOptions`` adapters
+      there). A binding is reused across calls, so the slots an earlier request bound and this
+      one does not set are bound back to the model's ``defaults``: a request never runs with
+      the previous request's adapter.
+
+    The active adapter is a context variable: each thread (or asyncio task) has its own, and
+    one without :meth:`active` runs the defaults. Build it with
+    :func:`loracc.adapter_session`, which checks the files against the model first.
+    """
+
+    def __init__(
+        self,
+        session: Any,
+        adapters: Mapping[str, str | os.PathLike[str]],
+        defaults: Mapping[str, np.ndarray],
+        device: str = "cpu",
+        device_id: int = 0,
+    ) -> None:
+        self._session = session
+        self._files = {name: Path(path) for name, path in adapters.items()}
+        self._options = {name: run_options(path) for name, path in self._files.items()}
+        self._device = (device, device_id)
+        self._defaults = defaults
+        self._device_defaults: dict[str, Any] = {}
+        self._device_tensors: dict[str, dict[str, Any]] = {}
+        self._bound: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+        self._active: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+            f"loracc_adapter_{id(self)}", default=None
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session, name)
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        """The adapter names this session knows."""
+        return tuple(self._files)
+
+    @property
+    def current(self) -> str | None:
+        """The adapter active for this thread or task (None: the slot defaults)."""
+        return self._active.get()
+
+    @contextlib.contextmanager
+    def active(self, name: str | None) -> Iterator[None]:
+        """Run with adapter ``name`` (None: the model's slot defaults) inside the block."""
+        if name is not None and name not in self._files:
+            known = ", ".join(self._files) or "none"
+            raise InputError(f"adapter '{name}' is not one of this session's ({known})")
+        token = self._active.set(name)
+        try:
+            yield
+        finally:
+            self._active.reset(token)
+
+    def run(
+        self, output_names: Any, input_feed: Mapping[str, Any], run_options: Any = None
+    ) -> Any:
+        name = self._active.get()
+        if name is None:
+            return self._session.run(output_names, input_feed, run_options)
+        if run_options is not None:
+            raise InputError(
+                f"adapter '{name}' is active and the caller passed its own RunOptions; "
+                "activate adapters in one place"
+            )
+        return self._session.run(output_names, input_feed, self._options[name])
+
+    def run_with_iobinding(self, iobinding: Any, run_options: Any = None) -> None:
+        name = self._active.get()
+        tensors = self._tensors(name) if name is not None else {}
+        for slot in self._bound.get(iobinding, set()) - set(tensors):
+            iobinding.bind_ortvalue_input(slot, self._default(slot))
+        for slot, value in tensors.items():
+            iobinding.bind_ortvalue_input(slot, value)
+        self._bound[iobinding] = set(tensors)
+        self._session.run_with_iobinding(iobinding, run_options)
+
+    def _tensors(self, name: str) -> dict[str, Any]:
+        if name not in self._device_tensors:
+            self._device_tensors[name] = adapter_ortvalues(self._files[name], *self._device)
+        return self._device_tensors[name]
+
+    def _default(self, slot: str) -> Any:
+        if slot not in self._device_defaults:
+            array = np.ascontiguousarray(self._defaults[slot])
+            self._device_defaults[slot] = _ort().OrtValue.ortvalue_from_numpy(array, *self._device)
+        return self._device_defaults[slot]
+
+
+def session_device(session: Any) -> tuple[str, int]:
+    """("cuda", device id) when ``session`` runs on the CUDA execution provider, else ("cpu", 0)."""
+    if session.get_providers()[0] != "CUDAExecutionProvider":
+        return "cpu", 0
+    options = session.get_provider_options().get("CUDAExecutionProvider", {})
+    return "cuda", int(options.get("device_id", 0))
 
 
 # --------------------------------------------------------------------------------------------

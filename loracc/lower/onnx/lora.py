@@ -477,10 +477,11 @@ def _branch(
     if moved_bias is not None:
         out = emit("Add", [out, moved_bias], "bias_moved/Add")
     graph.insert_after(node, new)
-    if y.is_graph_output():  # keep the graph output's name on the adapted value
+    if y.is_graph_output():  # keep the graph output's name, type and named dims
         name = y.name
         y.name = unique_name(taken, f"{name}.base")
         out.name = name
+        out.type, out.shape = y.type, y.shape  # callers size buffers from them (IOBinding)
     y.replace_all_uses_with(out, replace_graph_outputs=True)
     join.replace_input_with(0, y)  # the branch's own Add still reads the base output
 
