@@ -479,9 +479,7 @@ class AdapterSession:
         finally:
             self._active.reset(token)
 
-    def run(
-        self, output_names: Any, input_feed: Mapping[str, Any], run_options: Any = None
-    ) -> Any:
+    def run(self, output_names: Any, input_feed: Mapping[str, Any], run_options: Any = None) -> Any:
         name = self._active.get()
         if name is None:
             return self._session.run(output_names, input_feed, run_options)
