@@ -25,6 +25,12 @@ Two more checks:
   the adapter's tensors are bound to the LoRA slot inputs as device OrtValues
   (``loracc.io.ort.adapter_ortvalues``); the result must equal the plain run with the adapter
   active through ``RunOptions`` on the same provider (``--atol``/``--rtol``).
+* **adapter_session** (the per-request wrapper for callers such as optimum's
+  ``ORTModelForCausalLM``, which run the session themselves): each keep-LoRA graph wrapped by
+  ``loracc.adapter_session``, one IOBinding reused for the requests adapter, none, adapter (the
+  wrapper binds the adapter's tensors on the device, then the slot defaults back), and
+  ``session.run`` without RunOptions for the same requests; each must equal the plain run of
+  that request on the same provider.
 
 Exit status: 0 when every comparison is within its tolerance, 1 when one is not, 2 when the CUDA
 execution provider is not usable here (the message says why; nothing is built).
@@ -192,6 +198,58 @@ def check_int4_and_iobinding(
             bad.append(
                 f"{dev}: {name} through IOBinding vs plain run max abs err {a:.3e} > {tol:.3e}"
             )
+    bad += check_adapter_session(
+        dev,
+        m["x"],
+        tol,
+        {
+            "keep": (m["keep"], m["adapter_file"], out["keep+adapter", dev],
+                     out["keep, no adapter", dev]),
+            "int4 keep": (q["keep"], q["adapter_file"], int4["int4 keep+adapter", dev],
+                          int4["int4 keep, no adapter", dev]),
+        },
+    )  # fmt: skip
+    return bad
+
+
+def check_adapter_session(
+    dev: str,
+    x: np.ndarray,
+    tol: float,
+    graphs: dict[str, tuple[Path, Path, np.ndarray, np.ndarray]],
+) -> list[str]:
+    """``loracc.adapter_session`` per request (adapter, none, adapter) through one reused
+    IOBinding on ``dev`` and through ``run`` without RunOptions, vs the plain runs of each
+    request (``graphs``: name -> (model, adapter file, with adapter, without))."""
+    import onnxruntime as ort
+
+    import loracc
+
+    device = "cuda" if dev == "cuda" else "cpu"
+    bad = []
+    print()
+    print(f"adapter_session on {dev}: requests adapter, none, adapter; vs the plain runs:")
+    print("| graph | call | request | max abs err |")
+    print("|---|---|---|---|")
+    for name, (path, adapter_file, with_adapter, without) in graphs.items():
+        wrapped = loracc.adapter_session(session(path, dev), {"a": adapter_file})
+        binding = wrapped.io_binding()
+        binding.bind_ortvalue_input("x", ort.OrtValue.ortvalue_from_numpy(x, device, 0))
+        output = wrapped.get_outputs()[0].name
+        for request, reference in (("a", with_adapter), (None, without), ("a", with_adapter)):
+            with wrapped.active(request):
+                binding.bind_output(output, device)
+                wrapped.run_with_iobinding(binding)
+                got = {"iobinding": binding.copy_outputs_to_cpu()[0]}
+                got["run"] = wrapped.run(None, {"x": x})[0]
+            for call, y in got.items():
+                a, _ = errors(np.asarray(y, dtype=np.float32), reference)
+                print(f"| {name} | {call} | {request or 'none'} | {a:.3e} |")
+                if not a <= tol:
+                    bad.append(
+                        f"{dev}: adapter_session {name} {call} request {request} "
+                        f"max abs err {a:.3e} > {tol:.3e}"
+                    )
     return bad
 
 
