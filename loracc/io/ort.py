@@ -355,7 +355,11 @@ def write_adapter(
     fmt = _ort().AdapterFormat()
     fmt.set_adapter_version(adapter_version)
     fmt.set_model_version(model_version)
-    fmt.set_parameters({name: to_ortvalue(a, t) for name, (a, t) in params.items()})
+    # An OrtValue only points at its array; the AdapterFormat keeps the pointers, not the
+    # arrays. A converted copy (non-contiguous input, bf16 bits) lives only in its Python
+    # OrtValue: keep those referenced until the file is written, or it holds freed memory.
+    values = {name: to_ortvalue(a, t) for name, (a, t) in params.items()}
+    fmt.set_parameters(values)
     try:
         fmt.export_adapter(os.fspath(path))
     except Exception as e:  # onnxruntime's own error types say only "Failed to write N bytes"
