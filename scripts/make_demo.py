@@ -12,13 +12,24 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 def make(out: Path) -> None:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     model = LlamaForCausalLM(config)
     model.save_pretrained(out / "base")
-    lora = LoraConfig(r=8, lora_alpha=16, use_rslora=True, init_lora_weights=False,
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"],
-                      alpha_pattern={"down_proj": 4})
+    lora = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        use_rslora=True,
+        init_lora_weights=False,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"],
+        alpha_pattern={"down_proj": 4},
+    )
     get_peft_model(model, lora).save_pretrained(out / "adapter")
 
 

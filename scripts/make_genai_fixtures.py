@@ -9,14 +9,21 @@ What it writes (about 600 KB; run it again to rebuild everything from the seed):
   writes (model.onnx + model.onnx.data, genai_config.json, tokenizer files). Its weights are
   ``<module>.MatMul.weight`` stored (in, out), read by MatMul without a Transpose, with
   ``attn.qkv_proj`` fused;
+* ``genai_fp16/``: the same with ``-p fp16`` (fp16 activations and weights, q/k/v split,
+  MultiHeadAttention); ``genai_int4/``: ``-p int4`` (``MatMulNBits`` int4, block 32,
+  accuracy_level 4, ``lm_head`` too, fp32 activations, fused ``qkv_proj``);
 * ``adapters/<case>/``: PEFT ``save_pretrained`` folders with random, non-zero factors:
   ``lora_lm_head`` (q/v/down_proj + ``lm_head``), ``save_lm_head`` (o_proj LoRA +
   ``modules_to_save=["lm_head"]``, retrained), ``dora_lm_head`` (DoRA on o_proj/down_proj/
-  ``lm_head``, magnitudes moved off the weight norms);
+  ``lm_head``, magnitudes moved off the weight norms), ``lora_attn`` (q/v/down_proj, no
+  ``lm_head``: the adapter the quantized builds can take, their ``lm_head`` being int4);
 * ``expected.npz``: ``input_ids`` and the logits PEFT computes for them in float64 (the
   unmerged ``PeftModel`` forward of the saved folders, eval mode; ``base`` for the plain
   model) and ``<case>_greedy``, the next 8 tokens PEFT's ``generate`` picks greedily: the
-  oracle, never loracc.
+  oracle, never loracc;
+* ``expected_int4.npz``: PEFT's float64 logits (``base``, ``lora_attn``) on the float model
+  whose Linear weights are ``genai_int4``'s MatMulNBits weights dequantized (numpy, from the
+  op's definition): the int4 base plus PEFT's LoRA branch, through the whole network.
 
 onnxruntime-genai installs beside the project's onnxruntime and transformers without changing
 them (it needs ``onnxruntime>=1.31``), but the project does not depend on it: run
@@ -42,6 +49,7 @@ OUT = ROOT / "tests" / "fixtures" / "genai_llama"
 INPUT_IDS = [[1, 17, 42, 99, 200, 7, 3, 128, 64, 255]]
 SEED = 1234
 GREEDY = 8  # tokens PEFT generates greedily after INPUT_IDS
+PRECISIONS = {"genai": "fp32", "genai_fp16": "fp16", "genai_int4": "int4"}  # folder: -p
 
 
 def _tokenizer(folder: Path) -> None:
@@ -120,6 +128,12 @@ def _adapters(
             use_dora=True,
             init_lora_weights=False,
         ),
+        "lora_attn": LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            init_lora_weights=False,
+        ),
     }
     for name, config in cases.items():
         torch.manual_seed(SEED + len(name))
@@ -133,7 +147,11 @@ def _adapters(
 
 
 def _logits(
-    hf: Path, adapters: Path, cases: list[str], ids: torch.Tensor
+    hf: Path,
+    adapters: Path,
+    cases: list[str],
+    ids: torch.Tensor,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, np.ndarray]:
     """PEFT's logits for the saved folders, loaded back as a user would, in float64: PEFT's own
     fp32 forward is 1.2e-5 (relative) off the fp64 one on the lm_head LoRA case, while an fp32
@@ -144,6 +162,8 @@ def _logits(
     logits = {}
     for name in ["base", *cases]:
         model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float64).eval()
+        if weights is not None:
+            model.load_state_dict(weights, strict=False)
         if name != "base":
             model = PeftModel.from_pretrained(model, adapters / name).eval()
         with torch.no_grad():
@@ -156,17 +176,50 @@ def _logits(
     return logits
 
 
-def _build(hf: Path, genai: Path, base: torch.nn.Module) -> None:
-    """The builder on an fp32 copy of ``hf`` (the checked-in copy is fp16 to stay small)."""
+def _build(hf: Path, out: Path, base: torch.nn.Module) -> None:
+    """The builder on an fp32 copy of ``hf`` (the checked-in copy is fp16 to stay small), once
+    per precision."""
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "hf32"
         base.save_pretrained(fp32)
         for f in hf.glob("tokenizer*"):
             shutil.copy(f, fp32 / f.name)
-        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder"]
-        cmd += ["-i", str(fp32), "-o", str(genai), "-p", "fp32", "-e", "cpu"]
-        cmd += ["-c", str(Path(tmp) / "cache")]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        for folder, precision in PRECISIONS.items():
+            cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder"]
+            cmd += ["-i", str(fp32), "-o", str(out / folder), "-p", precision, "-e", "cpu"]
+            cmd += ["-c", str(Path(tmp) / "cache")]
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def dequantized_weights(model_path: Path) -> dict[str, torch.Tensor]:
+    """The HF state-dict entries (``<module>.weight``, (out, in)) of every MatMulNBits node of a
+    builder graph, dequantized as the op defines: (q - zero_point) * scale per block; the fused
+    ``attn.qkv_proj`` rows split into q/k/v (q: hidden rows, k and v: the rest halved)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from tests.support.nbits import dequantize
+
+    model = onnx.load(str(model_path))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    out: dict[str, torch.Tensor] = {}
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        w = dequantize(node, inits)
+        n, k = w.shape
+        # "/model/layers.0/attn/qkv_proj/MatMul_Q4" -> "model.layers.0.attn.qkv_proj"
+        module = ".".join(p for p in node.name.split("/")[1:-1] if p)
+        if module.endswith(".attn.qkv_proj"):
+            kv = (n - k) // 2
+            parent = module.removesuffix(".attn.qkv_proj") + ".self_attn"
+            for proj, rows in zip(
+                ("q_proj", "k_proj", "v_proj"), np.split(w, [k, k + kv]), strict=True
+            ):
+                out[f"{parent}.{proj}.weight"] = torch.from_numpy(rows)
+            continue
+        out[module.replace(".attn.", ".self_attn.") + ".weight"] = torch.from_numpy(w)
+    return out
 
 
 def main() -> None:
@@ -182,12 +235,15 @@ def main() -> None:
 
     if out.exists():
         shutil.rmtree(out)
-    hf, genai = out / "hf", out / "genai"
+    hf = out / "hf"
     base = _base(hf)
-    _build(hf, genai, base)
+    _build(hf, out, base)
     ids = torch.tensor(INPUT_IDS, dtype=torch.int64)
     logits = _adapters(base, hf, out / "adapters", ids)
     np.savez(out / "expected.npz", input_ids=ids.numpy(), **logits)
+    weights = dequantized_weights(out / "genai_int4" / "model.onnx")
+    int4 = _logits(hf, out / "adapters", ["lora_attn"], ids, weights)
+    np.savez(out / "expected_int4.npz", input_ids=ids.numpy(), **int4)
     versions = {
         "onnxruntime_genai": onnxruntime_genai.__version__,
         "peft": peft.__version__,

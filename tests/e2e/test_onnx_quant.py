@@ -30,6 +30,7 @@ import loracc
 from loracc.errors import UnsupportedError
 from tests.support import onnx_oracle as te
 from tests.support import peft_oracle as po
+from tests.support.nbits import dequantize
 
 pytest.importorskip("onnxruntime")
 
@@ -111,15 +112,6 @@ def _module(node_name: str) -> str:
     return ".".join(parts[1:])  # drop the export wrapper's ``m``
 
 
-def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
-    rows = packed.shape[0]
-    flat = packed.reshape(rows, -1).astype(np.int32)
-    per = 8 // bits
-    return np.stack([(flat >> (bits * i)) & ((1 << bits) - 1) for i in range(per)], -1).reshape(
-        rows, -1
-    )
-
-
 def dequantized_weights(path: Path, *, steps: bool = False) -> dict[str, torch.Tensor]:
     """``<module>.weight`` (out, in) of every quantized node, dequantized as the ops define
     (``steps``: each MatMulNBits element's quantization step |scale| instead)."""
@@ -129,17 +121,8 @@ def dequantized_weights(path: Path, *, steps: bool = False) -> dict[str, torch.T
     for node in model.graph.node:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         if node.op_type == "MatMulNBits":
-            K, N, bits, bs = attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]
-            nb = (K + bs - 1) // bs
-            q = _unpack(inits[node.input[1]], bits)[:, : nb * bs].reshape(N, nb, bs)
-            scales = inits[node.input[2]].reshape(N, nb).astype(np.float32)
-            if len(node.input) > 3 and node.input[3]:
-                zp = _unpack(inits[node.input[3]].reshape(N, -1), bits)[:, :nb]
-            else:
-                zp = np.full((N, nb), 1 << (bits - 1))
-            w = ((q - zp[:, :, None]) * scales[:, :, None]).reshape(N, -1)[:, :K]
-            if steps:
-                w = np.repeat(np.abs(scales), bs, axis=1)[:, :K]
+            N, K = attrs["N"], attrs["K"]
+            w = dequantize(node, inits, steps=steps).astype(np.float32)
             module = _module(node.name)
             if module.endswith(".attn.qkv_proj"):  # fused q/k/v rows: q is (hidden, hidden)
                 parent = module.removesuffix(".attn.qkv_proj") + ".self_attn"
