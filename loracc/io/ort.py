@@ -402,9 +402,9 @@ def adapter_ortvalues(
     """The tensors of an adapter file as OrtValues of their own on ``device`` ("cpu", "cuda").
 
     For IOBinding: ``run_with_iobinding`` ignores the adapters active in its ``RunOptions`` (it
-    only warns), so bind these to the slot inputs of the same names instead.
+    only warns), so bind these to the slot inputs of the same names instead. Empty tensors (the
+    rank-0 slots of a multi-adapter file) stay on the CPU.
     """
-    ort = _ort()
     path = Path(path)
     out: dict[str, Any] = {}
     for name, value in _adapter_parameters(path).items():
@@ -413,7 +413,7 @@ def adapter_ortvalues(
                 f"{path}: {name} is bfloat16; bind it from to_ortvalue on the CPU"
             )
         array = np.array(value.numpy(), copy=True)  # the reader's values are views into it
-        out[name] = ort.OrtValue.ortvalue_from_numpy(array, device, device_id)
+        out[name] = _device_value(array, device, device_id)
     return out
 
 
@@ -512,8 +512,15 @@ class AdapterSession:
     def _default(self, slot: str) -> Any:
         if slot not in self._device_defaults:
             array = np.ascontiguousarray(self._defaults[slot])
-            self._device_defaults[slot] = _ort().OrtValue.ortvalue_from_numpy(array, *self._device)
+            self._device_defaults[slot] = _device_value(array, *self._device)
         return self._device_defaults[slot]
+
+
+def _device_value(array: np.ndarray, device: str, device_id: int) -> Any:
+    """An OrtValue owning a copy of ``array`` on ``device``; an empty one (a rank-0 slot) stays
+    on the CPU: it has no bytes to move, and a bound CPU input is valid on any provider."""
+    on = ("cpu", 0) if array.size == 0 else (device, device_id)
+    return _ort().OrtValue.ortvalue_from_numpy(array, *on)
 
 
 def session_device(session: Any) -> tuple[str, int]:
