@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"refused: {c.exporter} / {c.mode}: {c.refusal}")
         for ex in rows:
             print(f"tolerance {ex.name}: {ex.tolerance:.0e} ({ex.why_tolerance})")
+            for mode, (_, tolerance, why) in ex.overrides.items():
+                print(f"tolerance {ex.name} / {mode}: {tolerance:.2g} ({why})")
     return 0
 
 

@@ -81,13 +81,13 @@ def olive_style_file(
     ``dtype`` (float32 or float16, its ``--dtype``)."""
     config = json.loads((adapter / "adapter_config.json").read_text())
     scale = config["lora_alpha"] / config["r"]
-    params = {}
+    params: dict[str, tuple[np.ndarray, int]] = {}
     for key, value in load_file(str(adapter / "adapter_model.safetensors")).items():
         if ".lora_" not in key:
             continue  # a saved base weight (lm_head) is not a LoRA factor
-        array = (value.float().T * (scale if ".lora_B." in key else 1.0)).numpy().astype(dtype)
+        array: np.ndarray = (value.float().T * (scale if ".lora_B." in key else 1.0)).numpy()
         kind = 10 if dtype == np.float16 else 1  # onnx.TensorProto.FLOAT16 / FLOAT
-        params[rename(key.removeprefix("base_model.model."))] = (array, kind)
+        params[rename(key.removeprefix("base_model.model."))] = (array.astype(dtype), kind)
     write_adapter(path, params)
     return path
 
@@ -108,6 +108,15 @@ class Exporter:
     refusals: Mapping[str, str] = field(default_factory=dict)  # mode -> words of the refusal
     # mode -> (reference, tolerance, why) where a mode is held to another reference
     overrides: Mapping[str, tuple[np.ndarray, float, str]] = field(default_factory=dict)
+    slotted: bool = False  # the base has slots another tool made: the slot modes use them
+
+    def slot_model(self, out: Path) -> Path:
+        """The model the slot modes run: the base when it has slots, else loracc's default
+        keep-lora export of it written to ``out``."""
+        if self.slotted:
+            return self.base
+        loracc.export_onnx(self.base, self.adapter, out, keep_lora=True)
+        return out
 
     def reference_for(self, mode: str) -> tuple[np.ndarray, float]:
         reference, tolerance, _ = self.overrides.get(mode, (self.reference, self.tolerance, ""))
@@ -148,18 +157,14 @@ def run_cell(ex: Exporter, mode: str, work: Path) -> Cell:
             loracc.export_onnx(ex.base, ex.adapter, out, keep_lora=True, empty_slots=False)
             error = rel_error(run_logits(out, ex.feeds, None), ex.reference)
         elif mode == "empty slots + pack":
-            model = ex.base if ex.name.startswith("Olive") else out
-            if model == out:
-                loracc.export_onnx(ex.base, ex.adapter, out, keep_lora=True)
-            packed = loracc.pack(model, ex.adapter, work / "packed.onnx_adapter").output
+            model = ex.slot_model(out)
+            packed = Path(loracc.pack(model, ex.adapter, work / "packed.onnx_adapter").output)
             error = max(
                 rel_error(run_logits(model, ex.feeds, None), ex.base_reference),
-                rel_error(run_logits(model, ex.feeds, Path(packed)), ex.reference),
+                rel_error(run_logits(model, ex.feeds, packed), ex.reference),
             )
         elif mode == "foreign file":
-            model = ex.base if ex.name.startswith("Olive") else out
-            if model == out:
-                loracc.export_onnx(ex.base, ex.adapter, out, keep_lora=True)
+            model = ex.slot_model(out)
             error = rel_error(run_logits(model, ex.feeds, ex.foreign(model, work)), ex.reference)
         else:
             raise AssertionError(mode)
@@ -291,9 +296,11 @@ def _olive_rows() -> list[Exporter]:
     def feeds(specs: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
         return {specs[0].name: ref["x"]}
 
+    def olive_file(folder: str) -> Callable[[Path, Path], Path]:
+        return lambda model, work: FIXTURES / folder / "adapter_weights.onnx_adapter"
+
     rows = []
     for folder, label in (("olive_dynamo", "dynamo"), ("olive_torchscript", "TorchScript")):
-        own = FIXTURES / folder / "adapter_weights.onnx_adapter"
         rows.append(
             Exporter(
                 f"Olive capture ({label})",
@@ -304,7 +311,8 @@ def _olive_rows() -> list[Exporter]:
                 feeds,
                 1e-5,
                 "fp32 graph vs PEFT's fp32 forward (abs values ~1)",
-                lambda model, folder, own=own: own,
+                olive_file(folder),
+                slotted=True,
             )
         )
     return rows
