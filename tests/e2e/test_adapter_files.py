@@ -18,7 +18,6 @@ References are PEFT's forward (unmerged ``PeftModel``) and the base torch model,
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -31,10 +30,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
-from safetensors.torch import load_file
 
 import loracc
 from loracc.errors import FormatError, InputError, UnsupportedError
+from tests.support.deploy_cases import olive_style_file
 from tests.support.tiny_attention import (
     LAYERS,
     H,
@@ -94,23 +93,6 @@ def _err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float((got - ref).abs().max())
 
 
-def _olive_style_file(adapter: Path, path: Path, rename: Callable[[str], str] = str) -> Path:
-    """What ``olive convert-adapters`` writes, from PEFT's files alone: ``base_model.model.``
-    dropped, A = lora_Aᵀ, B = (alpha/r · lora_B)ᵀ, only the adapter's own modules named."""
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    scale = config["lora_alpha"] / config["r"]
-    tensors = load_file(str(adapter / "adapter_model.safetensors"))
-    params = {}
-    for key, value in tensors.items():
-        name = rename(key.removeprefix("base_model.model."))
-        array = value.T * (scale if ".lora_B." in key else 1.0)
-        params[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array.numpy()))
-    fmt = ort.AdapterFormat()
-    fmt.set_parameters(params)
-    fmt.export_adapter(str(path))
-    return path
-
-
 # --------------------------------------------------------------------------------------------
 # Priority: a model's slots never mix two adapters
 
@@ -138,7 +120,7 @@ def test_partial_file_is_exactly_its_adapter_on_the_default_export(
     in a raw onnxruntime session; on a --filled-slots model the same file mixes (why the
     default changed)."""
     base, x, out = tiny["root"] / "base.onnx", tiny["x"], tiny["out"]
-    partial = _olive_style_file(tiny["adapters"]["qv"], tmp_path / "qv.onnx_adapter")
+    partial = olive_style_file(tiny["adapters"]["qv"], tmp_path / "qv.onnx_adapter")
     empty = tmp_path / "empty.onnx"
     loracc.export_onnx(base, tiny["adapters"]["all"], empty, keep_lora=True)
     assert _err(_run(empty, x, partial), out["qv"]) < TOL
@@ -160,7 +142,7 @@ def test_loracc_refuses_a_partial_file_on_filled_slots(tiny: dict, tmp_path: Pat
         tiny["root"] / "base.onnx", tiny["adapters"]["all"], filled, keep_lora=True,
         empty_slots=False,
     )  # fmt: skip
-    partial = _olive_style_file(tiny["adapters"]["qv"], tmp_path / "qv.onnx_adapter")
+    partial = olive_style_file(tiny["adapters"]["qv"], tmp_path / "qv.onnx_adapter")
     with pytest.raises(UnsupportedError, match=r"k_proj\.lora_A\.weight.*--empty-slots"):
         runner.open_model_session(filled, "cpu", adapter=partial)
     with pytest.raises(UnsupportedError, match="hold another adapter"):

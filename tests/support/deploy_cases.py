@@ -73,9 +73,7 @@ def llm_feeds(
     return feeds
 
 
-def olive_style_file(
-    adapter: Path, path: Path, rename: Callable[[str], str] = str, dtype: type = np.float32
-) -> Path:
+def olive_style_file(adapter: Path, path: Path, dtype: type = np.float32) -> Path:
     """What ``olive convert-adapters`` writes, from PEFT's files alone: ``base_model.model.``
     dropped, A = lora_Aᵀ, B = (alpha/r · lora_B)ᵀ, only the adapter's own modules named, in
     ``dtype`` (float32 or float16, its ``--dtype``)."""
@@ -87,7 +85,7 @@ def olive_style_file(
             continue  # a saved base weight (lm_head) is not a LoRA factor
         array: np.ndarray = (value.float().T * (scale if ".lora_B." in key else 1.0)).numpy()
         kind = 10 if dtype == np.float16 else 1  # onnx.TensorProto.FLOAT16 / FLOAT
-        params[rename(key.removeprefix("base_model.model."))] = (array.astype(dtype), kind)
+        params[key.removeprefix("base_model.model.")] = (array.astype(dtype), kind)
     write_adapter(path, params)
     return path
 
