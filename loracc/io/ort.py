@@ -484,15 +484,25 @@ class AdapterSession:
             self._active.reset(token)
 
     def run(self, output_names: Any, input_feed: Mapping[str, Any], run_options: Any = None) -> Any:
+        return self._session.run(output_names, input_feed, self._run_options(run_options))
+
+    def run_with_ort_values(
+        self, output_names: Any, input_dict_ort_values: Mapping[str, Any], run_options: Any = None
+    ) -> Any:
+        options = self._run_options(run_options)
+        return self._session.run_with_ort_values(output_names, input_dict_ort_values, options)
+
+    def _run_options(self, run_options: Any) -> Any:
+        """The caller's options when no adapter is active, else the active adapter's."""
         name = self._active.get()
         if name is None:
-            return self._session.run(output_names, input_feed, run_options)
+            return run_options
         if run_options is not None:
             raise InputError(
                 f"adapter '{name}' is active and the caller passed its own RunOptions; "
                 "activate adapters in one place"
             )
-        return self._session.run(output_names, input_feed, self._options[name])
+        return self._options[name]
 
     def run_with_iobinding(self, iobinding: Any, run_options: Any = None) -> None:
         name = self._active.get()

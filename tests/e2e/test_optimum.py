@@ -158,21 +158,27 @@ def test_keep_lora_keeps_the_named_output_dims(tmp_path: Path) -> None:
 def test_threads_have_their_own_adapter(tmp_path: Path, expected: dict[str, np.ndarray]) -> None:
     model, files = _keep_lora(tmp_path, "nopast")
     sess = loracc.adapter_session(open_session(model), files)
-    got: dict[str, np.ndarray] = {}
-    ids = expected["input_ids"]
+    got: dict[tuple[str, bool], np.ndarray] = {}
+    feeds = _feeds(sess, expected["input_ids"], None)
 
-    def request(name: str) -> None:
+    def request(name: str, ort_values: bool) -> None:
         with sess.active(name):
-            got[name] = sess.run(None, _feeds(sess, ids, None))[0]
+            if ort_values:  # the call loracc's own runner makes
+                values = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in feeds.items()}
+                got[name, ort_values] = sess.run_with_ort_values(["logits"], values)[0].numpy()
+            else:
+                got[name, ort_values] = sess.run(None, feeds)[0]
 
-    threads = [threading.Thread(target=request, args=(n,)) for n in ADAPTERS for _ in range(2)]
+    threads = [
+        threading.Thread(target=request, args=(n, v)) for n in ADAPTERS for v in (False, True)
+    ]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    for name in ADAPTERS:
-        assert rel_error(got[name], expected[name]) <= TOLERANCE
-    assert sess.current is None  # this thread never activated one
+    for (name, _), logits in got.items():
+        assert rel_error(logits, expected[name]) <= TOLERANCE
+    assert len(got) == 4 and sess.current is None  # this thread never activated one
 
 
 def test_merged_and_recorded_generate_match_peft(
