@@ -25,6 +25,7 @@ from loracc.api.onnx import (
     check_adapter_files,
     export_onnx,
     pack,
+    pack_mixed,
 )
 from loracc.errors import LoraccError
 from loracc.ir import Adapter, Replacement, Site, SiteKind, TokenRows
@@ -53,4 +54,5 @@ __all__ = [
     "load_adapter",
     "merge",
     "pack",
+    "pack_mixed",
 ]

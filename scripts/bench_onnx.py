@@ -42,6 +42,8 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -56,25 +58,12 @@ def build(
     """Export the base (fp16 with ``half``), make the adapter with peft, write merged and
     keep-LoRA graphs. ``scripts/check_cuda.py`` builds its fp16 model here too."""
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     import loracc
 
     torch.manual_seed(0)
-
-    class Stack(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.layers = torch.nn.ModuleList(
-                torch.nn.Linear(d, d, bias=False) for _ in range(layers)
-            )
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            for layer in self.layers:
-                x = layer(x)
-            return x
-
-    base = Stack().eval()
+    base = stack(d, layers)
     x = torch.randn(1, tokens, d)
     base_path = work / "base.onnx"
     with warnings.catch_warnings():
@@ -85,18 +74,8 @@ def build(
             do_constant_folding=True,
         )  # fmt: skip
     base.float()
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=2 * rank,
-        target_modules=[f"layers.{i}" for i in range(layers)],
-        init_lora_weights=False,  # random B: the adapter really changes the output
-    )
-    peft_model = get_peft_model(base, config)
-    # init_lora_weights=False draws B like A; shrink it to a realistic update size
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.mul_(0.05)
+    peft_model = get_peft_model(base, lora_config(layers, rank))
+    shrink_b(peft_model)
     adapter = work / "adapter"
     peft_model.save_pretrained(str(adapter))
     with torch.no_grad():
@@ -118,6 +97,46 @@ def build(
         "adapter_mib": adapter_file.stat().st_size / 2**20,
         "model_mib": base_path.stat().st_size / 2**20,
     }
+
+
+def stack(d: int, layers: int) -> Any:
+    """``layers`` chained ``nn.Linear(d, d)`` without bias, in eval mode."""
+    import torch
+
+    class Stack(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = torch.nn.ModuleList(
+                torch.nn.Linear(d, d, bias=False) for _ in range(layers)
+            )
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    return Stack().eval()
+
+
+def lora_config(layers: int, rank: int) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=[f"layers.{i}" for i in range(layers)],
+        init_lora_weights=False,  # random B: the adapter really changes the output
+    )
+
+
+def shrink_b(peft_model: Any, factor: float = 0.05) -> None:
+    """init_lora_weights=False draws B like A; shrink it to a realistic update size."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(factor)
 
 
 def build_int4(work: Path, m: dict[str, Any]) -> dict[str, Any]:
@@ -213,14 +232,18 @@ def check(m: dict[str, Any]) -> dict[str, float]:
     return errs
 
 
+def _runs(variants: dict[str, tuple[Any, Any]], feeds: dict[str, Any]) -> dict[str, Any]:
+    """``(session, RunOptions)`` pairs as calls of one run each on ``feeds``."""
+    return {k: partial(sess.run, None, feeds, ro) for k, (sess, ro) in variants.items()}
+
+
 def _rounds(
-    variants: dict[str, tuple[Any, Any]],
-    feeds: dict[str, Any],
+    variants: dict[str, Callable[[], Any]],
     threads: int,
     rounds: int,
     warmup: int,
 ) -> tuple[dict[str, list[float]], dict[str, float], dict[str, float], Any]:
-    """Run every variant once per round in a fresh random order: times, medians, minima and
+    """Call every variant once per round in a fresh random order: times, medians, minima and
     the paired-ratio function."""
     times: dict[str, list[float]] = {k: [] for k in variants}
     rng = random.Random(threads)
@@ -228,9 +251,8 @@ def _rounds(
         order = list(variants)
         rng.shuffle(order)
         for k in order:
-            sess, ro = variants[k]
             t0 = time.perf_counter()
-            sess.run(None, feeds, ro)
+            variants[k]()
             dt = time.perf_counter() - t0
             if i >= warmup:
                 times[k].append(dt)
@@ -255,7 +277,7 @@ def time_int4(q: dict[str, Any], threads: int, rounds: int, warmup: int) -> dict
         "int4_keep_active": (sessions["keep"], run_options(q["adapter_file"])),
         "int4_merged": (sessions["merged"], ort.RunOptions()),
     }
-    _, med, best, paired = _rounds(variants, {"x": q["x"]}, threads, rounds, warmup)
+    _, med, best, paired = _rounds(_runs(variants, {"x": q["x"]}), threads, rounds, warmup)
     return {
         "threads": threads,
         "ms": {k: v * 1e3 for k, v in med.items()},
@@ -283,7 +305,7 @@ def time_runs(m: dict[str, Any], threads: int, rounds: int, warmup: int) -> dict
         "merged": (sessions["merged"], plain),
         "keep_active": (sessions["keep"], active),
     }
-    _, med, best, paired = _rounds(variants, feeds, threads, rounds, warmup)
+    _, med, best, paired = _rounds(_runs(variants, feeds), threads, rounds, warmup)
 
     # (c) activation vs a new session
     n_act = max(20, rounds * 5)
@@ -335,7 +357,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny model, few runs (smoke test)")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--int4", action="store_true", help="also time keep-LoRA/merged on int4")
+    ap.add_argument(
+        "--mixed-batch",
+        action="store_true",
+        help="instead: a batch of --batch rows over --adapters adapters (scripts/bench_mixed.py)",
+    )
+    ap.add_argument("--batch", type=int, default=8, help="--mixed-batch: rows per batch")
+    ap.add_argument("--adapters", type=int, default=4, help="--mixed-batch: adapters in the batch")
+    ap.add_argument(
+        "--sweep", default="1,4,16,64", help="--mixed-batch: adapter counts N for the cost of N"
+    )
     args = ap.parse_args(argv)
+    if args.mixed_batch:
+        from scripts.bench_mixed import main as mixed_main
+
+        return mixed_main(args)
     if args.quick:
         args.dim, args.layers, args.tokens, args.rounds, args.warmup = 128, 2, 16, 10, 2
     threads = [int(t) for t in args.threads.split(",") if t.strip()]

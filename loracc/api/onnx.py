@@ -41,6 +41,7 @@ __all__ = [
     "check_adapter_files",
     "export_onnx",
     "pack",
+    "pack_mixed",
 ]
 
 
@@ -320,6 +321,7 @@ def export_onnx(
     *,
     keep_lora: bool = False,
     empty_slots: bool | None = None,
+    mixed_batch: bool = False,
     base_weights: PathLike | None = None,
     initial_adapter: PathLike | None = None,
     external_data: bool | None = None,
@@ -343,6 +345,10 @@ def export_onnx(
             and the adapter is only in its file. None (the default) means True; False writes
             the first adapter into the defaults (an adapter file that names only some slots
             then mixes with them, see docs/ONNX.md).
+        mixed_batch: with ``keep_lora``, one graph for rows of different adapters: an int64
+            input ``lora_ids`` ([batch], −1 = base) picks each row's adapter from stacked slots,
+            the adapters in order; ``<output stem>.onnx_adapter`` holds the same set
+            (:mod:`loracc.lower.onnx.mixed`, docs/ONNX.md).
         base_weights: the base Hugging Face folder, to bind by value when names say nothing
             and to decide layer kinds from the checkpoint.
         initial_adapter: the adapter saved before training (pissa_niter, corda, ...).
@@ -374,6 +380,11 @@ def export_onnx(
     if empty_slots is not None and not keep_lora:
         flag = "--empty-slots" if empty_slots else "--filled-slots"
         raise ConfigError(f"{flag} needs --keep-lora")
+    if mixed_batch and (not keep_lora or empty_slots is not None):
+        raise ConfigError(
+            "--mixed-batch needs --keep-lora, without --empty-slots/--filled-slots (its slot "
+            "defaults hold the adapters in --adapter order)"
+        )
     if empty_slots is None:
         empty_slots = True  # a model's slots never mix two adapters (docs/ONNX.md)
     if output is None and not dry_run:
@@ -404,6 +415,8 @@ def export_onnx(
     if not keep_lora:
         plan = merge_edits(index, table, compiled)
         report.changed = apply_edits(index, plan, allow_nonfinite=allow_nonfinite)
+    elif mixed_batch:
+        extra.append(_export_mixed(index, table, compiled, report, output, str(base_path)))
     else:
         if sum(1 for a in compiled if a.replacements or a.token_rows) > 1:
             raise UnsupportedError(
@@ -436,18 +449,7 @@ def export_onnx(
                 "too): " + ", ".join(report.baked)
             )
             report.changed = apply_edits(index, baked, allow_nonfinite=allow_nonfinite)
-        report.slots = [
-            {
-                "key": g.key,
-                "op": g.op,
-                "in": g.fan_in,
-                "out": g.fan_out,
-                "dtype": g.dtype,
-                "slots": [n for n in (g.A, g.B, g.scale, g.bias) if n],
-                "members": [m.module for m in g.members],
-            }
-            for g in groups
-        ]
+        report.slots = [_slot_row(g) for g in groups]
         insert_slots(index, table, groups, defaults)
     side = genai.files if genai is not None else []
     if genai is not None and genai.note:
@@ -467,6 +469,46 @@ def export_onnx(
         )
     report.seconds = round(time.perf_counter() - start, 3)
     return report
+
+
+def _slot_row(g: SlotGroup) -> dict[str, Any]:
+    return {
+        "key": g.key,
+        "op": g.op,
+        "in": g.fan_in,
+        "out": g.fan_out,
+        "dtype": g.dtype,
+        "slots": [n for n in (g.A, g.B, g.scale, g.bias) if n],
+        "members": [m.module for m in g.members],
+    }
+
+
+def _export_mixed(
+    index: Any,
+    table: BindingTable,
+    compiled: Sequence[Adapter],
+    report: OnnxReport,
+    output: PathLike | None,
+    where: str,
+) -> tuple[Path, _AdapterWriter]:
+    """Add the mixed-batch branches and stacked slots (defaults: ``compiled`` in order); the
+    adapter file of the same set."""
+    from loracc.lower.onnx.mixed import IDS_INPUT, insert_mixed, plan_mixed, stack_params
+
+    layout = plan_mixed(table, compiled, where)
+    params = stack_params(layout, compiled, where)
+    (path,) = _adapter_paths(Path(output or "mixed.onnx"), [Path(where)])
+    report.mode = "mixed-batch"
+    report.adapter_files.append({"adapter": ", ".join(layout.adapters), "file": str(path)})
+    report.slots = [_slot_row(g) | {"rank": layout.ranks[g.key]} for g in layout.groups]
+    ids = ", ".join(f"{i} = {name}" for i, name in enumerate(layout.adapters))
+    report.notes.append(
+        f"mixed batch: input '{IDS_INPUT}' (int64 [batch]) picks each row's adapter: -1 = base, "
+        f"{ids}; other ids give NaN rows; stacked slots {layout.stack_bytes() / 2**20:.1f} MiB "
+        "(fp32)"
+    )
+    insert_mixed(index, table, layout, params)
+    return path, _AdapterWriter(params)
 
 
 def pack(
@@ -495,11 +537,17 @@ def pack(
     from loracc.io.onnx_model import load_model
     from loracc.io.output import atomic_files
     from loracc.lower.onnx.lora import MANIFEST_KEY
+    from loracc.lower.onnx.mixed import MIXED_KEY
 
     model_path, adapter_path, out = Path(model), Path(adapter), Path(output)
     if out.suffix != ".onnx_adapter":
         raise ConfigError(f"{out}: an adapter file name must end in .onnx_adapter")
     onnx_model = load_model(model_path)
+    if MIXED_KEY in onnx_model.metadata_props:
+        raise ConfigError(
+            f"{model_path}: a mixed-batch graph; write its adapter set with "
+            "`loracc pack --mixed-batch`"
+        )
     foreign = MANIFEST_KEY not in onnx_model.metadata_props
     if foreign:  # before the adapter is read: a model without slots is refused first
         from loracc.lower.onnx.foreign import foreign_groups
@@ -535,6 +583,73 @@ def pack(
     )
 
 
+def pack_mixed(
+    model: PathLike,
+    adapters: Sequence[PathLike],
+    output: PathLike,
+    *,
+    base_weights: PathLike | None = None,
+    initial_adapter: PathLike | None = None,
+    force: bool = False,
+    allow_nonfinite: bool = False,
+    layout: LayoutChoices = None,
+) -> PackReport:
+    """Write one ``.onnx_adapter`` file holding ``adapters`` (slot 0, 1, … in order) for a
+    mixed-batch graph (``export_onnx(..., mixed_batch=True)``): activated, ``lora_ids`` selects
+    among them. Refused: more adapters than the graph's slots, a rank above a slot's, a module
+    without a slot, DoRA where the graph has no DoRA scale, and base tensors replaced
+    (:mod:`loracc.lower.onnx.mixed`). Slots past
+    the adapters given are unfilled: their ids give NaN rows."""
+    from loracc.io.onnx_model import load_model
+    from loracc.io.output import atomic_files
+    from loracc.lower.onnx.mixed import NO_REPLACEMENTS, read_mixed, stack_params
+
+    model_path, out = Path(model), Path(output)
+    adapter_paths = _paths(adapters)
+    if out.suffix != ".onnx_adapter":
+        raise ConfigError(f"{out}: an adapter file name must end in .onnx_adapter")
+    onnx_model = load_model(model_path)
+    where = str(model_path)
+    mixed = read_mixed(onnx_model, where)
+    if len(adapter_paths) > mixed.slots:
+        raise UnsupportedError(
+            f"{where}: {len(adapter_paths)} adapters for a mixed-batch graph with {mixed.slots} "
+            "adapter slots (export the graph with at least as many --adapter)"
+        )
+    ckpt = _checkpoint(base_weights)
+    compiled = []
+    for path in adapter_paths:
+        loaded = _load(
+            path, ckpt, initial_adapter, allow_nonfinite, layout, target=Target.ONNX_KEEP_LORA
+        )
+        compiled.append(
+            _compile_for_slots(
+                onnx_model, mixed.groups, loaded, model_path, path, f"; {NO_REPLACEMENTS}"
+            )
+        )
+    params = stack_params(mixed, compiled, where)
+    inputs = _inputs(model_path, adapter_paths, onnx_model, initial_adapter, base_weights)
+    with atomic_files([out], inputs, force=force) as (tmp,):
+        _AdapterWriter(params)(tmp)
+    used = {s.module for a in compiled for s in a.sites}
+    notes = [n for a in compiled for n in a.notes]
+    if len(compiled) < mixed.slots:
+        notes.append(
+            f"{len(compiled)} of {mixed.slots} adapter slots filled: lora_ids "
+            f"{len(compiled)}..{mixed.slots - 1} give NaN rows"
+        )
+    return PackReport(
+        model=where,
+        adapter=", ".join(str(p) for p in adapter_paths),
+        output=str(out),
+        slots=len(mixed.groups),
+        filled=sorted(g.key for g in mixed.groups if any(m.module in used for m in g.members)),
+        empty=sorted(g.key for g in mixed.groups if all(m.module not in used for m in g.members)),
+        params=sum(int(v.numel()) for v, _ in params.values()),
+        notes=notes,
+    )
+
+
 SlotParams = dict[str, tuple["torch.Tensor", int]]
 
 
@@ -543,26 +658,45 @@ def _pack_manifest(
 ) -> tuple[list[SlotGroup], SlotParams, list[str]]:
     """The slot values of ``loaded`` for a keep-lora export: its manifest's groups, the passes
     run against the base weights behind the slots. Groups keep only the members it fills."""
+    from loracc.lower.onnx.lora import pack_params, read_manifest
+
+    groups = read_manifest(onnx_model, str(model_path))
+    compiled = _compile_for_slots(onnx_model, groups, loaded, model_path, adapter_path)
+    params = pack_params(groups, compiled)
+    used = {s.module for s in compiled.sites}
+    for g in groups:
+        g.members = [m for m in g.members if m.module in used]
+    return groups, params, list(compiled.notes)
+
+
+def _compile_for_slots(
+    onnx_model: Any,
+    groups: Sequence[SlotGroup],
+    loaded: Adapter,
+    model_path: Path,
+    adapter_path: Path,
+    replaced: str = ": export a model with this adapter (--keep-lora) to bake them",
+) -> Adapter:
+    """``loaded`` compiled for the slot ``groups`` of ``onnx_model``: the passes run against the
+    base weights behind the slots, checked to fit them; base tensors it really replaces are
+    refused with the ``replaced`` hint."""
     from loracc.ir import SiteKind
     from loracc.lower.onnx.bind import bind_adapter
     from loracc.lower.onnx.index import GraphIndex
-    from loracc.lower.onnx.lora import check_fits, manifest_base, pack_params, read_manifest
+    from loracc.lower.onnx.lora import check_fits, manifest_base
     from loracc.lower.onnx.surgery import lift_weight_constants
     from loracc.lower.onnx.weights import OnnxBase
     from loracc.passes import PassContext
     from loracc.passes.apply_graph_layout import graph_layout
     from loracc.passes.drop_noop_replacements import DropNoopReplacements
 
-    groups = read_manifest(onnx_model, str(model_path))
     if loaded.replacements:
         lift_weight_constants(onnx_model.graph)
         replacing = replace(loaded, sites=(), token_rows=())
         table = bind_adapter(GraphIndex(onnx_model), [replacing])
         ctx = PassContext(base=OnnxBase.from_table(table, [replacing], str(model_path)))
         loaded = DropNoopReplacements()(loaded, ctx).adapter
-    _refuse_replacements(
-        loaded, adapter_path, ": export a model with this adapter (--keep-lora) to bake them"
-    )
+    _refuse_replacements(loaded, adapter_path, replaced)
     kinds = {m.module: SiteKind(m.kind) for g in groups for m in g.members}
     sites = tuple(
         graph_layout(s, kinds[s.module], f"slot manifest of {model_path}")
@@ -578,11 +712,7 @@ def _pack_manifest(
     base = manifest_base(onnx_model, groups, str(model_path))
     compiled, _ = _compile(loaded, base, Target.ONNX_KEEP_LORA)
     check_fits(group_of, compiled, str(model_path))
-    params = pack_params(groups, compiled)
-    used = {s.module for s in compiled.sites}
-    for g in groups:
-        g.members = [m for m in g.members if m.module in used]
-    return groups, params, list(compiled.notes)
+    return compiled
 
 
 def _refuse_replacements(adapter: Adapter, adapter_path: Path, hint: str) -> None:

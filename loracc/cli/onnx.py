@@ -11,7 +11,6 @@ import click
 from loracc.api import onnx as onnx_api
 from loracc.cli.common import (
     OnceCommand,
-    adapter_option,
     allow_nonfinite_option,
     binding_lines,
     emit,
@@ -67,6 +66,13 @@ base_weights_option = click.option(
     "the adapter ships only as OUT.onnx_adapter (the default); --filled-slots: the defaults hold "
     "the first adapter (a file naming only some slots then mixes with them; docs/ONNX.md).",
 )
+@click.option(
+    "--mixed-batch",
+    is_flag=True,
+    help="With --keep-lora: one graph serving rows of different adapters; an int64 input "
+    "lora_ids ([batch], -1 = base, i = the i-th --adapter) picks each row's adapter from "
+    "stacked slots (docs/ONNX.md).",
+)
 @base_weights_option
 @initial_adapter_option
 @click.option(
@@ -93,6 +99,7 @@ def export(
     output: str | None,
     keep_lora: bool,
     empty_slots: bool | None,
+    mixed_batch: bool,
     base_weights: str | None,
     initial_adapter: str | None,
     external_data: bool | None,
@@ -107,6 +114,8 @@ def export(
     \b
     loracc export --onnx --base BASE.onnx --adapter DIR -o OUT.onnx
     loracc export --onnx --keep-lora --base BASE.onnx --adapter DIR -o OUT.onnx
+    loracc export --onnx --keep-lora --mixed-batch --base BASE.onnx --adapter A1 --adapter A2 \
+        -o OUT.onnx
     """
     if not onnx_flag:
         raise ConfigError("export: say --onnx (the only export target)")
@@ -116,6 +125,7 @@ def export(
         output,
         keep_lora=keep_lora,
         empty_slots=empty_slots,
+        mixed_batch=mixed_batch,
         base_weights=base_weights,
         initial_adapter=initial_adapter,
         external_data=external_data,
@@ -151,9 +161,21 @@ def _export_text(r: dict[str, Any]) -> str:
 @click.option(
     "--model", "model", required=True, type=click.Path(), help="ONNX model with adapter slots."
 )
-@adapter_option
+@click.option(
+    "--adapter",
+    "adapters",
+    required=True,
+    multiple=True,
+    type=click.Path(),
+    help="PEFT adapter folder; repeat with --mixed-batch (slot i = the i-th adapter).",
+)
 @click.option(
     "-o", "--output", "output", required=True, type=click.Path(), help="NAME.onnx_adapter."
+)
+@click.option(
+    "--mixed-batch",
+    is_flag=True,
+    help="The model is a --mixed-batch export: one file with the adapters' stacked slots.",
 )
 @base_weights_option
 @initial_adapter_option
@@ -164,8 +186,9 @@ def _export_text(r: dict[str, Any]) -> str:
 @guard
 def pack(
     model: str,
-    adapter_dir: str,
+    adapters: tuple[str, ...],
     output: str,
+    mixed_batch: bool,
     base_weights: str | None,
     initial_adapter: str | None,
     force: bool,
@@ -179,17 +202,27 @@ def pack(
     (the file then uses its slot names, a fused q/k/v adapter split as its slots are). The
     adapter is checked against the model's slots (module, shapes, dtype); ranks may differ from
     the export's. Activate it with RunOptions.add_active_adapter.
+
+    \b
+    loracc pack --model OUT.onnx --adapter DIR -o NAME.onnx_adapter
+    loracc pack --mixed-batch --model OUT.onnx --adapter B1 --adapter B2 -o SET.onnx_adapter
     """
-    report = onnx_api.pack(
-        model,
-        adapter_dir,
-        output,
+    if len(adapters) > 1 and not mixed_batch:
+        raise ConfigError(
+            f"pack: --adapter given {len(adapters)} times; one file holds one adapter "
+            "(several need --mixed-batch and a --mixed-batch model)"
+        )
+    options: dict[str, Any] = dict(
         base_weights=base_weights,
         initial_adapter=initial_adapter,
         force=force,
         allow_nonfinite=allow_nonfinite,
         layout=layout,
     )
+    if mixed_batch:
+        report = onnx_api.pack_mixed(model, list(adapters), output, **options)
+    else:
+        report = onnx_api.pack(model, adapters[0], output, **options)
     emit(report.to_dict(), as_json, _pack_text)
 
 

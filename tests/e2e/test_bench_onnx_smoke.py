@@ -34,6 +34,22 @@ def test_bench_onnx_quick_prints_the_three_ratios(tmp_path: Path) -> None:
     assert int4["d"] > 0 and int4["e"] > 0
 
 
+def test_bench_onnx_mixed_batch_quick_prints_both_ratios_and_the_sweep(tmp_path: Path) -> None:
+    out = tmp_path / "mixed.json"
+    cmd = [sys.executable, str(REPO / "scripts/bench_onnx.py"), "--mixed-batch", "--quick"]
+    cmd += ["--threads", "1", "--sweep", "1,4,8", "--json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for ratio in ("(a)/(c) mixed/merged", "(a)/(b) mixed/grouped"):
+        assert re.search(rf"ratio {re.escape(ratio)} = [\d.]+ \[goal", done.stdout), ratio
+    data = json.loads(out.read_text())
+    assert data["errors"]["mixed_vs_peft"] < 1e-4 and data["errors"]["adapter_effect"] > 1e-3
+    (result,) = data["results"]
+    assert result["a_c"] > 0 and result["a_b"] > 0
+    mib = [result["sweep"][n]["stacked_mib"] for n in ("1", "4", "8")]
+    assert 0 < mib[0] < mib[1] < mib[2]  # (N + 2) stacked rows per slot
+
+
 def test_check_cuda_refuses_cleanly_without_cuda() -> None:
     from loracc.io.ort import cuda_usable
 

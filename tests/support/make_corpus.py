@@ -1346,6 +1346,10 @@ CASES: tuple[Case, ...] = (
     Case("pack-no-manifest", "pack for a model with neither the loracc.slots manifest nor slots",
          _pack_with(lambda lay: lay.argv.__setitem__(2, str(lay.root / "base" / "model.onnx"))),
          2, "no 'loracc.slots' metadata", "model.onnx", needs="onnxruntime", group="onnx"),
+    Case("pack-mixed-on-keep-lora", "pack --mixed-batch for a keep-lora model (no mixed slots)",
+         _pack_with(lambda lay: lay.argv.insert(1, "--mixed-batch")),
+         2, "no 'loracc.mixed' metadata", "model.onnx", needs="loracc.lower.onnx.mixed",
+         group="onnx"),
     Case("pack-adapter-is-file", "pack --adapter names a corrupt .onnx_adapter file, not a folder",
          _pack_with(lambda lay: lay.argv.__setitem__(4, _write(
              lay.root / "bad.onnx_adapter", b"TORT" + b"\xff" * 60))),
