@@ -8,28 +8,33 @@ adapter of several.
 
 from __future__ import annotations
 
-from loracc.api.combination import CombineReport, combine
-from loracc.api.hf import (
-    ConvertReport,
-    MergeReport,
-    convert,
-    emit_ir,
-    load_adapter,
-    merge,
-)
-from loracc.api.hf import inspect_adapter as inspect
-from loracc.api.onnx import (
-    OnnxReport,
-    PackReport,
-    adapter_session,
-    check_adapter_files,
-    export_onnx,
-    pack,
-    pack_mixed,
-)
-from loracc.errors import LoraccError
-from loracc.ir import Adapter, Replacement, Site, SiteKind, TokenRows
-from loracc.pipeline import compile_adapter
+from typing import TYPE_CHECKING
+
+from loracc._lazy import lazy_attributes
+
+if TYPE_CHECKING:  # imported on first use (loracc._lazy): ``import loracc`` needs no torch
+    from loracc.api.combination import CombineReport, combine
+    from loracc.api.hf import (
+        ConvertReport,
+        MergeReport,
+        convert,
+        emit_ir,
+        load_adapter,
+        merge,
+    )
+    from loracc.api.hf import inspect_adapter as inspect
+    from loracc.api.onnx import (
+        OnnxReport,
+        PackReport,
+        adapter_session,
+        check_adapter_files,
+        export_onnx,
+        pack,
+        pack_mixed,
+    )
+    from loracc.errors import LoraccError
+    from loracc.ir import Adapter, Replacement, Site, SiteKind, TokenRows
+    from loracc.pipeline import compile_adapter
 
 __all__ = [
     "Adapter",
@@ -56,3 +61,30 @@ __all__ = [
     "pack",
     "pack_mixed",
 ]
+
+__getattr__, __dir__ = lazy_attributes(
+    __name__,
+    {
+        **dict.fromkeys(["CombineReport", "combine"], "loracc.api.combination"),
+        **dict.fromkeys(
+            ["ConvertReport", "MergeReport", "convert", "emit_ir", "load_adapter", "merge"],
+            "loracc.api.hf",
+        ),
+        "inspect": "loracc.api.hf:inspect_adapter",
+        **dict.fromkeys(
+            [
+                "OnnxReport",
+                "PackReport",
+                "adapter_session",
+                "check_adapter_files",
+                "export_onnx",
+                "pack",
+                "pack_mixed",
+            ],
+            "loracc.api.onnx",
+        ),
+        "LoraccError": "loracc.errors",
+        **dict.fromkeys(["Adapter", "Replacement", "Site", "SiteKind", "TokenRows"], "loracc.ir"),
+        "compile_adapter": "loracc.pipeline",
+    },
+)

@@ -13,12 +13,14 @@ import time
 import traceback
 from collections.abc import Callable
 from functools import wraps
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from loracc.errors import LoraccError, Terminated, printable
-from loracc.passes import Pass, parse_pipeline
+
+if TYPE_CHECKING:
+    from loracc.passes import Pass
 
 __all__ = [
     "LoraccGroup",
@@ -51,6 +53,7 @@ _EXTRAS: dict[str, str] = {
     "onnx_ir": "pip install 'loracc[onnx]'",
     "onnxscript": "pip install onnxscript",
     "onnxruntime": "pip install onnxruntime (or onnxruntime-gpu for CUDA)",
+    "torch": "pip install 'loracc[torch]'",
 }
 
 
@@ -76,8 +79,11 @@ def guard(fn: Callable[..., Any]) -> Callable[..., Any]:
             if missing in _EXTRAS:  # not a bug: an optional dependency is missing
                 if debug:
                     traceback.print_exc()
+                command = click.get_current_context().command_path
                 click.echo(
-                    f"loracc: error: {missing} is not installed: {_EXTRAS[missing]}", err=True
+                    f"loracc: error: {command} needs {missing}, which is not installed: "
+                    f"{_EXTRAS[missing]}",
+                    err=True,
                 )
                 sys.exit(2)
             if debug:
@@ -217,6 +223,8 @@ def passes_option(default: str) -> Callable[[Callable[..., Any]], Callable[..., 
 
 
 def parse_passes(spec: str | None) -> list[Pass] | None:
+    from loracc.passes import parse_pipeline  # imports torch: only for commands that run passes
+
     return parse_pipeline(spec) if spec is not None else None
 
 

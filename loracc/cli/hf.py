@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from loracc.api import hf as api
+from loracc._lazy import lazy_module
 from loracc.cli.common import (
     OnceCommand,
     adapter_option,
@@ -29,6 +29,11 @@ from loracc.cli.common import (
     terminal_progress,
     weights_option,
 )
+
+if TYPE_CHECKING:
+    from loracc.api import hf as api
+else:  # torch and the API load when a command runs, not for --help
+    api = lazy_module("loracc.api.hf")
 
 __all__ = ["compile_", "convert", "inspect_", "merge"]
 

@@ -4,11 +4,11 @@ the onnx extra only when they run)."""
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from loracc.api import onnx as onnx_api
+from loracc._lazy import lazy_module
 from loracc.cli.common import (
     OnceCommand,
     allow_nonfinite_option,
@@ -24,6 +24,11 @@ from loracc.cli.common import (
     weights_option,
 )
 from loracc.errors import ConfigError
+
+if TYPE_CHECKING:
+    from loracc.api import onnx as onnx_api
+else:  # torch and the API load when a command runs, not for --help
+    onnx_api = lazy_module("loracc.api.onnx")
 
 __all__ = ["export", "pack"]
 

@@ -27,7 +27,7 @@ from loracc.arch import (
     STORED_LAYOUTS,
 )
 from loracc.errors import ConfigError, FormatError, InputError, shorten
-from loracc.io.inputs import read_json
+from loracc.io.inputs import inside, read_json
 from loracc.io.safetensors import SafetensorsFile, TensorInfo, read_tensor
 from loracc.weights import ExpertSplit
 
@@ -53,34 +53,6 @@ _CONFIG_TYPES: Mapping[str, tuple[type | tuple[type, ...], str]] = {
     "tie_word_embeddings": (bool, "true or false"),
     "text_config": (dict, "an object"),
 }
-
-
-def _hub_blobs(folder: Path) -> Path | None:
-    """``<repo>/blobs`` when ``folder`` is a Hugging Face hub-cache ``<repo>/snapshots/<rev>``."""
-    if folder.parent.name == "snapshots" and (folder.parent.parent / "blobs").is_dir():
-        return folder.parent.parent / "blobs"
-    return None
-
-
-def inside(folder: Path, name: str, what: str) -> Path:
-    """``folder/name`` when it stays inside ``folder`` after resolving links, else an error.
-
-    The one exception is the Hugging Face hub cache, whose snapshot files are links into the
-    same repository's ``blobs`` folder.
-    """
-    if "\0" in name:
-        raise FormatError(f"{what}: {name!r} holds a NUL byte")
-    if not name or os.path.isabs(name) or ".." in Path(name).parts:
-        raise FormatError(f"{what}: '{name}' points outside {folder}")
-    path = folder / name
-    try:
-        real, home = path.resolve(), folder.resolve()
-    except (OSError, RuntimeError) as e:  # a link loop (RuntimeError before Python 3.13)
-        raise FormatError(f"{what}: '{name}' cannot be resolved ({e})") from e
-    blobs = _hub_blobs(home)
-    if not (real.is_relative_to(home) or (blobs is not None and real.parent == blobs)):
-        raise FormatError(f"{what}: '{name}' resolves outside {folder} (a link?)")
-    return path
 
 
 def open_safetensors(path: Path) -> SafetensorsFile:

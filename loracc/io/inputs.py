@@ -15,11 +15,12 @@ import stat
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from loracc.errors import ConfigError, InputError
+from loracc.errors import ConfigError, FormatError, InputError
 
 __all__ = [
     "MAX_JSON_BYTES",
     "MAX_JSON_CONTAINERS",
+    "inside",
     "json_containers",
     "open_input",
     "read_json",
@@ -112,3 +113,31 @@ def read_json(path: Path, limit: int = MAX_JSON_BYTES) -> Any:
         raise ConfigError(f"{path}: not valid JSON (nested too deeply)") from e
     except ValueError as e:  # a duplicate key, or an integer of more than 4300 digits
         raise ConfigError(f"{path}: not valid JSON ({e})") from e
+
+
+def _hub_blobs(folder: Path) -> Path | None:
+    """``<repo>/blobs`` when ``folder`` is a Hugging Face hub-cache ``<repo>/snapshots/<rev>``."""
+    if folder.parent.name == "snapshots" and (folder.parent.parent / "blobs").is_dir():
+        return folder.parent.parent / "blobs"
+    return None
+
+
+def inside(folder: Path, name: str, what: str) -> Path:
+    """``folder/name`` when it stays inside ``folder`` after resolving links, else an error.
+
+    The one exception is the Hugging Face hub cache, whose snapshot files are links into the
+    same repository's ``blobs`` folder.
+    """
+    if "\0" in name:
+        raise FormatError(f"{what}: {name!r} holds a NUL byte")
+    if not name or os.path.isabs(name) or ".." in Path(name).parts:
+        raise FormatError(f"{what}: '{name}' points outside {folder}")
+    path = folder / name
+    try:
+        real, home = path.resolve(), folder.resolve()
+    except (OSError, RuntimeError) as e:  # a link loop (RuntimeError before Python 3.13)
+        raise FormatError(f"{what}: '{name}' cannot be resolved ({e})") from e
+    blobs = _hub_blobs(home)
+    if not (real.is_relative_to(home) or (blobs is not None and real.parent == blobs)):
+        raise FormatError(f"{what}: '{name}' resolves outside {folder} (a link?)")
+    return path

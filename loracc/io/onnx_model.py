@@ -18,16 +18,18 @@ import contextlib
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import SupportsInt, cast
+from typing import TYPE_CHECKING, SupportsInt, cast
 
 import numpy as np
 import onnx
 import onnx_ir as ir
-import torch
 
 from loracc.errors import FormatError, InputError, LoraccError, OutputError
-from loracc.io.checkpoint import inside
+from loracc.io.inputs import inside
 from loracc.io.output import atomic_files, check_complete
+
+if TYPE_CHECKING:  # torch loads only where tensors are converted: `loracc run` needs none
+    import torch
 
 __all__ = [
     "MAX_IR_VERSION",
@@ -51,11 +53,12 @@ MAX_IR_VERSION = 10
 # Protobuf cannot serialize a message of 2 GiB; stay well clear of it.
 PROTO_LIMIT = 1_800_000_000
 
+# The float ONNX element types and their torch dtypes' names.
 _TORCH = {
-    ir.DataType.FLOAT: torch.float32,
-    ir.DataType.FLOAT16: torch.float16,
-    ir.DataType.BFLOAT16: torch.bfloat16,
-    ir.DataType.DOUBLE: torch.float64,
+    ir.DataType.FLOAT: "float32",
+    ir.DataType.FLOAT16: "float16",
+    ir.DataType.BFLOAT16: "bfloat16",
+    ir.DataType.DOUBLE: "float64",
 }
 
 
@@ -113,8 +116,9 @@ def tensor_dims(shape: Iterable[int | ir.SymbolicDimProtocol]) -> tuple[int, ...
 
 def tensor_to_torch(tensor: ir.TensorProtocol, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A fresh torch tensor holding ``tensor`` (bf16 included), optionally cast."""
-    want = _TORCH.get(tensor.dtype)
-    if want is None:
+    import torch
+
+    if tensor.dtype not in _TORCH:
         raise FormatError(f"initializer '{tensor.name}': dtype {tensor.dtype.name} is not a float")
     array = tensor.numpy()
     if tensor.dtype == ir.DataType.BFLOAT16:
@@ -132,8 +136,9 @@ def tensor_to_torch(tensor: ir.TensorProtocol, dtype: torch.dtype | None = None)
 
 def torch_to_tensor(value: torch.Tensor, dtype: ir.DataType, name: str | None = None) -> ir.Tensor:
     """An onnx-ir tensor of ``dtype`` holding ``value`` (rounded once to that dtype)."""
-    torch_dtype = _TORCH[dtype]
-    value = value.detach().to(device="cpu", dtype=torch_dtype).contiguous()
+    import torch
+
+    value = value.detach().to(device="cpu", dtype=torch_dtype(dtype)).contiguous()
     if dtype == ir.DataType.BFLOAT16:
         array = value.view(torch.int16).numpy().view(np.uint16)
         return ir.Tensor(array, dtype=dtype, name=name)
@@ -142,8 +147,10 @@ def torch_to_tensor(value: torch.Tensor, dtype: ir.DataType, name: str | None = 
 
 def torch_dtype(dtype: ir.DataType) -> torch.dtype:
     """The torch dtype of a float ONNX element type."""
+    import torch
+
     try:
-        return _TORCH[dtype]
+        return cast("torch.dtype", getattr(torch, _TORCH[dtype]))
     except KeyError:
         raise FormatError(f"element type {dtype.name} is not a float type") from None
 

@@ -27,23 +27,34 @@ def _module_name(path: Path) -> str:
 MODULES: dict[str, Path] = {_module_name(p): p for p in sorted(ROOT.rglob("*.py"))}
 
 
+def _imported_names(node: ast.AST, package: str) -> set[str]:
+    """The modules an ``import`` statement names: the loracc module a name comes from when it
+    is one (``from loracc.api import onnx`` is ``loracc.api.onnx``), else the module named;
+    third-party imports by their full dotted name. Empty for any other statement."""
+    if isinstance(node, ast.Import):
+        return {alias.name for alias in node.names}
+    if not isinstance(node, ast.ImportFrom):
+        return set()
+    module = node.module or ""
+    if node.level:
+        parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+        module = ".".join([*parts, module] if module else parts)
+    return {
+        f"{module}.{alias.name}" if f"{module}.{alias.name}" in MODULES else module
+        for alias in node.names
+    }
+
+
+def _package(name: str, path: Path) -> str:
+    return name if path.name == "__init__.py" else name.rpartition(".")[0]
+
+
 def _imports(name: str, path: Path) -> set[str]:
-    """What ``name`` imports: the loracc module a name comes from when it is one
-    (``from loracc.api import onnx`` is ``loracc.api.onnx``), else the module named; third-party
-    imports by their full dotted name."""
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    """Every module ``name`` imports, anywhere in it (:func:`_imported_names`)."""
+    package = _package(name, path)
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            module = node.module or ""
-            if node.level:
-                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
-                module = ".".join([*parts, module] if module else parts)
-            for alias in node.names:
-                sub = f"{module}.{alias.name}"
-                found.add(sub if sub in MODULES else module)
+        found |= _imported_names(node, package)
     return found
 
 
@@ -202,3 +213,77 @@ def test_cli_is_imported_by_nobody() -> None:
 def test_third_party_confined(package: str) -> None:
     users = {name for name, deps in GRAPH.items() if any(_under(d, package) for d in deps)}
     assert users == {ONLY_IN[package]}
+
+
+# Modules that `loracc --help`, `golden record|check` and `run` on ONNX load: none may import
+# torch when it is imported (only inside a function, or for type checkers), nor a module outside
+# this set, so a torch-free install runs those commands (tests/e2e/test_torch_free.py runs them).
+TORCH_FREE = (
+    "loracc",
+    "loracc._lazy",
+    "loracc.api",
+    "loracc.api.common",
+    "loracc.cli",
+    "loracc.cli.common",
+    "loracc.cli.golden",
+    "loracc.cli.hf",
+    "loracc.cli.onnx",
+    "loracc.errors",
+    "loracc.golden",
+    "loracc.golden.artifact",
+    "loracc.golden.compare",
+    "loracc.golden.file",
+    "loracc.golden.hf",
+    "loracc.golden.onnx",
+    "loracc.io",
+    "loracc.io.inputs",
+    "loracc.io.npz",
+    "loracc.io.onnx_model",
+    "loracc.io.ort",
+    "loracc.io.output",
+    "loracc.runner",
+)
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _top_level_imports(name: str) -> set[str]:
+    """What ``name`` imports when it is imported: module-level statements, not those in
+    functions or under ``if TYPE_CHECKING``."""
+    path = MODULES[name]
+    found: set[str] = set()
+    body = list(ast.parse(path.read_text(), str(path)).body)
+    while body:
+        node = body.pop()
+        if isinstance(node, ast.If) and not _is_type_checking(node):
+            body += node.body + node.orelse
+        elif isinstance(node, ast.Try):
+            body += node.body + node.orelse + node.finalbody
+        else:
+            found |= _imported_names(node, _package(name, path))
+    return found
+
+
+def test_torch_free_modules_import_no_torch() -> None:
+    assert set(TORCH_FREE) <= MODULES.keys()
+    wrong = {
+        name: sorted(
+            dep
+            for dep in _top_level_imports(name)
+            if _under(dep, "torch") or (dep in MODULES and dep not in TORCH_FREE)
+        )
+        for name in TORCH_FREE
+    }
+    assert {name: deps for name, deps in wrong.items() if deps} == {}
+
+
+def test_top_level_reader_sees_torch() -> None:
+    """Not vacuous: a module that imports torch at its top is caught; a lazy import is not."""
+    assert "torch" in _top_level_imports("loracc.ir")
+    assert "torch" not in _top_level_imports("loracc.golden.hf")
+    assert "torch" in GRAPH["loracc.golden.hf"]
