@@ -118,7 +118,7 @@ def open_model_session(
     """:func:`loracc.io.ort.open_session` of ``model``: a ``.onnx`` file or a folder with one.
 
     An ``adapter`` that leaves some of the model's active slot defaults in place is refused
-    (:func:`loracc.lower.onnx.lora.check_adapter_files`; needs the onnx extra to read the
+    (:func:`loracc.lower.onnx.slots.check_adapter_files`; needs the onnx extra to read the
     defaults)."""
     path = resolve_onnx(model)
     for part in (path, adapter):
@@ -126,7 +126,7 @@ def open_model_session(
             check_complete(Path(part))
     session = ort_io.open_session(path, providers, adapter=adapter)  # reports bad files first
     if adapter is not None and _onnx_model() is not None:
-        from loracc.lower.onnx.lora import check_adapter_files
+        from loracc.lower.onnx.slots import check_adapter_files
 
         check_adapter_files(path, adapter)
     return session

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from loracc.ir import Adapter
     from loracc.lower.onnx.bind import BindingTable
     from loracc.lower.onnx.index import GraphIndex
-    from loracc.lower.onnx.lora import SlotGroup
+    from loracc.lower.onnx.slots import SlotGroup
     from loracc.weights import BaseWeights
 
 __all__ = [
@@ -536,8 +536,8 @@ def pack(
     """
     from loracc.io.onnx_model import load_model
     from loracc.io.output import atomic_files
-    from loracc.lower.onnx.lora import MANIFEST_KEY
     from loracc.lower.onnx.mixed import MIXED_KEY
+    from loracc.lower.onnx.slots import MANIFEST_KEY
 
     model_path, adapter_path, out = Path(model), Path(adapter), Path(output)
     if out.suffix != ".onnx_adapter":
@@ -658,7 +658,8 @@ def _pack_manifest(
 ) -> tuple[list[SlotGroup], SlotParams, list[str]]:
     """The slot values of ``loaded`` for a keep-lora export: its manifest's groups, the passes
     run against the base weights behind the slots. Groups keep only the members it fills."""
-    from loracc.lower.onnx.lora import pack_params, read_manifest
+    from loracc.lower.onnx.lora import pack_params
+    from loracc.lower.onnx.slots import read_manifest
 
     groups = read_manifest(onnx_model, str(model_path))
     compiled = _compile_for_slots(onnx_model, groups, loaded, model_path, adapter_path)
@@ -737,7 +738,8 @@ def _pack_foreign(
     from torch.nn.functional import pad
 
     from loracc.lower.onnx.foreign import match_foreign
-    from loracc.lower.onnx.lora import MANIFEST_KEY, pack_params
+    from loracc.lower.onnx.lora import pack_params
+    from loracc.lower.onnx.slots import MANIFEST_KEY
     from loracc.lower.onnx.weights import OnnxBase
 
     where = str(model_path)
@@ -765,8 +767,8 @@ def _pack_foreign(
 
 def check_adapter_files(model: PathLike, *adapter_files: PathLike) -> None:
     """Refuse adapter files that, activated together on ``model``, leave some of its active slot
-    defaults in place (:func:`loracc.lower.onnx.lora.check_adapter_files`)."""
-    from loracc.lower.onnx.lora import check_adapter_files as check
+    defaults in place (:func:`loracc.lower.onnx.slots.check_adapter_files`)."""
+    from loracc.lower.onnx.slots import check_adapter_files as check
 
     check(model, *adapter_files)
 

@@ -11,7 +11,7 @@ import loracc
 from loracc import kernels
 from loracc.io import peft_keys
 from loracc.ir import Adapter, Replacement, Site, SiteKind, TargetEdits, TokenRows
-from loracc.lower.onnx.lora import Member, SlotGroup
+from loracc.lower.onnx.slots import Member, SlotGroup
 from tests.support import peft_oracle as po
 
 

@@ -87,13 +87,28 @@ def test_the_check_sees_torch() -> None:
 def test_golden_and_run_on_onnx_import_no_torch(
     slotted: tuple[Path, Path, Path], tmp_path: Path
 ) -> None:
-    model, _, _ = slotted
+    model, adapter, with_adapter = slotted
     golden = tmp_path / "g.npz"
     _no_torch(_loracc("golden", "record", "--model", str(model), "--seed", "1", "-o", str(golden)))
     _no_torch(_loracc("golden", "check", "--model", str(model), "--golden", str(golden)))
+    checked = _loracc(
+        "golden",
+        "check",
+        "--model",
+        str(model),
+        "--adapter",
+        str(adapter),
+        "--golden",
+        str(with_adapter),
+    )
+    _no_torch(checked)
+    assert "fingerprint differs" not in checked.stdout + checked.stderr
     inputs = tmp_path / "in.npz"
     np.savez(inputs, x=np.ones((1, mc.HIDDEN), np.float32))
     _no_torch(_loracc("run", "--model", str(model), "--inputs", str(inputs)))
+    _no_torch(
+        _loracc("run", "--model", str(model), "--adapter", str(adapter), "--inputs", str(inputs))
+    )
 
 
 def test_missing_torch_is_one_line(tmp_path: Path) -> None:
@@ -112,10 +127,11 @@ def test_missing_torch_is_one_line(tmp_path: Path) -> None:
 def test_fresh_venv_without_torch_checks_an_onnx_golden(
     slotted: tuple[Path, Path, Path], tmp_path: Path
 ) -> None:
-    """``pip install CHECKOUT onnxruntime`` into a fresh venv: no torch installed, and
-    ``loracc --help`` and ``loracc golden check`` on the ONNX golden work. The build backend and
-    onnxruntime come from this interpreter's site-packages' neighbours: the package index is used
-    only for what the venv lacks (``--no-build-isolation`` skips a build env)."""
+    """``pip install 'loracc[onnx]' onnxruntime`` (a wheel built from the checkout) into a fresh
+    venv: no torch installed, and ``loracc --help`` and ``loracc golden check`` with an adapter
+    on the ONNX golden pass with the fingerprint recorded in the dev install (onnx reads the
+    external-data files it covers). The wheel is built with this interpreter's setuptools
+    (``--no-build-isolation``: no build env to download); the package index gives the rest."""
     model, adapter, golden = slotted
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=TIMEOUT_S)
@@ -127,7 +143,10 @@ def test_fresh_venv_without_torch_checks_an_onnx_golden(
     (wheel,) = wheels.glob("loracc-*.whl")
     install = [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     done = subprocess.run(
-        [*install, str(wheel), "onnxruntime"], capture_output=True, text=True, timeout=TIMEOUT_S
+        [*install, f"{wheel}[onnx]", "onnxruntime"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     gone = subprocess.run([str(py), "-c", "import torch"], capture_output=True, timeout=60)
@@ -140,6 +159,7 @@ def test_fresh_venv_without_torch_checks_an_onnx_golden(
     args = ["golden", "check", "--model", str(model), "--adapter", str(adapter)]
     checked = subprocess.run([loracc, *args, "--golden", str(golden)], **run)  # type: ignore[call-overload]
     assert checked.returncode == 0 and "PASS" in checked.stdout, checked.stdout + checked.stderr
+    assert "fingerprint differs" not in checked.stdout, checked.stdout
     merged = subprocess.run([loracc, "merge", "--base", "b", "--adapter", "a", "-o", "o"], **run)  # type: ignore[call-overload]
     assert merged.returncode == 2, merged.stderr
     assert "pip install 'loracc[torch]'" in merged.stderr

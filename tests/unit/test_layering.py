@@ -241,6 +241,9 @@ TORCH_FREE = (
     "loracc.io.onnx_model",
     "loracc.io.ort",
     "loracc.io.output",
+    "loracc.lower",
+    "loracc.lower.onnx",
+    "loracc.lower.onnx.slots",
     "loracc.runner",
 )
 

@@ -16,7 +16,8 @@ import onnx_ir as ir
 from loracc.errors import FormatError, UnsupportedError
 from loracc.io.onnx_model import tensor_dims
 from loracc.ir import PLAIN_INITS, Adapter, Site, SiteKind
-from loracc.lower.onnx.lora import MANIFEST_KEY, Member, SlotGroup, elem_type, slot_values
+from loracc.lower.onnx.lora import elem_type
+from loracc.lower.onnx.slots import MANIFEST_KEY, Member, SlotGroup, slot_values
 
 __all__ = ["FUSED_PARTS", "foreign_groups", "match_foreign"]
 
