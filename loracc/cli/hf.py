@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -29,6 +30,7 @@ from loracc.cli.common import (
     terminal_progress,
     weights_option,
 )
+from loracc.io.inputs import prefetch
 
 if TYPE_CHECKING:
     from loracc.api import hf as api
@@ -95,6 +97,7 @@ def merge(
     loracc merge --base BASE --adapter A -o OUT
     loracc merge --base BASE --adapter A1 --adapter A2 --weights 1.0,0.5 -o OUT
     """
+    prefetch([*map(Path, adapter_dirs), Path(base_dir)])  # the disk reads while torch imports
     report = api.merge(
         base_dir,
         list(adapter_dirs),
