@@ -572,6 +572,7 @@ def profile(size: str, base: Path, adapter: Path, work: Path, tensors: int) -> s
         "python -c pass": _timed([*py, "pass"]),
         "python -c 'import torch'": _timed([*py, "import torch"]),
         "python -c 'import loracc.cli'": _timed([*py, "import loracc.cli"]),
+        "python -c 'import loracc.api.hf'": _timed([*py, "import loracc.api.hf"]),
         "loracc --help": _timed([sys.executable, "-m", "loracc", "--help"]),
     }
     lines += ["| startup | wall s |", "|---|---|"]
