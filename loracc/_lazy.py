@@ -8,6 +8,7 @@ extra), so the packages and the CLI name what they use without importing it unti
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -43,8 +44,10 @@ def lazy_attributes(
 
     def getattr_(name: str) -> Any:
         where = exports.get(name)
-        if where is None:
-            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        if where is None:  # a submodule, as ``import loracc; loracc.api.hf`` found it before
+            if name.startswith("_") or importlib.util.find_spec(f"{package}.{name}") is None:
+                raise AttributeError(f"module {package!r} has no attribute {name!r}")
+            return importlib.import_module(f"{package}.{name}")
         module, _, attribute = where.partition(":")
         value = getattr(importlib.import_module(module), attribute or name)
         setattr(sys.modules[package], name, value)  # found once, then an ordinary attribute

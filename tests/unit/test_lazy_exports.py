@@ -28,6 +28,13 @@ def test_loracc_inspect_is_the_api_function() -> None:
     assert loracc.inspect is inspect_adapter
 
 
+def test_submodules_are_attributes() -> None:
+    """As before the names were lazy: ``import loracc`` alone, then ``loracc.api.hf``."""
+    code = "import loracc; print(loracc.api.hf.merge.__module__, loracc.pipeline.__name__)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["loracc.api.hf", "loracc.pipeline"], done.stderr
+
+
 def test_unknown_name_is_attribute_error() -> None:
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         _ = loracc.nope  # type: ignore[attr-defined]
