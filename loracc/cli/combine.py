@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from loracc.api import combination as api
+from loracc._lazy import lazy_module
 from loracc.cli.common import (
     OnceCommand,
     emit,
@@ -18,7 +18,13 @@ from loracc.cli.common import (
     output_dir_option,
 )
 from loracc.errors import ConfigError
-from loracc.lower.combine import METHODS, MajoritySign
+from loracc.lower.combine_methods import METHODS
+
+if TYPE_CHECKING:
+    from loracc.api import combination as api
+    from loracc.lower.combine_methods import MajoritySign
+else:  # torch and the API load when the command runs, not for --help
+    api = lazy_module("loracc.api.combination")
 
 __all__ = ["combine"]
 

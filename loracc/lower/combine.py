@@ -59,23 +59,18 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from types import MappingProxyType
-from typing import Literal
 
 import torch
 
 from loracc.errors import ConfigError, UnsupportedError
 from loracc.ir import PLAIN_INITS, Adapter, Replacement, Site, SiteKind
+from loracc.lower.combine_methods import FACTOR_WISE, METHODS, MajoritySign
+from loracc.lower.combine_methods import PRUNING as _PRUNING
 from loracc.passes.truncate_rank import truncate_factors
 
 __all__ = ["FACTOR_WISE", "METHODS", "CombineOptions", "combine_adapters"]
 
-# peft's methods loracc computes: the factor-wise family, cat, svd.
-_PRUNING = ("ties", "dare_linear", "dare_ties", "magnitude_prune")  # take --density
-FACTOR_WISE = ("linear", *_PRUNING)
-METHODS = ("cat", "svd", *FACTOR_WISE)
 _DENSE_SVD = tuple(f"{m}_svd" for m in _PRUNING)
-
-MajoritySign = Literal["total", "frequency"]
 
 
 @dataclass(frozen=True, slots=True)

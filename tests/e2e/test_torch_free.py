@@ -36,7 +36,7 @@ print("imported:", sorted(m for m in ("torch", "transformers", "peft") if m in s
 sys.exit(code)
 """
 
-COMMANDS = ("merge", "convert", "compile", "inspect", "export", "pack", "run", "golden")
+COMMANDS = ("merge", "convert", "combine", "compile", "inspect", "export", "pack", "run", "golden")
 
 
 def _loracc(*args: str, prelude: str = "") -> subprocess.CompletedProcess[str]:
