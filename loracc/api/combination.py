@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loracc.api.common import LayoutChoices, PathLike
+from loracc.api.common import LayoutChoices, PathLike, adapter_paths, check_paths, parse_weights
 from loracc.io.output import atomic_dir
 from loracc.io.peft import read_peft_adapter
 from loracc.io.peft_writer import write_peft_adapter
@@ -32,11 +32,11 @@ class CombineReport:
 
 
 def combine(
-    adapter_dirs: Sequence[PathLike],
+    adapter_dirs: PathLike | Sequence[PathLike],
     out_dir: PathLike,
     *,
     method: str,
-    weights: Sequence[float] | None = None,
+    weights: str | Sequence[float] | None = None,
     rank: int | None = None,
     density: float | None = None,
     seed: int | None = None,
@@ -51,7 +51,7 @@ def combine(
         adapter_dirs: the PEFT adapter folders, all for one base model.
         out_dir: the adapter folder to write (the output rules of ``loracc.io.output``).
         method: cat, svd, linear, ties, dare_linear, dare_ties or magnitude_prune.
-        weights: one per adapter (default 1.0 each).
+        weights: one per adapter, or "1.0,0.5" (default 1.0 each).
         rank: svd: the rank kept (default the largest input rank).
         density: ties, dare_*, magnitude_prune: the fraction of factor entries kept.
         seed: dare_*: seeds the keep masks (same seed, same bytes; default 0).
@@ -59,24 +59,26 @@ def combine(
         force: replace an existing ``out_dir``.
         layout: ``--layout`` choices for the readers.
     """
+    paths = adapter_paths(adapter_dirs)
+    scales = parse_weights(weights, len(paths))
     options = CombineOptions(
         method=method,
-        weights=None if weights is None else tuple(float(w) for w in weights),
+        weights=scales,
         rank=rank,
         density=density,
         seed=seed,
         majority_sign=majority_sign,
     )
-    options.check(len(adapter_dirs))  # before reading anything
-    adapters = [read_peft_adapter(Path(d), layout=layout) for d in adapter_dirs]
+    options.check()  # before reading anything
+    check_paths(paths)
+    adapters = [read_peft_adapter(p, layout=layout) for p in paths]
     combined = combine_adapters(adapters, options)
-    inputs = [Path(d) for d in adapter_dirs]
-    with atomic_dir(Path(out_dir), inputs, force=force) as tmp:
+    with atomic_dir(Path(out_dir), paths, force=force) as tmp:
         keys = write_peft_adapter(combined, tmp, keep_dora=True)
     return CombineReport(
         output=str(out_dir),
         method="linear" if len(adapters) == 1 else method,
-        weights=list(options.weights or (1.0,) * len(adapters)),
+        weights=list(scales),
         tensors=keys,
         sites=[
             {"module": s.module, "rank": s.rank, "dora": s.magnitude is not None}

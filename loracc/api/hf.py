@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from loracc.api.common import LayoutChoices, PathLike, adapter_paths
+from loracc.api.common import LayoutChoices, PathLike, adapter_paths, check_paths, parse_weights
 from loracc.api.onnx import bind_onnx
 from loracc.errors import ConfigError, LoweringError, NonFiniteError, UnsupportedError
 from loracc.io.checkpoint import Checkpoint
@@ -21,11 +21,9 @@ from loracc.ir import Adapter
 from loracc.legality import Target, require
 from loracc.lower.merge import MergeOptions, check_mergeable, merge_into, parse_size
 from loracc.lower.stack import (
-    check_paths,
     check_stack,
     compile_stack,
     labelled_steps,
-    parse_weights,
     weighted,
 )
 from loracc.passes import Pass, PassContext
@@ -148,7 +146,7 @@ def merge(
         workers=workers or min(4, os.cpu_count() or 1),
     )
     paths = adapter_paths(adapter_dir)
-    scales = parse_weights(weights, len(paths)) or (1.0,) * len(paths)
+    scales = parse_weights(weights, len(paths))
     check_paths(paths, initial_adapter)
     base = Checkpoint(base_dir)
     loaded = []

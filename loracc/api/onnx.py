@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loracc.api.common import LayoutChoices, PathLike
+from loracc.api.common import LayoutChoices, PathLike, check_paths, parse_weights
 from loracc.api.common import adapter_paths as _paths
 from loracc.errors import ConfigError, UnsupportedError
 from loracc.legality import Target, require
@@ -367,7 +367,6 @@ def export_onnx(
     from loracc.io.onnx_model import needs_external_data
     from loracc.lower.onnx.lora import insert_slots, pack_params, plan_groups
     from loracc.lower.onnx.merge import apply_edits, merge_edits
-    from loracc.lower.stack import check_paths, parse_weights
 
     start = time.perf_counter()
     base_path = Path(base_onnx)

@@ -16,8 +16,8 @@ from loracc.cli.common import (
     layout_option,
     note_lines,
     output_dir_option,
+    weights_option,
 )
-from loracc.errors import ConfigError
 from loracc.lower.combine_methods import METHODS
 
 if TYPE_CHECKING:
@@ -38,7 +38,7 @@ __all__ = ["combine"]
     type=click.Path(),
     help="PEFT adapter folder; repeat for each adapter, all for one base model.",
 )
-@click.option("--weights", default=None, help="One weight per adapter, e.g. 1.0,0.5 [all 1.0].")
+@weights_option
 @click.option(
     "--method",
     required=True,
@@ -83,7 +83,7 @@ def combine(
         adapter_dirs,
         out_dir,
         method=method,
-        weights=None if weights is None else _weights(weights),
+        weights=weights,
         rank=rank,
         density=density,
         seed=seed,
@@ -92,13 +92,6 @@ def combine(
         layout=layout,
     )
     emit(report.to_dict(), as_json, _text)
-
-
-def _weights(text: str) -> list[float]:
-    try:
-        return [float(w) for w in text.split(",")]
-    except ValueError:
-        raise ConfigError(f"--weights: '{text}' is not a comma-separated list of numbers") from None
 
 
 def _text(r: dict[str, Any]) -> str:

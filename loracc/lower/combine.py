@@ -79,7 +79,7 @@ class CombineOptions:
 
     Attributes:
         method: one of :data:`METHODS`.
-        weights: one per adapter (default 1.0 each).
+        weights: one finite number per adapter (default 1.0 each).
         rank: ``svd`` only: the rank kept (default the largest input rank).
         density: the pruning methods: the fraction of entries kept, in (0, 1].
         seed: ``dare_*``: seeds the keep masks (None: 0).
@@ -93,8 +93,9 @@ class CombineOptions:
     seed: int | None = None
     majority_sign: MajoritySign = "total"
 
-    def check(self, count: int) -> None:
-        """Refuse options that do not fit the method or the ``count`` adapters."""
+    def check(self) -> None:
+        """Refuse options that do not fit the method (the weights: :func:`loracc.api.common.
+        parse_weights`, the one reading of ``--weights``)."""
         m = self.method
         if m in _DENSE_SVD:
             raise UnsupportedError(
@@ -104,10 +105,6 @@ class CombineOptions:
             )
         if m not in METHODS:
             raise ConfigError(f"--method: '{m}' is not one of {', '.join(METHODS)}")
-        if self.weights is not None and len(self.weights) != count:
-            raise ConfigError(f"--weights: {len(self.weights)} weights for {count} adapters")
-        if self.weights is not None and not all(math.isfinite(w) for w in self.weights):
-            raise ConfigError(f"--weights: {list(self.weights)} are not all finite")
         if self.rank is not None and (m != "svd" or self.rank < 1):
             raise ConfigError(f"--rank {self.rank}: needs --method svd and a rank >= 1")
         if m in _PRUNING and self.density is None:
@@ -142,7 +139,7 @@ def combine_adapters(adapters: Sequence[Adapter], options: CombineOptions) -> Ad
     """The adapter ``options.method`` makes of ``adapters`` (plain sites: scale 1, alpha = r)."""
     if not adapters:
         raise ConfigError("combine: give at least one --adapter")
-    options.check(len(adapters))
+    options.check()
     for adapter in adapters:
         _check_adapter(adapter)
     _check_dora_mix(adapters)

@@ -26,29 +26,25 @@ copy and loses them).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
 from loracc import kernels
-from loracc.errors import ConfigError, UnsupportedError
+from loracc.errors import UnsupportedError
 from loracc.ir import PLAIN_INITS, Adapter, TargetEdits
 from loracc.weights import BaseWeights, ExpertSplit
 
 __all__ = [
     "Chain",
     "StackedBase",
-    "check_paths",
     "check_stack",
     "check_stage",
     "compile_stack",
     "labelled_steps",
     "output_chains",
-    "parse_weights",
     "stacked",
     "weighted",
 ]
@@ -187,27 +183,6 @@ def stacked(base: BaseWeights, adapters: Sequence[Adapter]) -> BaseWeights:
     return (_StackedOnnxBase if onnx else StackedBase)(base, adapters)
 
 
-def parse_weights(weights: str | Sequence[float] | None, count: int) -> tuple[float, ...] | None:
-    """``--weights 1.0,0.5`` (or a list): one finite number per adapter; None: all 1."""
-    if weights is None:
-        return None
-    if isinstance(weights, str):
-        try:
-            values = tuple(float(w) for w in weights.split(","))
-        except ValueError:
-            raise ConfigError(
-                f"--weights: cannot read '{weights}' (comma-separated numbers, e.g. 1.0,0.5)"
-            ) from None
-    else:
-        values = tuple(float(w) for w in weights)
-    if len(values) != count:
-        raise ConfigError(f"--weights: {len(values)} weight(s) for {count} adapter(s)")
-    bad = [w for w in values if not math.isfinite(w)]
-    if bad:
-        raise ConfigError(f"--weights: {bad[0]} is not a finite number")
-    return values
-
-
 def weighted(adapter: Adapter, weight: float) -> Adapter:
     """``adapter`` with every delta scaled by ``weight`` (module docstring); refused where a
     weight has no meaning."""
@@ -224,24 +199,6 @@ def weighted(adapter: Adapter, weight: float) -> Adapter:
         )
     sites = tuple(replace(s, scale=s.scale * weight, alpha=s.alpha * weight) for s in adapter.sites)
     return replace(adapter, sites=sites)
-
-
-def check_paths(paths: Sequence[Path], initial_adapter: object) -> None:
-    """Refuse a stack that names one folder twice (a typo more often than a doubled delta,
-    which ``--weights`` says plainly) or has ``--initial-adapter`` (whose adapter is it?)."""
-    seen: dict[Path, Path] = {}
-    for path in paths:
-        first = seen.setdefault(path.resolve(), path)
-        if first is not path:
-            raise ConfigError(
-                f"--adapter: '{path}' is given twice (as '{first}'); to scale an adapter's "
-                "delta give it once with --weights"
-            )
-    if initial_adapter is not None and len(paths) > 1:
-        raise ConfigError(
-            "--initial-adapter with several --adapter: it is unclear which adapter it belongs "
-            "to; merge that adapter alone first"
-        )
 
 
 def labelled_steps(

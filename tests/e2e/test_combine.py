@@ -412,7 +412,7 @@ def test_different_ranks_refused_for_linear(llama: Base, tmp_path: Path) -> None
         (["--method", "ties"], ["--density"]),
         (["--method", "cat", "--density", "0.5"], ["does not prune"]),
         (["--method", "linear", "--rank", "2"], ["--rank"]),
-        (["--method", "cat", "--weights", "1,2,3"], ["3 weights for 2 adapters"]),
+        (["--method", "cat", "--weights", "1,2,3"], ["--weights: 3 weight(s) for 2 adapter(s)"]),
         (["--method", "mean"], ["'mean' is not one of"]),
         (["--method", "cat", "--seed", "3"], ["--seed", "draws nothing"]),
         (["--method", "linear", "--majority-sign", "frequency"], ["elects no signs"]),

@@ -612,6 +612,43 @@ def _stack(config: dict[str, object] | None = None, extra: tuple[str, ...] = ())
     return build
 
 
+def _combine(
+    extra: tuple[str, ...] = (),
+    config: dict[str, object] | None = None,
+    rank: int = RANK,
+    dora: bool = False,
+):
+    """``loracc combine`` of the standard adapter and ``adapter2`` (its own factors, of ``rank``;
+    ``config`` changes its adapter_config.json; ``dora``: both DoRA, on the same modules), plus
+    ``extra`` options."""
+
+    def build(root: Path) -> Layout:
+        lay = _std(root)
+        second = root / "adapter2"
+        tensors = [adapter_tensors(), adapter_tensors(seed=2, rank=rank)]
+        configs = [ADAPTER_CONFIG, {**ADAPTER_CONFIG, "r": rank, **(config or {})}]
+        if dora:
+            for t in tensors:
+                modules = [k.removesuffix(".lora_A.weight") for k in t if "lora_A" in k]
+                t.update({f"{m}.lora_magnitude_vector": torch.ones(HIDDEN) for m in modules})
+            configs = [{**c, "use_dora": True} for c in configs]
+        for folder, t, c in zip((lay.adapter, second), tensors, configs, strict=True):
+            write_adapter(folder, t, c)
+        lay.argv = ["combine", "--adapter", str(lay.adapter), "--adapter", str(second),
+                    "-o", str(lay.out), *extra]  # fmt: skip
+        return lay
+
+    return build
+
+
+def _combine_over_input(root: Path) -> Layout:
+    """``combine -o`` the second input adapter, with ``--force``."""
+    lay = _combine(("--method", "cat", "--force"))(root)
+    lay.out, lay.out_preexists = root / "adapter2", True
+    lay.argv[lay.argv.index("-o") + 1] = str(lay.out)
+    return lay
+
+
 def _fp16_overflow(root: Path) -> Layout:
     """fp16 base; a finite delta of about 1e5 that only overflows when rounded to fp16."""
     base, adapter, out = root / "base", root / "adapter", root / "out"
@@ -1488,6 +1525,43 @@ CASES: tuple[Case, ...] = (
     Case("stack-residual-second", "the second adapter has init_lora_weights='olora'",
          _stack({"init_lora_weights": "olora"}), 2, "(a residual base) and is adapter 2",
          "adapter2", group="stack"),
+    # -- combine (loracc combine --adapter A --adapter B --method M) -----------------------------
+    Case("combine-weights-count", "`--weights 1.0` for two adapters",
+         _combine(("--method", "cat", "--weights", "1.0")), 2, "1 weight(s) for 2 adapter(s)",
+         "--weights", group="combine"),
+    Case("combine-weights-not-numbers", "`--weights 1,x`",
+         _combine(("--method", "cat", "--weights", "1,x")), 2, "cannot read '1,x'", "--weights",
+         group="combine"),
+    Case("combine-weights-nonfinite", "`--weights 1,nan`",
+         _combine(("--method", "cat", "--weights", "1,nan")), 2, "nan is not a finite number",
+         "--weights", group="combine"),
+    Case("combine-unknown-method", "`--method mean`",
+         _combine(("--method", "mean",)), 2, "'mean' is not one of", "--method",
+         group="combine"),
+    Case("combine-dense-svd-method", "`--method ties_svd` (its pruning needs the dense delta)",
+         _combine(("--method", "ties_svd", "--density", "0.5")), 2, "dense SVD", "ties_svd",
+         group="combine"),
+    Case("combine-density-out-of-range", "`--method ties --density 1.5`",
+         _combine(("--method", "ties", "--density", "1.5")), 2, "must be in (0, 1]",
+         "--density", group="combine"),
+    Case("combine-density-missing", "`--method dare_linear` without --density",
+         _combine(("--method", "dare_linear",)), 2, "needs --density", "dare_linear",
+         group="combine"),
+    Case("combine-rank-ignored", "`--method linear --rank 2` (only svd truncates)",
+         _combine(("--method", "linear", "--rank", "2")), 2, "needs --method svd", "--rank",
+         group="combine"),
+    Case("combine-two-dora-one-module", "two DoRA adapters both on q_proj, `--method cat`",
+         _combine(("--method", "cat",), dora=True), 2, "DoRA on a module", "q_proj",
+         group="combine"),
+    Case("combine-linear-mismatched-ranks", "ranks 4 and 8 on one module, `--method linear`",
+         _combine(("--method", "linear",), rank=8), 2, "needs one rank", "q_proj",
+         group="combine"),
+    Case("combine-same-adapter-twice", "`--adapter A --adapter A`",
+         _argv(lambda lay: ["combine", "--adapter", str(lay.adapter), "--adapter",
+                            str(lay.adapter), "--method", "cat", "-o", str(lay.out)]),
+         2, "is given twice", "adapter", group="combine"),
+    Case("combine-output-over-input", "`-o` the second input adapter, with --force",
+         _combine_over_input, 2, "output overlaps", "adapter2", group="combine"),
     # -- usage -----------------------------------------------------------------------------------
     Case("usage-missing-base", "--base is not given",
          _argv(lambda lay: ["merge", "--adapter", str(lay.adapter), "-o", str(lay.out)]),

@@ -56,6 +56,8 @@ REPEATS = {
     "merge --initial-adapter": f"{MERGE} --initial-adapter A --initial-adapter B",
     "merge --passes": f"{MERGE} --passes truncate-rank{{rank=2}} --passes fold-scaling",
     "merge --dtype": f"{MERGE} --dtype float16 --dtype bfloat16",
+    "merge --weights": f"{MERGE} --weights 1 --weights 2",
+    "combine --weights": "combine --adapter A --method cat --weights 1 --weights 2 -o OUT",
     "convert --adapter": "convert --adapter A --adapter B -o OUT",
     "convert --base": "convert --adapter A --base BASE --base BASE -o OUT",
     "convert --rank": "convert --adapter A --rank 2 --rank 4 -o OUT",
@@ -104,6 +106,30 @@ def test_every_command_refuses_repeats():
     assert len(commands) >= 8
     for cmd in commands:
         assert isinstance(cmd, OnceCommand), cmd.name
+
+
+@pytest.mark.parametrize(
+    ("weights", "message"),
+    [
+        ("1", "--weights: 1 weight(s) for 2 adapter(s)"),
+        ("1,x", "--weights: cannot read '1,x' (comma-separated numbers, e.g. 1.0,0.5)"),
+        ("1,inf", "--weights: inf is not a finite number"),
+    ],
+)
+def test_weights_read_alike_by_every_command(weights, message, dirs, tmp_path):
+    """merge, export --onnx and combine read --weights with one definition: one message each,
+    before any input is read (export's base does not exist)."""
+    commands = {
+        "merge": "merge --base BASE --adapter A --adapter B",
+        "export": "export --onnx --base M.onnx --adapter A --adapter B",
+        "combine": "combine --adapter A --adapter B --method cat",
+    }
+    for name, command in commands.items():
+        out = tmp_path / name
+        res = _invoke([*command.split(), "--weights", weights, "-o", str(out)], dirs)
+        assert res.exit_code == 2, res.output
+        assert res.output == f"loracc: error: {message}\n", (name, res.output)
+        assert not out.exists()
 
 
 def test_no_traceback_and_inputs_untouched(dirs, tmp_path):
