@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from loracc.arch import Layout
+from loracc.arch import FUSED_EXPERTS, Layout
 from loracc.errors import FormatError, UnsupportedError
 from loracc.io import peft_keys
 from loracc.io.layout import LayoutRule
-from loracc.io.peft_config import LoraConfig, is_targeted
+from loracc.io.peft_config import LoraConfig, is_targeted, resolve_pattern
 from loracc.ir import Site, SiteKind
 from loracc.weights import BaseWeights, ExpertSplit
 
@@ -89,25 +89,67 @@ class ParameterSites:
     def sites(
         self, owner: str, members: list[tuple[str, ModuleTensors]], params: list[str]
     ) -> list[Site]:
-        # peft nests one wrapper per parameter; the first registered is innermost (most
-        # .base_layer infixes). Shapes decide first; registration order breaks ties.
-        by_depth = sorted(members, key=lambda m: m[0].count(peft_keys.BASE_LAYER))
-        order = list(reversed(params))
-        sites = []
-        for depth, (raw, g) in enumerate(by_depth):
+        # peft nests one wrapper per parameter in the module's parameter order: the first
+        # registered is innermost (most .base_layer infixes). Neither the adapter nor a
+        # checkpoint records that order, so shapes decide; where they cannot, only the
+        # transformers fused-experts order (gate_up_proj before down_proj) is known.
+        inner_first = sorted(members, key=lambda m: -m[0].count(peft_keys.BASE_LAYER))
+        assigned = self._assign(owner, inner_first, params)
+        pairs = zip(inner_first, assigned, strict=True)
+        return [s for (_, g), param in pairs for s in self._parameter_site(owner, param, g)]
+
+    def _assign(
+        self, owner: str, inner_first: list[tuple[str, ModuleTensors]], params: list[str]
+    ) -> list[str]:
+        """The parameter of each member (innermost first), or a refusal."""
+        fitting = []
+        for raw, g in inner_first:
             assert g.A is not None and g.B is not None
-            fitting = [p for p in params if self._param_fits(p, g.A, g.B)]
-            if len(fitting) == 1:
-                param = fitting[0]
-            elif depth < len(order) and order[depth] in fitting:
-                param = order[depth]
-            else:
+            fits = [p for p in params if self._param_fits(p, g.A, g.B)]
+            if not fits:
                 raise FormatError(
                     f"{self.weights}: factors of '{raw}' ({tuple(g.A.shape)}, "
                     f"{tuple(g.B.shape)}) fit none of {params}"
                 )
-            sites.extend(self._parameter_site(owner, param, g))
-        return sites
+            fitting.append(fits)
+        if len(params) == len(inner_first) and all(len(f) == 1 for f in fitting):
+            chosen = [f[0] for f in fitting]
+            if len(set(chosen)) == len(chosen):
+                return chosen
+        known = _fused_experts_order(params)
+        if known is not None and len(known) == len(inner_first):
+            gate_up, down = (g for _, g in inner_first)
+            if all(p in f for p, f in zip(known, fitting, strict=True)) and _gate_up_then_down(
+                gate_up, down
+            ):
+                return known
+        leaves = [p.rsplit(".", 1)[1] for p in params]
+        shapes = "pass --base" if self.base is None else "the base's shapes tie"
+        raise UnsupportedError(
+            f"{self.weights}: '{owner}': {len(inner_first)} factor groups for target_parameters "
+            f"{leaves} and the factor shapes do not say which is which (peft nests them in the "
+            f"module's parameter order, which the adapter does not record); {shapes}"
+        )
+
+    def _unbased_experts(self, name: str, g: ModuleTensors) -> tuple[int, str]:
+        """The expert count of ``name`` without a base: peft builds a wrapper's factors with
+        r·E rows, r resolved from the config as peft resolves it when it loads the adapter."""
+        assert g.A is not None and g.B is not None
+        r = int(
+            resolve_pattern(
+                self.cfg["rank_pattern"], name, self.cfg["r"], "rank_pattern", self.cfg.path
+            )
+        )
+        rows = g.A.shape[0]
+        if r <= 0 or rows % r or g.B.shape[1] != rows:
+            raise FormatError(
+                f"{self.weights}: '{name}': factors ({tuple(g.A.shape)}, {tuple(g.B.shape)}) do "
+                f"not split into r={r} per expert, so the expert count is unknown; pass --base"
+            )
+        experts = rows // r
+        if experts == 1 and name.rsplit(".", 1)[1] not in FUSED_EXPERTS:
+            return 0, f"target_parameters: no base; r={r} rows, a 2-D parameter"
+        return experts, f"target_parameters: no base; {experts} experts of r={r}, layout unknown"
 
     def _param_shape(self, param: str) -> tuple[int, ...] | None:
         return self.base.shape(param) if self.base is not None else None
@@ -123,7 +165,9 @@ class ParameterSites:
         shape = self._param_shape(param)
         name = f"{owner}.{param.rsplit('.', 1)[1]}"
         experts, transposed, source = 0, False, "target_parameters: no base"
-        if shape is not None and len(shape) == 3:
+        if shape is None and self.param_shapes is None:
+            experts, source = self._unbased_experts(name, g)
+        elif shape is not None and len(shape) == 3:
             experts = shape[0]
             decision = self.layout.experts(name, shape, g.A.shape[1], g.B.shape[0])
             transposed, source = decision.layout is Layout.EXPERTS_IN_OUT, decision.source
@@ -200,3 +244,21 @@ def _param_readings(shape: tuple[int, ...], A: torch.Tensor, B: torch.Tensor) ->
         return []
     _, d1, d2 = shape
     return [t for t in (False, True) if (A.shape[1], B.shape[0]) == ((d1, d2) if t else (d2, d1))]
+
+
+def _fused_experts_order(params: list[str]) -> list[str] | None:
+    """``params`` in the order transformers' fused experts modules register them (gate_up_proj,
+    then down_proj), when they are exactly those two, else None."""
+    by_leaf = {p.rsplit(".", 1)[1]: p for p in params}
+    if len(by_leaf) != len(params) or set(by_leaf) != set(FUSED_EXPERTS):
+        return None
+    return [by_leaf[leaf] for leaf in FUSED_EXPERTS]
+
+
+def _gate_up_then_down(gate_up: ModuleTensors, down: ModuleTensors) -> bool:
+    """Whether the factors read as a fused gate/up projection (hidden -> 2·inter) followed by
+    the down projection (inter -> hidden): the check that the fused-experts order applies."""
+    assert gate_up.A is not None and gate_up.B is not None
+    assert down.A is not None and down.B is not None
+    hidden, gate_up_out = gate_up.A.shape[1], gate_up.B.shape[0]
+    return down.B.shape[0] == hidden and gate_up_out == 2 * down.A.shape[1]
