@@ -588,6 +588,28 @@ def _link_to_base(lay: Layout) -> Path:
     return link
 
 
+def _nested_params(leaves: tuple[str, str], r: int) -> Callable[[Path], Layout]:
+    """``inspect`` without a base of two target_parameters on one experts module, saved as peft
+    nests their wrappers (the first registered under ``.base_layer``): hidden -> 2·inter, then
+    inter -> hidden, 3 experts of rank RANK."""
+
+    def build(root: Path) -> Layout:
+        lay = _std(root)
+        owner = f"{PREFIX}model.layers.0.mlp.experts"
+        g = torch.Generator().manual_seed(5)
+        tensors = {}
+        for infix, fan_in, fan_out in (("base_layer.", HIDDEN, 2 * INTER), ("", INTER, HIDDEN)):
+            tensors[f"{owner}.{infix}lora_A.weight"] = torch.randn(3 * RANK, fan_in, generator=g)
+            tensors[f"{owner}.{infix}lora_B.weight"] = torch.randn(fan_out, 3 * RANK, generator=g)
+        targets = [f"mlp.experts.{leaf}" for leaf in leaves]
+        config = {**ADAPTER_CONFIG, "r": r, "target_modules": [], "target_parameters": targets}
+        write_adapter(lay.adapter, tensors, config)
+        lay.argv = ["inspect", str(lay.adapter)]
+        return lay
+
+    return build
+
+
 def _argv(edit: Callable[[Layout], list[str]], preexists: bool = False):
     def build(root: Path) -> Layout:
         lay = _std(root)
@@ -1499,6 +1521,15 @@ CASES: tuple[Case, ...] = (
              f"{PREFIX}model.layers.0.self_attn.{_BIDI}.lora_B.weight": torch.randn(HIDDEN, RANK),
          }))),
          2, "the base has no tensor", "zz\\u202e\\x00gpj.exe", group="bounds"),
+    Case("params-order-unknown",
+         "`inspect` without a base: two target_parameters on one module other than "
+         "gate_up_proj/down_proj (peft's nesting order is the module's, which is not saved)",
+         _nested_params(("w_in", "w_out"), RANK), 2, "do not say which is which",
+         "model.layers.0.mlp.experts", group="bounds"),
+    Case("params-rank-split",
+         "`inspect` without a base: r = 5 does not divide a target_parameters factor's 12 rows",
+         _nested_params(("gate_up_proj", "down_proj"), 5), 2, "do not split into r=5",
+         "model.layers.0.mlp.experts.gate_up_proj", group="bounds"),
     Case("usage-device-unknown", "--device tpu",
          _with(lambda lay: None, extra=("--device", "tpu")), 2, "is not a device name",
          "--device", group="usage"),
