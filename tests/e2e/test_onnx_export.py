@@ -292,6 +292,24 @@ def test_empty_slots_base_then_adapter(oc: OnnxCases) -> None:
     assert a == [32, 0] and b == [0, 32]
 
 
+def test_branch_adds_the_base_output_as_gemm_c(oc: OnnxCases) -> None:
+    """Each MatMul site's branch ends in a Gemm whose C input is the base output (flattened):
+    the sum happens inside the kernel, with no separate Add pass over the activations."""
+    case = oc.case("llama_linear")
+    out, _ = oc.export("ts", "llama_linear", keep_lora=True, empty_slots=True)
+    nodes = onnx.load(str(out)).graph.node
+    producer = {o: n for n in nodes for o in n.output}
+    for module in case.sites:
+        prefix = f"/{module.replace('.', '/')}/lora/"
+        branch = [n for n in nodes if n.name.startswith(prefix)]
+        assert not [n.name for n in branch if n.op_type == "Add"], module
+        gemm = next(n for n in branch if n.name == prefix + "B/Gemm")
+        flat = producer[gemm.input[2]]
+        assert flat.op_type == "Reshape", (module, flat.op_type)
+        base = producer[flat.input[0]]
+        assert base.op_type == "MatMul" and not base.name.startswith(prefix), (module, base.name)
+
+
 def test_pack_two_ranks_swap_in_one_session(oc: OnnxCases, tmp_path: Path) -> None:
     """One session, adapters of rank 8 (all projections) and rank 4 (q, v, o) switched per run."""
     big, small = oc.case("llama_linear"), oc.case("llama_r4_qv")

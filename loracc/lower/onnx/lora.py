@@ -330,6 +330,21 @@ def _const(
     return v
 
 
+def _flat_shape(graph: ir.Graph, taken: set[str], width: int) -> ir.Value:
+    """The Reshape target ``[-1, width]`` that flattens an activation to 2-D for Gemm (one
+    initializer per width, shared by the branches)."""
+    name = f"loracc.flatten.{width}"
+    known = graph.initializers.get(name)
+    value = known.const_value if known is not None else None
+    if known is not None and value is not None and value.numpy().tolist() == [-1, width]:
+        return known
+    v = ir.Value(name=unique_name(taken, name), shape=ir.Shape([2]))
+    v.type = ir.TensorType(ir.DataType.INT64)
+    v.const_value = ir.tensor([-1, width], dtype=ir.DataType.INT64, name=v.name)
+    graph.register_initializer(v)
+    return v
+
+
 def _branch(
     graph: ir.Graph,
     taken: set[str],
@@ -358,17 +373,28 @@ def _branch(
         return n.outputs[0]
 
     A, B = slots[group.A], slots[group.B]
+    y = node.outputs[0]
+    fused_add = expert is None and op in ("MatMul", "Gemm")
     if expert is not None:
         b = branch_factors(*expert, A, B, emit)
-    elif op in ("MatMul", "Gemm"):
-        a = emit("MatMul", [x if x is not None else node.inputs[0], A], "A/MatMul")
-        b = emit("MatMul", [a, B], "B/MatMul")
+    elif fused_add:
+        # Gemm's C input adds the base output inside the kernel: no separate Add pass over y,
+        # and with empty (rank-0) slots no zero-filled x·A·B tensor either. Gemm is 2-D, so a
+        # MatMul's activations are flattened to (tokens, in) and the sum shaped back as y.
+        x_in = x if x is not None else node.inputs[0]
+        assert x_in is not None
+        y_in: ir.Value = y
+        if op == "MatMul":
+            x_in = emit("Reshape", [x_in, _flat_shape(graph, taken, group.fan_in)], "x/Reshape")
+            y_in = emit("Reshape", [y, _flat_shape(graph, taken, group.fan_out)], "y/Reshape")
+        a = emit("MatMul", [x_in, A], "A/MatMul")
         alpha = node.attributes.get("alpha")
-        if op == "Gemm" and alpha is not None and alpha.as_float() != 1.0:
-            c = _const(
-                graph, taken, f"{group.key}.gemm_alpha", torch.tensor(alpha.as_float()), group.dtype
-            )
-            b = emit("Mul", [b, c], "alpha/Mul")
+        gemm_alpha = {"alpha": alpha.as_float()} if op == "Gemm" and alpha is not None else {}
+        b = emit("Gemm", [a, B, y_in], "B/Gemm", **gemm_alpha)
+        if group.bias:
+            b = emit("Add", [b, slots[group.bias]], "bias/Add")
+        if op == "MatMul":
+            b = emit("Reshape", [b, emit("Shape", [y], "y/Shape")], "Reshape")
     elif op == "Gather":
         a = emit("Gather", [A, node.inputs[1]], "A/Gather", axis=0)
         b = emit("MatMul", [a, B], "B/MatMul")
@@ -384,10 +410,9 @@ def _branch(
         b = emit("Conv", [a, B] + ([slots[group.bias]] if group.bias else []), "B/Conv")
     else:  # pragma: no cover - binding only yields the four ops
         raise LoweringError(f"{group.key}: no keep-lora branch for {op}")
-    if group.bias and op != "Conv":
+    if group.bias and not fused_add and op != "Conv":
         b = emit("Add", [b, slots[group.bias]], "bias/Add")
 
-    y = node.outputs[0]
     moved_bias: ir.Value | None = None
     if (
         group.scale
@@ -412,12 +437,12 @@ def _branch(
                 tensor_to_torch(source).reshape(shape),
                 elem_type(source.dtype),
             )
-    out = emit("Add", [y, b], "Add")
-    join = new[-1]
+    out = b if fused_add else emit("Add", [y, b], "Add")
     if group.scale:
         out = emit("Mul", [out, slots[group.scale]], "dora/Mul")
     if moved_bias is not None:
         out = emit("Add", [out, moved_bias], "bias_moved/Add")
+    base_readers = [(n, i) for n in new for i, v in enumerate(n.inputs) if v is y]
     graph.insert_after(node, new)
     if y.is_graph_output():  # keep the graph output's name, type and named dims
         name = y.name
@@ -425,7 +450,8 @@ def _branch(
         out.name = name
         out.type, out.shape = y.type, y.shape  # callers size buffers from them (IOBinding)
     y.replace_all_uses_with(out, replace_graph_outputs=True)
-    join.replace_input_with(0, y)  # the branch's own Add still reads the base output
+    for reader, i in base_readers:  # the branch itself still reads the base output
+        reader.replace_input_with(i, y)
 
 
 def manifest_base(model: ir.Model, groups: Sequence[SlotGroup], where: str) -> OnnxBase:
