@@ -25,9 +25,12 @@ Timing: for each thread count (``--threads``, intra-op threads fixed, inter-op 1
 each graph once, in a fresh random order, after ``--warmup`` rounds. Reported: medians per graph,
 the ratio of medians (the figure compared with the goal), the median of the per-round ratios
 (paired, so slow phases of a busy machine hit both sides) and the ratio of the fastest runs (the
-least disturbed by other jobs). ``--quick`` shrinks everything for the smoke test.
+least disturbed by other jobs). Times are wall time, or with ``--clock cpu`` (``--threads 1``)
+the calling thread's CPU time per run, which leaves out the time a busy machine keeps the
+process waiting. ``--quick`` shrinks everything for the smoke test.
 
-Usage: python scripts/bench_onnx.py [--threads 1,2] [--rounds 100] [--quick] [--json OUT]
+Usage: python scripts/bench_onnx.py [--threads 1,2] [--rounds 100] [--clock wall|cpu] [--quick]
+[--json OUT]
 """
 
 from __future__ import annotations
@@ -242,18 +245,19 @@ def _rounds(
     threads: int,
     rounds: int,
     warmup: int,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> tuple[dict[str, list[float]], dict[str, float], dict[str, float], Any]:
-    """Call every variant once per round in a fresh random order: times, medians, minima and
-    the paired-ratio function."""
+    """Call every variant once per round in a fresh random order: times (by ``clock``),
+    medians, minima and the paired-ratio function."""
     times: dict[str, list[float]] = {k: [] for k in variants}
     rng = random.Random(threads)
     for i in range(warmup + rounds):
         order = list(variants)
         rng.shuffle(order)
         for k in order:
-            t0 = time.perf_counter()
+            t0 = clock()
             variants[k]()
-            dt = time.perf_counter() - t0
+            dt = clock() - t0
             if i >= warmup:
                 times[k].append(dt)
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -265,7 +269,9 @@ def _rounds(
     return times, med, best, paired
 
 
-def time_int4(q: dict[str, Any], threads: int, rounds: int, warmup: int) -> dict[str, Any]:
+def time_int4(
+    q: dict[str, Any], threads: int, rounds: int, warmup: int, clock: Callable[[], float]
+) -> dict[str, Any]:
     """(d) int4 keep-LoRA with the adapter active and (e) int4 merged, each vs the int4 base."""
     import onnxruntime as ort
 
@@ -277,7 +283,7 @@ def time_int4(q: dict[str, Any], threads: int, rounds: int, warmup: int) -> dict
         "int4_keep_active": (sessions["keep"], run_options(q["adapter_file"])),
         "int4_merged": (sessions["merged"], ort.RunOptions()),
     }
-    _, med, best, paired = _rounds(_runs(variants, {"x": q["x"]}), threads, rounds, warmup)
+    _, med, best, paired = _rounds(_runs(variants, {"x": q["x"]}), threads, rounds, warmup, clock)
     return {
         "threads": threads,
         "ms": {k: v * 1e3 for k, v in med.items()},
@@ -290,7 +296,9 @@ def time_int4(q: dict[str, Any], threads: int, rounds: int, warmup: int) -> dict
     }
 
 
-def time_runs(m: dict[str, Any], threads: int, rounds: int, warmup: int) -> dict[str, Any]:
+def time_runs(
+    m: dict[str, Any], threads: int, rounds: int, warmup: int, clock: Callable[[], float]
+) -> dict[str, Any]:
     import onnxruntime as ort
 
     from loracc.io.ort import run_options
@@ -305,7 +313,7 @@ def time_runs(m: dict[str, Any], threads: int, rounds: int, warmup: int) -> dict
         "merged": (sessions["merged"], plain),
         "keep_active": (sessions["keep"], active),
     }
-    _, med, best, paired = _rounds(_runs(variants, feeds), threads, rounds, warmup)
+    _, med, best, paired = _rounds(_runs(variants, feeds), threads, rounds, warmup, clock)
 
     # (c) activation vs a new session
     n_act = max(20, rounds * 5)
@@ -358,6 +366,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--int4", action="store_true", help="also time keep-LoRA/merged on int4")
     ap.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: the calling thread's CPU time per run (--threads 1 only: onnxruntime then "
+        "runs on that thread), which time spent waiting for a shared machine's cores leaves out",
+    )
+    ap.add_argument(
         "--mixed-batch",
         action="store_true",
         help="instead: a batch of --batch rows over --adapters adapters (scripts/bench_mixed.py)",
@@ -375,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.dim, args.layers, args.tokens, args.rounds, args.warmup = 128, 2, 16, 10, 2
     threads = [int(t) for t in args.threads.split(",") if t.strip()]
+    if args.clock == "cpu" and threads != [1]:
+        sys.exit("bench_onnx: --clock cpu needs --threads 1 (other threads' CPU time is not seen)")
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
 
     import onnxruntime as ort
     import torch
@@ -383,12 +401,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_onnx_") as tmp:
         m = build(Path(tmp), args.dim, args.layers, args.tokens, args.rank)
         errs = check(m)
-        results = [time_runs(m, t, args.rounds, args.warmup) for t in threads]
+        results = [time_runs(m, t, args.rounds, args.warmup, clock) for t in threads]
         int4: list[dict[str, Any]] = []
         if args.int4:
             q = build_int4(Path(tmp), m)
             errs |= check_int4(q)
-            int4 = [time_int4(q, t, args.rounds, args.warmup) for t in threads]
+            int4 = [time_int4(q, t, args.rounds, args.warmup, clock) for t in threads]
 
     load = os.getloadavg()
     print(
@@ -399,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"onnxruntime {ort.__version__} CPUExecutionProvider, load average now "
-        f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+        f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, {args.clock} clock"
     )
     print(
         "correctness (max abs err / max |y|): keep+adapter vs merged "
