@@ -8,7 +8,7 @@ loracc writes three graphs from it: the adapter merged, keep-LoRA with the adapt
 then measures
 
 (a) base graph vs keep-LoRA ``--empty-slots`` graph, no adapter active (goal: <= 1% overhead),
-(b) merged graph vs keep-LoRA graph with the adapter active via ``RunOptions`` (goal: <= 5%),
+(b) merged graph vs keep-LoRA graph with the adapter active via ``RunOptions`` (goal: <= 3%),
 (c) activating an adapter (``LoraAdapter.Load`` + ``RunOptions.add_active_adapter``, through
     ``loracc.io.ort.run_options``) vs creating a new ``InferenceSession`` of the merged graph
     (goal: >= 1000x cheaper).
@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-GOALS = {"a": 1.01, "b": 1.05, "c": 1000.0, "d": 1.10, "e": 1.02}
+GOALS = {"a": 1.01, "b": 1.03, "c": 1000.0, "d": 1.10, "e": 1.02}
 
 
 def build(

@@ -12,6 +12,11 @@ Conv          ``y + Conv(Conv(x, A), B)`` with A (r, in, *k) (the node's strides
               dilation 1, as peft's lora_A), B (out, r, 1, ...)
 ============  ===================================================================
 
+The MatMul/Gemm branch is emitted as ``Gemm(MatMul(x, A), B, C=y)`` on ``x`` and ``y`` flattened
+to 2-D and reshaped back: the sum happens inside the Gemm (onnxruntime does not fuse an ``Add``
+of two activations), and rank-0 slots fill no zero tensor (docs/BENCHMARKS.md). Expert reads
+(:mod:`loracc.lower.onnx.experts`) keep ``y + branch``.
+
 This is peft's unmerged forward ``base(x) + s·B(A(x))`` with the scale folded into B:
 A = lora_Aᵀ, B = (s·lora_B)ᵀ (conv factors keep their layout). ``lora_bias`` adds a bias slot
 to the branch (``s·b``). DoRA multiplies ``y + branch`` by a per-output-channel scale slot
