@@ -310,6 +310,40 @@ def test_branch_adds_the_base_output_as_gemm_c(oc: OnnxCases) -> None:
         assert base.op_type == "MatMul" and not base.name.startswith(prefix), (module, base.name)
 
 
+def test_gemm_alpha_and_lora_bias_in_the_gemm_branch(tmp_path: Path) -> None:
+    """A Gemm base with alpha != 1 and a lora_bias adapter: the branch Gemm takes the node's
+    alpha (the bias is added once, outside it), against an fp64 reference."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    lin = torch.nn.Sequential(torch.nn.Linear(8, 6)).eval()
+    x = torch.randn(3, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(lin, (x,), str(tmp_path / "b.onnx"), dynamo=False, input_names=["x"])
+    model = onnx.load(str(tmp_path / "b.onnx"))
+    gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
+    del gemm.attribute[:]  # transB=1 and alpha=0.5
+    gemm.attribute.extend(
+        [onnx.helper.make_attribute(k, v) for k, v in (("transB", 1), ("alpha", 0.5))]
+    )
+    onnx.save(model, str(tmp_path / "b.onnx"))
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False, lora_bias=True
+    )
+    peft_model = get_peft_model(lin, config)
+    peft_model.save_pretrained(str(tmp_path / "ad"))
+    sd = {k.split("0.", 1)[1]: v.double() for k, v in peft_model.state_dict().items()}
+    s = 8 / 4
+    W = sd["base_layer.weight"] + s * sd["lora_B.default.weight"] @ sd["lora_A.default.weight"]
+    ref = 0.5 * x.double() @ W.T + sd["base_layer.bias"] + s * sd["lora_B.default.bias"]
+    out = tmp_path / "k.onnx"
+    loracc.export_onnx(tmp_path / "b.onnx", tmp_path / "ad", out, keep_lora=True, empty_slots=False)
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"x": x.numpy()})[0]
+    assert np.abs(got - ref.numpy()).max() <= 1e-5 * np.abs(ref.numpy()).max()
+
+
 def test_pack_two_ranks_swap_in_one_session(oc: OnnxCases, tmp_path: Path) -> None:
     """One session, adapters of rank 8 (all projections) and rank 4 (q, v, o) switched per run."""
     big, small = oc.case("llama_linear"), oc.case("llama_r4_qv")
