@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # imported on first use (loracc._lazy): ``import loracc`` nee
         load_adapter,
         merge,
     )
-    from loracc.api.hf import inspect_adapter as inspect
+    from loracc.api.inspect import inspect_adapter as inspect
     from loracc.api.onnx import (
         OnnxReport,
         PackReport,
@@ -70,7 +70,7 @@ __getattr__, __dir__ = lazy_attributes(
             ["ConvertReport", "MergeReport", "convert", "emit_ir", "load_adapter", "merge"],
             "loracc.api.hf",
         ),
-        "inspect": "loracc.api.hf:inspect_adapter",
+        "inspect": "loracc.api.inspect:inspect_adapter",
         **dict.fromkeys(
             [
                 "OnnxReport",

@@ -16,10 +16,10 @@ if TYPE_CHECKING:
         MergeReport,
         convert,
         emit_ir,
-        inspect_adapter,
         load_adapter,
         merge,
     )
+    from loracc.api.inspect import inspect_adapter
     from loracc.api.onnx import OnnxReport, PackReport, bind_onnx, export_onnx, pack
 
 __all__ = [
@@ -40,7 +40,7 @@ __all__ = [
     "pack",
 ]
 
-_HF = ["DTYPES", "ConvertReport", "MergeReport", "convert", "emit_ir", "inspect_adapter"]
+_HF = ["DTYPES", "ConvertReport", "MergeReport", "convert", "emit_ir"]
 _ONNX = ["OnnxReport", "PackReport", "bind_onnx", "export_onnx", "pack"]
 __getattr__, __dir__ = lazy_attributes(
     __name__,
@@ -48,5 +48,6 @@ __getattr__, __dir__ = lazy_attributes(
         **dict.fromkeys(["CombineReport", "combine"], "loracc.api.combination"),
         **dict.fromkeys([*_HF, "load_adapter", "merge"], "loracc.api.hf"),
         **dict.fromkeys(_ONNX, "loracc.api.onnx"),
+        "inspect_adapter": "loracc.api.inspect",
     },
 )

@@ -34,8 +34,10 @@ from loracc.io.inputs import prefetch
 
 if TYPE_CHECKING:
     from loracc.api import hf as api
+    from loracc.api import inspect as inspect_api
 else:  # torch and the API load when a command runs, not for --help
     api = lazy_module("loracc.api.hf")
+    inspect_api = lazy_module("loracc.api.inspect")  # no torch without --base
 
 __all__ = ["compile_", "convert", "inspect_", "merge"]
 
@@ -238,7 +240,8 @@ def inspect_(
     With an .onnx base, also the binding of each site to the graph (node, initializer,
     transposed), as `export --onnx --dry-run` prints it.
     """
-    emit(api.inspect_adapter(adapter_dir, base_dir, layout=layout), as_json, _inspect_text)
+    report = inspect_api.inspect_adapter(adapter_dir, base_dir, layout=layout)
+    emit(report, as_json, _inspect_text)
 
 
 def _inspect_text(r: dict[str, Any]) -> str:

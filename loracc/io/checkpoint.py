@@ -12,9 +12,7 @@ import os
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from loracc.arch import (
     EMBEDDING_KEYS,
@@ -30,6 +28,9 @@ from loracc.errors import ConfigError, FormatError, InputError, shorten
 from loracc.io.inputs import inside, read_json
 from loracc.io.safetensors import SafetensorsFile, TensorInfo, read_tensor
 from loracc.weights import ExpertSplit
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "INDEX_NAME",

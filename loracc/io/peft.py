@@ -17,11 +17,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn, cast
 
-import torch
-
-from loracc import kernels
 from loracc.arch import Layout
 from loracc.errors import ConfigError, FormatError, InputError, NonFiniteError, UnsupportedError
 from loracc.io import peft_keys
@@ -38,13 +35,59 @@ from loracc.io.peft_config import (
 from loracc.io.peft_keys import CONFIG_NAME, KEY, PICKLE_NAME, WEIGHTS_NAME
 from loracc.io.peft_params import ModuleTensors, ParameterSites, ParamShapes, is_kasa
 from loracc.io.replicated import ReplicatedCheckpoint
+from loracc.io.safetensors import TensorInfo, all_finite, read_tensor
 from loracc.ir import PLAIN_INITS, Adapter, Replacement, Site, SiteKind, TokenRows
 from loracc.weights import BaseWeights
 
-__all__ = ["adapter_files", "read_peft_adapter"]
+if TYPE_CHECKING:  # torch loads with the values; a header-only read needs none
+    import torch
+
+__all__ = ["HeaderTensor", "adapter_files", "read_peft_adapter"]
 
 # peft's MultiheadAttention wrapper saves its out_proj's factors under this suffix of its own path
 _MHA_OUT_PROJ = f"{peft_keys.BASE_LAYER}.out_proj"
+
+
+class HeaderTensor:
+    """A saved tensor known from the file's header only: the part of ``torch.Tensor`` the reader
+    asks about (shape, dimensions, element count, dtype). The reader is the same code with
+    values or without; where it needs values (BD-LoRA's block diagonal, KaSA's product) it
+    calls :func:`values`, which reads this tensor with torch. Only ``inspect`` without a base
+    reads an adapter this way."""
+
+    __slots__ = ("info", "shape")
+
+    def __init__(self, info: TensorInfo) -> None:
+        self.info = info
+        self.shape = info.shape
+
+    @property
+    def dtype(self) -> str:
+        return self.info.dtype_text
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def numel(self) -> int:
+        return self.info.numel
+
+    def is_floating_point(self) -> bool:
+        return self.info.is_floating_point
+
+
+def values(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a torch tensor: read now if only its header was."""
+    stand_in: object = t
+    return read_tensor(stand_in.info) if isinstance(stand_in, HeaderTensor) else t
+
+
+def _finite(t: torch.Tensor) -> bool:
+    stand_in: object = t
+    if isinstance(stand_in, HeaderTensor):
+        return all_finite(stand_in.info)
+    from loracc import kernels  # imports torch, which t already needed
+
+    return kernels.all_finite(t)
 
 
 def adapter_files(folder: Path) -> tuple[Path, Path]:
@@ -75,6 +118,7 @@ def read_peft_adapter(
     layout: Iterable[str] | Mapping[str, str] | None = None,
     allow_large_replication: bool = False,
     param_shapes: ParamShapes | None = None,
+    header_only: bool = False,
 ) -> Adapter:
     """Read a PEFT LoRA adapter folder into an :class:`Adapter`.
 
@@ -89,10 +133,23 @@ def read_peft_adapter(
         param_shapes: without ``base``, the shapes of target parameters known elsewhere (an
             ONNX graph's expert weights), used only to tell which saved factors belong to
             which of several target parameters on one module.
+        header_only: read the header, not the values, without a base or ``initial``: the sites
+            hold :class:`HeaderTensor` factors (shapes, dtypes), the decisions are the same, and
+            torch is not imported unless a site needs values (BD-LoRA, KaSA). The values are
+            still checked for NaN and Inf (on their bits).
     """
+    if header_only and (base is not None or initial is not None):
+        raise ValueError("header_only reads an adapter without a base or initial adapter")
     config_path, weights_path = adapter_files(Path(folder))
     cfg = read_config(config_path)
-    tensors = open_safetensors(weights_path).read_all()
+    file = open_safetensors(weights_path)
+    # Typed as tensors: a stand-in answers what the reader asks before it calls values(), and a
+    # value operation on one fails loudly (AttributeError), never silently.
+    tensors = (
+        {k: cast("torch.Tensor", HeaderTensor(file.tensors[k])) for k in file.keys()}  # noqa: SIM118 (file order)
+        if header_only
+        else file.read_all()
+    )
     _check_tensors(weights_path, tensors, allow_nonfinite)
     reader = _Reader(
         Path(folder), weights_path, cfg, base, layout, allow_large_replication, param_shapes
@@ -117,7 +174,7 @@ def _check_tensors(weights: Path, tensors: dict[str, torch.Tensor], allow_nonfin
                 f"{weights}: '{key}' has dtype {str(t.dtype).removeprefix('torch.')}; LoRA "
                 "tensors need a floating-point dtype"
             )
-        if not allow_nonfinite and not kernels.all_finite(t):
+        if not allow_nonfinite and not _finite(t):
             raise NonFiniteError(
                 f"{weights}: '{key}' has NaN or Inf (use --allow-nonfinite to merge it anyway)"
             )
@@ -506,7 +563,7 @@ class _Reader:
                 f"{self.where(key)}: lora_diag has shape {tuple(diag.shape)}, expected "
                 f"({A.shape[0]},) for rank {A.shape[0]}"
             )
-        return B.float() * diag.float()
+        return values(B).float() * values(diag).float()
 
     def _refuse_mha(self, key: str, module: str) -> NoReturn:
         raise UnsupportedError(
@@ -555,10 +612,13 @@ class _Reader:
         nb = bd.get("nblocks", 1)
         on_a = any(p in module for p in bd.get("target_modules_bd_a") or [])
         on_b = any(p in module for p in bd.get("target_modules_bd_b") or [])
-        if on_a:
-            A = torch.block_diag(*torch.chunk(A, nb, dim=0))
-        elif on_b:
-            B = torch.block_diag(*torch.chunk(B, nb, dim=0))
+        if on_a or on_b:
+            import torch  # the block diagonal's shape depends on torch.chunk: compute it
+
+            if on_a:
+                A = torch.block_diag(*torch.chunk(values(A), nb, dim=0))
+            else:
+                B = torch.block_diag(*torch.chunk(values(B), nb, dim=0))
         return A, B
 
     def cross_check(self, sites: tuple[Site, ...]) -> None:

@@ -11,8 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from loracc.arch import FUSED_EXPERTS, Layout
 from loracc.errors import FormatError, UnsupportedError
@@ -21,6 +20,9 @@ from loracc.io.layout import LayoutRule
 from loracc.io.peft_config import LoraConfig, is_targeted, resolve_pattern
 from loracc.ir import Site, SiteKind
 from loracc.weights import BaseWeights, ExpertSplit
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["ModuleTensors", "ParamShapes", "ParameterSites", "is_kasa"]
 

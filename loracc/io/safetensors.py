@@ -20,34 +20,70 @@ import os
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
-import torch
+import numpy as np
 
 from loracc.errors import FormatError, shorten
 from loracc.io.inputs import json_containers, open_input, reject_duplicate_keys
 
-__all__ = ["DTYPES", "SafetensorsFile", "SafetensorsWriter", "TensorInfo", "dtype_name"]
+if TYPE_CHECKING:  # torch loads when a tensor is read or written, not for a header
+    import torch
 
-DTYPES: Mapping[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U64": torch.uint64,
-    "U32": torch.uint32,
-    "U16": torch.uint16,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
+__all__ = [
+    "SafetensorsFile",
+    "SafetensorsWriter",
+    "TensorInfo",
+    "all_finite",
+    "dtype_name",
+    "torch_dtype",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class _Dtype:
+    """A safetensors dtype: torch's name for it, its size, and the bits that are all set in
+    exactly its non-finite values (NaN, Inf), 0 for an integer dtype (see :func:`all_finite`)."""
+
+    torch_name: str
+    itemsize: int
+    nonfinite: int = 0
+
+
+_DTYPES: Mapping[str, _Dtype] = {
+    "F64": _Dtype("float64", 8, 0x7FF0_0000_0000_0000),
+    "F32": _Dtype("float32", 4, 0x7F80_0000),
+    "F16": _Dtype("float16", 2, 0x7C00),
+    "BF16": _Dtype("bfloat16", 2, 0x7F80),
+    "F8_E4M3": _Dtype("float8_e4m3fn", 1, 0x7F),  # no Inf; NaN is S.1111.111
+    "F8_E5M2": _Dtype("float8_e5m2", 1, 0x7C),
+    "I64": _Dtype("int64", 8),
+    "I32": _Dtype("int32", 4),
+    "I16": _Dtype("int16", 2),
+    "I8": _Dtype("int8", 1),
+    "U64": _Dtype("uint64", 8),
+    "U32": _Dtype("uint32", 4),
+    "U16": _Dtype("uint16", 2),
+    "U8": _Dtype("uint8", 1),
+    "BOOL": _Dtype("bool", 1),
 }
-_NAMES = {v: k for k, v in DTYPES.items()}
+_UINTS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+@cache
+def _torch_dtypes() -> dict[str, torch.dtype]:
+    import torch
+
+    return {name: getattr(torch, d.torch_name) for name, d in _DTYPES.items()}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of safetensors dtype ``name`` (imports torch)."""
+    return _torch_dtypes()[name]
+
+
 _MAX_HEADER = 100 * 1024 * 1024
 # Bounds on what a header may describe. Dimensions: torch sizes are int64 (safetensors' are
 # u64), so 2**63 - 1 is the largest both hold; torch tensors have at most 64 dimensions. Tensor
@@ -66,15 +102,16 @@ _MAP_MIN = 64 * 1024
 
 def dtype_name(dtype: torch.dtype) -> str:
     """The safetensors name of a torch dtype."""
-    return _NAMES[dtype]
+    return next(name for name, d in _torch_dtypes().items() if d == dtype)
 
 
 @dataclass(frozen=True, slots=True)
 class TensorInfo:
-    """Where one tensor lives: its file, dtype, shape and absolute byte range."""
+    """Where one tensor lives: its file, dtype (the safetensors name), shape and absolute byte
+    range. Reading the header needs no torch; :attr:`dtype` and reading the values do."""
 
     path: Path
-    dtype: torch.dtype
+    st_dtype: str
     shape: tuple[int, ...]
     offset: int
     nbytes: int
@@ -82,6 +119,23 @@ class TensorInfo:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch_dtype(self.st_dtype)
+
+    @property
+    def dtype_text(self) -> str:
+        """The dtype as torch names it ("bfloat16"), for messages, without importing torch."""
+        return _DTYPES[self.st_dtype].torch_name
+
+    @property
+    def is_floating_point(self) -> bool:
+        return _DTYPES[self.st_dtype].nonfinite != 0
+
+    @property
+    def itemsize(self) -> int:
+        return _DTYPES[self.st_dtype].itemsize
 
 
 class SafetensorsFile:
@@ -154,7 +208,7 @@ class SafetensorsFile:
         where = f"{self.path}: tensor '{name}'"
         if not isinstance(entry, dict):
             raise FormatError(f"{where}: header entry is not an object")
-        dtype = DTYPES.get(entry.get("dtype"))  # type: ignore[arg-type]
+        dtype = _DTYPES.get(entry.get("dtype"))  # type: ignore[arg-type]
         if dtype is None:
             raise FormatError(f"{where}: unknown dtype {entry.get('dtype')!r}")
         shape, offsets = entry.get("shape"), entry.get("data_offsets")
@@ -182,7 +236,7 @@ class SafetensorsFile:
                 f"{where}: data ends at byte {data_start + end}, past the end of the file "
                 f"({size} bytes); the file is truncated"
             )
-        return TensorInfo(self.path, dtype, tuple(shape), data_start + begin, nbytes)
+        return TensorInfo(self.path, entry["dtype"], tuple(shape), data_start + begin, nbytes)
 
     def keys(self) -> list[str]:
         """Tensor names in file order."""
@@ -206,22 +260,41 @@ def read_tensor(info: TensorInfo) -> torch.Tensor:
     when the map is made; a file truncated while the tensor is in use is a SIGBUS, as with any
     memory map (safetensors' own loader has the same contract).
     """
-    if info.nbytes >= _MAP_MIN and info.offset % info.dtype.itemsize == 0:
+    import torch
+
+    if info.nbytes >= _MAP_MIN and info.offset % info.itemsize == 0:
         mapped = _map_tensor(info)
         if mapped is not None:
             return mapped
-    buf = bytearray(info.nbytes)
     if info.nbytes:
-        with open(info.path, "rb") as f:
-            f.seek(info.offset)
-            got = f.readinto(buf)
-        if got != info.nbytes:
-            raise FormatError(f"{info.path}: short read at byte {info.offset}; file truncated?")
-        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+        return torch.frombuffer(_read_bytes(info), dtype=info.dtype).reshape(info.shape)
     return torch.empty(info.shape, dtype=info.dtype)
 
 
+def all_finite(info: TensorInfo) -> bool:
+    """No NaN or Inf among the values of ``info``, tested on their bits (no torch, no decoding):
+    a floating-point value is non-finite exactly when all its exponent bits are set (float8
+    E4M3FN: all but the sign bit)."""
+    mask = _DTYPES[info.st_dtype].nonfinite
+    if not mask or not info.nbytes:
+        return True
+    bits = np.frombuffer(_read_bytes(info), dtype=_UINTS[info.itemsize])
+    return not np.any((bits & mask) == mask)
+
+
+def _read_bytes(info: TensorInfo) -> bytearray:
+    buf = bytearray(info.nbytes)
+    with open(info.path, "rb") as f:
+        f.seek(info.offset)
+        got = f.readinto(buf)
+    if got != info.nbytes:
+        raise FormatError(f"{info.path}: short read at byte {info.offset}; file truncated?")
+    return buf
+
+
 def _map_tensor(info: TensorInfo) -> torch.Tensor | None:
+    import torch
+
     start = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY
     end = info.offset + info.nbytes
     try:
@@ -282,6 +355,8 @@ class SafetensorsWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append ``tensor`` (CPU) as the next entry of the table."""
+        import torch
+
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
         self._take(name, data.nbytes)
         _write_all(self._file, data.data)
@@ -299,7 +374,9 @@ class SafetensorsWriter:
 
     def write_at(self, name: str, data: torch.Tensor | bytes | memoryview, at: int = 0) -> None:
         """Write ``data`` (a CPU tensor or bytes) into tensor ``name``, ``at`` bytes in."""
-        if isinstance(data, torch.Tensor):
+        if not isinstance(data, (bytes, bytearray, memoryview)):  # a tensor
+            import torch
+
             view = data.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data
         else:
             view = memoryview(data).cast("B")

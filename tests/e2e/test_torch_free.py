@@ -1,10 +1,10 @@
 """Commands that need no torch do not import it (issue 16 item 3, issue 15 item 2).
 
-``--help`` of every command, ``golden record|check`` and ``run`` on an ONNX model must start
-without importing torch (a second of start-up, and gigabytes a CI job that only checks ONNX
-goldens should not install). Each command runs in a fresh interpreter that reports, at exit,
-whether torch was imported; and a fresh venv without torch installs the checkout and checks an
-ONNX golden with it (the install story of docs/examples/golden-check.yml).
+``--help`` of every command, ``inspect`` without a base, ``golden record|check`` and ``run`` on
+an ONNX model must start without importing torch (a second of start-up, and gigabytes a CI job
+that only checks ONNX goldens should not install). Each command runs in a fresh interpreter that
+reports, at exit, whether torch was imported; and a fresh venv without torch installs the
+checkout and checks an ONNX golden with it (the install story of docs/examples/golden-check.yml).
 """
 
 from __future__ import annotations
@@ -17,8 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 from tests.support import make_corpus as mc
+from tests.support import pass_cases as pc
+from tests.support import peft_oracle as po
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 240
@@ -80,8 +84,78 @@ def test_help_imports_no_torch(args: list[str]) -> None:
 
 def test_the_check_sees_torch() -> None:
     """Not vacuous: a command that merges does import torch (and fails here on bad input)."""
-    proc = _loracc("inspect", "/nonexistent-adapter")
+    proc = _loracc("merge", "--base", "/nonexistent-base", "--adapter", "/nonexistent", "-o", "o")
     assert proc.returncode == 2 and "'torch'" in _imported(proc), proc.stderr
+
+
+# The values path: inspect reading the adapter's tensors with torch, as merge reads them.
+_WITH_VALUES = """
+import loracc.api.inspect as _inspect
+_read = _inspect.read_peft_adapter
+_inspect.read_peft_adapter = lambda *a, header_only=False, **k: _read(*a, **k)
+"""
+
+# PEFT adapters of several kinds (DoRA + rsLoRA on bf16, trainable tokens, 2-D and 3-D
+# target_parameters, modules_to_save, lora_bias, conv, a refused aLoRA config).
+_PEFT_CASES = {
+    "dora_rslora_bf16": "pass",
+    "dora_embedding": "pass",
+    "llama_tt_list": "peft",
+    "llama_target_param_2d": "peft",
+    "gpt_oss_target_param_3d": "peft",
+    "llama_mts_lm_head": "peft",
+    "gpt2_lora_bias": "peft",
+    "conv2d": "peft",
+    "llama_alora": "peft",
+}
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Adapter folders by name: the PEFT cases, and copies of one made bad on purpose (a NaN in
+    a bf16 factor, an integer factor), which inspect refuses with exit 2."""
+    folders = {
+        name: (
+            pc.case(name, tmp_path_factory)
+            if source == "pass"
+            else po.build_case(name, tmp_path_factory.mktemp(name))
+        ).adapter_dir
+        for name, source in _PEFT_CASES.items()
+    }
+    good = folders["dora_rslora_bf16"]
+    tensors = load_file(str(good / "adapter_model.safetensors"))
+    factor = next(k for k in tensors if k.endswith("lora_B.weight"))
+    for name, bad in (
+        ("nan_bf16", tensors[factor].to(torch.bfloat16).index_fill(1, torch.tensor([1]), np.nan)),
+        ("int_factor", tensors[factor].to(torch.int32)),
+    ):
+        folder = tmp_path_factory.mktemp(name)
+        shutil.copy(good / "adapter_config.json", folder)
+        save_file({**tensors, factor: bad}, str(folder / "adapter_model.safetensors"))
+        folders[name] = folder
+    return folders
+
+
+@pytest.mark.parametrize("name", [*_PEFT_CASES, "nan_bf16", "int_factor"])
+@pytest.mark.parametrize("as_json", [True, False])
+def test_inspect_without_base_imports_no_torch(
+    adapters: dict[str, Path], name: str, as_json: bool
+) -> None:
+    """``inspect ADAPTER`` reads the header only, with the reader merge uses: torch is not
+    imported, and the report (or the refusal) is the one the reader gives with the values."""
+    args = ["inspect", str(adapters[name]), *(["--json"] if as_json else [])]
+    header_only = _loracc(*args)
+    with_values = _loracc(*args, prelude=_WITH_VALUES)
+    refused = name in ("nan_bf16", "int_factor")
+    _no_torch(header_only, rc=2 if refused else 0)
+    assert "'torch'" in _imported(with_values), with_values.stderr  # the other path, really
+    assert header_only.returncode == with_values.returncode, with_values.stderr
+    assert header_only.stdout == with_values.stdout
+    assert header_only.stderr.splitlines()[:-1] == with_values.stderr.splitlines()[:-1]
+    if refused:
+        assert "NaN or Inf" in header_only.stderr or "dtype int32" in header_only.stderr
+    elif name == "llama_alora":
+        assert "REFUSED" in header_only.stdout or '"refusals": [\n' in header_only.stdout
 
 
 def test_golden_and_run_on_onnx_import_no_torch(
