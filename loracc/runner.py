@@ -53,6 +53,11 @@ def resolve_onnx(model: str | os.PathLike[str]) -> Path:
         found = sorted(path.glob("*.onnx"))
         if len(found) == 1:
             return found[0]
+        if not found and (path / "config.json").is_file():
+            raise InputError(
+                f"{path}: a Hugging Face folder with no .onnx file; run executes ONNX models "
+                "(golden record/check also take merged Hugging Face folders)"
+            )
         if not found:
             raise InputError(f"{path}: no .onnx file in this folder")
         names = ", ".join(p.name for p in found)

@@ -343,7 +343,8 @@ def run_path(
     sync_s = time.perf_counter() - t0
     inner = None
     if path in ("loracc", "ref") and rc == 0:
-        inner = float(json.loads(stdout)["seconds"])
+        report = json.loads(stdout)  # "seconds" is the whole command's; its write step is ours
+        inner = float(report.get("steps", {}).get("write", report["seconds"]))
     note = err if rc else ""
     run = Run(path, size, wall, anon / 1024, filed / 1024, sync_s, rc, cache, cpu, inner, note)
     merge_s = f"  (merge_into {inner:.2f} s)" if inner is not None else ""

@@ -1,6 +1,7 @@
 """Arguments every entry point takes (:mod:`loracc.api.hf`, :mod:`loracc.api.onnx`,
-:mod:`loracc.api.combination`): their types, and the one reading of ``--adapter`` lists and
-``--weights``."""
+:mod:`loracc.api.combination`): their types, the one reading of ``--adapter`` lists and
+``--weights``, and the resolution of the paths users give into the folders and files loracc
+reads (a hub-cache folder or hub id, an adapter's own file, an HF folder where ONNX is needed)."""
 
 from __future__ import annotations
 
@@ -9,20 +10,80 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from loracc.errors import ConfigError
+from loracc.errors import ConfigError, InputError
+from loracc.io.hub import resolve_model_folder
 
-__all__ = ["LayoutChoices", "PathLike", "adapter_paths", "check_paths", "parse_weights"]
+__all__ = [
+    "LayoutChoices",
+    "PathLike",
+    "adapter_folder",
+    "adapter_paths",
+    "base_folder",
+    "check_paths",
+    "onnx_base_file",
+    "parse_weights",
+]
 
 PathLike = str | os.PathLike[str]
 # --layout choices: "MODULE_PATTERN=LAYOUT" strings or {pattern: layout} (loracc.io.layout).
 LayoutChoices = Sequence[str] | Mapping[str, str] | None
 
+# Files of a PEFT adapter folder: given one of them, the folder is meant.
+_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+# Where docs/ONNX.md says how to make the base ONNX model from a Hugging Face folder.
+ONNX_BASE_DOC = 'docs/ONNX.md, "Getting BASE.onnx"'
+
+
+def base_folder(path: PathLike, flag: str = "--base") -> Path:
+    """A base Hugging Face folder: the path, a hub-cache repository folder's ``refs/main``
+    snapshot, or a hub id (``org/name``) found in the local cache (:mod:`loracc.io.hub`)."""
+    return resolve_model_folder(path, flag)
+
+
+def adapter_folder(path: PathLike, flag: str = "--adapter") -> Path:
+    """A PEFT adapter folder, as :func:`base_folder` resolves it; a path to one of the
+    adapter's own files means its folder, any other file is refused naming the flag."""
+    given = Path(path)
+    if given.is_file():
+        if given.name in _ADAPTER_FILES:
+            return given.parent
+        raise InputError(
+            f"{flag} {given}: is a file; give the adapter's folder (the one holding "
+            "adapter_config.json)"
+        )
+    return resolve_model_folder(path, flag)
+
+
+def onnx_base_file(path: PathLike, flag: str = "--base") -> Path:
+    """The base ONNX model of ``export``: the file, or the one ``.onnx`` file in a folder. A
+    Hugging Face folder (or hub id) is refused with the way to the command that takes it and to
+    making an ONNX model of it."""
+    given = Path(path)
+    if not given.is_dir() and not given.is_file() and not given.is_symlink():
+        try:
+            given = resolve_model_folder(path, flag)
+        except InputError:
+            return Path(path)  # the ONNX reader says "not found"
+    if not given.is_dir():
+        return given
+    found = sorted(given.glob("*.onnx"))
+    if len(found) == 1:
+        return found[0]
+    if not found and ((given / "config.json").is_file() or any(given.glob("*.safetensors"))):
+        raise InputError(
+            f"{flag} {path}: a Hugging Face folder, not an ONNX model; `loracc merge` takes "
+            "Hugging Face folders, and export --onnx needs the base exported to ONNX first "
+            f"({ONNX_BASE_DOC})"
+        )
+    return given  # the ONNX reader refuses it
+
 
 def adapter_paths(adapters: PathLike | Sequence[PathLike]) -> list[Path]:
-    """One adapter folder, or several in order (a stack, or keep-lora's slots), as paths."""
+    """One adapter folder, or several in order (a stack, or keep-lora's slots), each resolved
+    by :func:`adapter_folder`."""
     if isinstance(adapters, str | os.PathLike):
-        return [Path(adapters)]
-    paths = [Path(a) for a in adapters]
+        return [adapter_folder(adapters)]
+    paths = [adapter_folder(a) for a in adapters]
     if not paths:
         raise ConfigError("--adapter: at least one adapter folder is needed")
     return paths

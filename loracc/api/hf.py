@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -10,16 +11,30 @@ from typing import Any
 
 import torch
 
-from loracc.api.common import LayoutChoices, PathLike, adapter_paths, check_paths, parse_weights
+from loracc.api.common import (
+    LayoutChoices,
+    PathLike,
+    adapter_folder,
+    adapter_paths,
+    base_folder,
+    check_paths,
+    parse_weights,
+)
 from loracc.api.inspect import inspect_adapter
 from loracc.errors import ConfigError, UnsupportedError
 from loracc.io.checkpoint import Checkpoint
-from loracc.io.output import atomic_dir
+from loracc.io.output import atomic_dir, check_output
 from loracc.io.peft import read_peft_adapter
 from loracc.io.peft_writer import write_peft_adapter
 from loracc.ir import Adapter
 from loracc.legality import Target, require
-from loracc.lower.merge import MergeOptions, merge_into, parse_size
+from loracc.lower.merge import (
+    MergeOptions,
+    ProgressCallback,
+    check_merge,
+    merge_into,
+    parse_size,
+)
 from loracc.lower.stack import (
     check_stack,
     compile_stack,
@@ -68,7 +83,9 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     try:
         return DTYPES[name.lower()]
     except KeyError:
-        raise ConfigError(f"--dtype: '{name}' is not one of float32, float16, bfloat16") from None
+        raise ConfigError(
+            f"--dtype: '{name}' is not one of fp16, bf16, fp32 (or float16, bfloat16, float32)"
+        ) from None
 
 
 def load_adapter(
@@ -79,8 +96,8 @@ def load_adapter(
     layout: LayoutChoices = None,
 ) -> Adapter:
     """Read a PEFT adapter folder into the IR (with the base, kinds and shapes are checked)."""
-    base = Checkpoint(base_dir) if base_dir is not None else None
-    return read_peft_adapter(Path(adapter_dir), base, initial=initial, layout=layout)
+    base = Checkpoint(base_folder(base_dir)) if base_dir is not None else None
+    return read_peft_adapter(adapter_folder(adapter_dir), base, initial=initial, layout=layout)
 
 
 @dataclass
@@ -92,12 +109,14 @@ class MergeReport:
     tensors: int
     changed: list[str]
     copied: int
-    bytes_written: int
-    seconds: float
+    bytes_written: int  # with dry_run: the bytes the shards' tensors would take
+    seconds: float  # the whole call; ``steps`` breaks it down
     sites: int
     config_updates: dict[str, Any]
     passes: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    dry_run: bool = False
+    steps: dict[str, float] = field(default_factory=dict)  # read, passes, write (or check)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,10 +135,11 @@ def merge(
     initial_adapter: PathLike | None = None,
     passes: list[Pass] | None = None,
     allow_nonfinite: bool = False,
-    progress: Any = None,
+    progress: ProgressCallback | None = None,
     workers: int | None = None,
     layout: LayoutChoices = None,
     allow_large_replication: bool = False,
+    dry_run: bool = False,
 ) -> MergeReport:
     """Merge a PEFT adapter into a Hugging Face checkpoint, streaming one tensor at a time.
 
@@ -133,8 +153,11 @@ def merge(
     under a temporary name and renamed at the end; an existing ``out_dir`` is refused unless
     ``force``. ``layout`` holds ``--layout`` choices (docs/FORMATS.md "Layer layouts"). A
     ``layer_replication`` building more than 4x the base's layers is refused unless
-    ``allow_large_replication``.
+    ``allow_large_replication``. ``progress(done, total, key, bytes_done, bytes_total)`` is
+    called after each tensor. ``dry_run`` runs every check of a real merge (the output path,
+    the plan, every edited tensor computed and checked) and writes nothing.
     """
+    clock = _Clock()
     out = Path(out_dir)
     device, device_notes = _device(device)
     options = MergeOptions(
@@ -148,7 +171,7 @@ def merge(
     paths = adapter_paths(adapter_dir)
     scales = parse_weights(weights, len(paths))
     check_paths(paths, initial_adapter)
-    base = Checkpoint(base_dir)
+    base = Checkpoint(base_folder(base_dir))
     loaded = []
     for path, scale in zip(paths, scales, strict=True):
         adapter = read_peft_adapter(
@@ -162,6 +185,7 @@ def merge(
         require(adapter, Target.MERGE, before_passes=True)  # before any pass reads the base
         loaded.append(weighted(adapter, scale))
     check_stack(loaded)
+    clock.lap("read")
     pipeline = merge_pipeline(passes or ())
 
     def compile_one(adapter: Adapter, below: BaseWeights) -> tuple[Adapter, PipelineResult]:
@@ -169,9 +193,17 @@ def merge(
         return result.adapter, result
 
     compiled = compile_stack(loaded, base, compile_one)
-    inputs = [Path(base_dir), *paths] + ([Path(initial_adapter)] if initial_adapter else [])
-    with atomic_dir(out, inputs, force=force) as tmp:
-        stats = merge_into([a for a, _ in compiled], base, tmp, options)
+    clock.lap("passes")
+    stack = [a for a, _ in compiled]
+    inputs = [base.folder, *paths] + ([Path(initial_adapter)] if initial_adapter else [])
+    if dry_run:
+        check_output(out, inputs, force=force)
+        stats = check_merge(stack, base, options)
+        clock.lap("check")
+    else:
+        with atomic_dir(out, inputs, force=force) as tmp:
+            stats = merge_into(stack, base, tmp, options)
+        clock.lap("write")
     steps = labelled_steps([(a, pass_steps(result)) for a, result in compiled])
     return MergeReport(
         output=str(out),
@@ -180,12 +212,30 @@ def merge(
         changed=stats.changed,
         copied=stats.copied,
         bytes_written=stats.bytes_written,
-        seconds=round(stats.seconds, 3),
+        seconds=round(clock.total(), 3),
         sites=sum(len(a.sites) for a, _ in compiled),
         config_updates=stats.config_updates,
         passes=steps,
         notes=device_notes + [n for a, _ in compiled for n in a.notes],
+        dry_run=dry_run,
+        steps=clock.steps,
     )
+
+
+class _Clock:
+    """Wall time per step of a call, in seconds (rounded to ms)."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.steps: dict[str, float] = {}
+
+    def lap(self, step: str) -> None:
+        now = time.perf_counter()
+        self.steps[step] = round(now - self.last, 3)
+        self.last = now
+
+    def total(self) -> float:
+        return time.perf_counter() - self.start
 
 
 def _device(name: str) -> tuple[str, list[str]]:
@@ -223,8 +273,9 @@ def emit_ir(
     one nothing is lowered, so only ``passes`` run (in the canonical order). With ``after_all``
     the input and the IR after every pass are printed, each under a ``// <pass>`` header.
     """
-    base = Checkpoint(base_dir) if base_dir is not None else None
-    adapter = read_peft_adapter(Path(adapter_dir), base, initial=initial_adapter, layout=layout)
+    base = Checkpoint(base_folder(base_dir)) if base_dir is not None else None
+    adapter_dir = adapter_folder(adapter_dir)
+    adapter = read_peft_adapter(adapter_dir, base, initial=initial_adapter, layout=layout)
     pipeline = merge_pipeline(passes or ()) if base is not None else in_order([], passes or ())
     dumps = [("input", print_ir(adapter))] if after_all else []
     result = run_pipeline(
@@ -274,14 +325,16 @@ def convert(
     """
     if rank is not None and energy is not None:
         raise ConfigError("convert: give --rank or --energy, not both")
-    base = Checkpoint(base_dir) if base_dir is not None else None
-    adapter = read_peft_adapter(Path(adapter_dir), base, initial=initial_adapter, layout=layout)
+    base = Checkpoint(base_folder(base_dir)) if base_dir is not None else None
+    adapter_dir = adapter_folder(adapter_dir)
+    adapter = read_peft_adapter(adapter_dir, base, initial=initial_adapter, layout=layout)
     require(adapter, Target.PEFT_ADAPTER, before_passes=True)
     passes = convert_pipeline(base=base is not None, rank=rank, energy=energy)
     device, device_notes = _device(device)
     result = run_pipeline(adapter, passes, PassContext(base=base, device=device))
     require(result.adapter, Target.PEFT_ADAPTER, base=base)
-    inputs = [Path(adapter_dir)] + [Path(p) for p in (base_dir, initial_adapter) if p is not None]
+    inputs = [adapter_dir] + [Path(p) for p in (initial_adapter,) if p is not None]
+    inputs += [base.folder] if base is not None else []
     with atomic_dir(Path(out_dir), inputs, force=force) as tmp:
         keys = write_peft_adapter(result.adapter, tmp)
     before = {s.module: s.rank for s in adapter.sites}

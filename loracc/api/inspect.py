@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from loracc.api.common import LayoutChoices, PathLike
+from loracc.api.common import LayoutChoices, PathLike, adapter_folder, base_folder
 from loracc.errors import LoweringError, NonFiniteError, UnsupportedError
 from loracc.io.checkpoint import Checkpoint
 from loracc.io.peft import read_peft_adapter
@@ -31,9 +31,11 @@ def inspect_adapter(
     ``export --onnx`` would refuse is listed with the refusals.
     """
     onnx_base = base_dir is not None and Path(base_dir).suffix == ".onnx"
-    base = Checkpoint(base_dir) if base_dir is not None and not onnx_base else None
+    base = Checkpoint(base_folder(base_dir)) if base_dir is not None and not onnx_base else None
     # Without a base nothing below needs the values: the same reader reads the header only.
-    adapter = read_peft_adapter(Path(adapter_dir), base, layout=layout, header_only=base is None)
+    adapter = read_peft_adapter(
+        adapter_folder(adapter_dir), base, layout=layout, header_only=base is None
+    )
     sites = [
         {
             "module": s.module,

@@ -16,7 +16,15 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loracc.api.common import LayoutChoices, PathLike, check_paths, parse_weights
+from loracc.api.common import (
+    LayoutChoices,
+    PathLike,
+    adapter_folder,
+    base_folder,
+    check_paths,
+    onnx_base_file,
+    parse_weights,
+)
 from loracc.api.common import adapter_paths as _paths
 from loracc.errors import ConfigError, UnsupportedError
 from loracc.legality import Target, require
@@ -88,7 +96,7 @@ def _checkpoint(base_weights: PathLike | None) -> Checkpoint | None:
         return None
     from loracc.io.checkpoint import Checkpoint
 
-    return Checkpoint(base_weights)
+    return Checkpoint(base_folder(base_weights, "--base-weights"))
 
 
 def _load(
@@ -152,7 +160,7 @@ def bind_onnx(
     only, no edited tensor computed (``export_onnx(..., dry_run=True)`` checks everything)."""
     ckpt = _checkpoint(base_weights)
     _, _, table, loaded, compiled, _ = _compiled(
-        Path(base_onnx), _paths(adapters), ckpt, None, False, layout, Target.ONNX_MERGE
+        onnx_base_file(base_onnx), _paths(adapters), ckpt, None, False, layout, Target.ONNX_MERGE
     )
     return table.describe([*loaded, *compiled])
 
@@ -369,7 +377,7 @@ def export_onnx(
     from loracc.lower.onnx.merge import apply_edits, merge_edits
 
     start = time.perf_counter()
-    base_path = Path(base_onnx)
+    base_path = onnx_base_file(base_onnx)
     adapter_paths = _paths(adapters)
     if weights is not None and keep_lora:
         raise ConfigError("--weights scales adapters merged together; --keep-lora merges none")
@@ -538,7 +546,7 @@ def pack(
     from loracc.lower.onnx.mixed import MIXED_KEY
     from loracc.lower.onnx.slots import MANIFEST_KEY
 
-    model_path, adapter_path, out = Path(model), Path(adapter), Path(output)
+    model_path, adapter_path, out = Path(model), adapter_folder(adapter), Path(output)
     if out.suffix != ".onnx_adapter":
         raise ConfigError(f"{out}: an adapter file name must end in .onnx_adapter")
     onnx_model = load_model(model_path)

@@ -152,8 +152,10 @@ def check(
         providers=providers,
         strict_fingerprint=strict_fingerprint,
     )
-    emit(report.to_dict(), as_json, lambda _: report.text(verbose or report.kind == "onnx"))
-    sys.exit(0 if report.passed else 1)
+    code = 0 if report.passed else 1
+    text = report.text(verbose or report.kind == "onnx")
+    emit(report.to_dict(), as_json, lambda _: text, exit_code=code)
+    sys.exit(code)
 
 
 @click.command("run", cls=OnceCommand)

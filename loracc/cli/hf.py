@@ -15,19 +15,23 @@ from loracc.cli.common import (
     adapters_option,
     allow_nonfinite_option,
     binding_lines,
+    dtype_option,
     emit,
     escaped_lines,
     force_option,
     guard,
+    human_bytes,
     initial_adapter_option,
     json_option,
     layout_option,
+    make_progress,
     note_lines,
     output_dir_option,
     parse_passes,
     passes_option,
+    progress_option,
     step_lines,
-    terminal_progress,
+    timed,
     weights_option,
 )
 from loracc.io.inputs import prefetch
@@ -43,11 +47,18 @@ __all__ = ["compile_", "convert", "inspect_", "merge"]
 
 
 @click.command(cls=OnceCommand)
-@click.option("--base", "base_dir", required=True, type=click.Path(), help="Base HF folder.")
+@click.option(
+    "--base",
+    "base_dir",
+    required=True,
+    type=click.Path(),
+    help="Base HF folder (or a hub-cache models--ORG--NAME folder, or ORG/NAME in the local "
+    "Hugging Face cache).",
+)
 @adapters_option
 @weights_option
 @output_dir_option
-@click.option("--dtype", default=None, help="Cast floating tensors: float32, float16, bfloat16.")
+@dtype_option
 @click.option(
     "--max-shard-size", default="5GB", show_default=True, help="Shard size (5GB, 500MiB)."
 )
@@ -74,6 +85,13 @@ __all__ = ["compile_", "convert", "inspect_", "merge"]
     is_flag=True,
     help="Accept a layer_replication that builds more than 4x the base's layers.",
 )
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Every check of a real merge (output path, plan, every edited tensor computed and "
+    "checked) and the output's size; write nothing.",
+)
+@progress_option
 @json_option
 @guard
 def merge(
@@ -91,6 +109,8 @@ def merge(
     allow_nonfinite: bool,
     layout: tuple[str, ...],
     allow_large_replication: bool,
+    dry_run: bool,
+    progress: str,
     as_json: bool,
 ) -> None:
     """Merge PEFT LoRA adapters into a Hugging Face checkpoint (streamed, bounded memory).
@@ -112,19 +132,24 @@ def merge(
         initial_adapter=initial_adapter,
         passes=parse_passes(passes_spec),
         allow_nonfinite=allow_nonfinite,
-        progress=None if as_json else terminal_progress(),
+        progress=make_progress(progress, "checking" if dry_run else "merging"),
         workers=workers,
         layout=layout,
         allow_large_replication=allow_large_replication,
+        dry_run=dry_run,
     )
-    emit(report.to_dict(), as_json, _merge_text)
+    emit(timed(report.to_dict(), "merge"), as_json, _merge_text)
 
 
 def _merge_text(r: dict[str, Any]) -> str:
+    size = human_bytes(r["bytes_written"])
     lines = [
-        f"merged {r['sites']} sites into {len(r['changed'])} of {r['tensors']} tensors "
-        f"({r['copied']} copied unchanged) in {r['seconds']:.2f}s",
-        f"wrote {r['output']}: {', '.join(r['shards'])} ({r['bytes_written'] / 1e6:.1f} MB)",
+        f"{'would merge' if r['dry_run'] else 'merged'} {r['sites']} sites into "
+        f"{len(r['changed'])} of {r['tensors']} tensors ({r['copied']} copied unchanged) "
+        f"in {r['seconds']:.2f}s",
+        f"would write {r['output']}: {', '.join(r['shards'])} ({size}; dry run, nothing written)"
+        if r["dry_run"]
+        else f"wrote {r['output']}: {', '.join(r['shards'])} ({size})",
     ]
     lines += step_lines(r)
     lines += [f"  config.json: {k} = {json.dumps(v)}" for k, v in r["config_updates"].items()]

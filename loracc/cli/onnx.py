@@ -21,6 +21,8 @@ from loracc.cli.common import (
     layout_option,
     note_lines,
     step_lines,
+    timed,
+    verbose_option,
     weights_option,
 )
 from loracc.errors import ConfigError
@@ -94,6 +96,7 @@ base_weights_option = click.option(
 )
 @allow_nonfinite_option
 @layout_option
+@verbose_option
 @json_option
 @guard
 def export(
@@ -112,6 +115,7 @@ def export(
     dry_run: bool,
     allow_nonfinite: bool,
     layout: tuple[str, ...],
+    verbose: bool,
     as_json: bool,
 ) -> None:
     """Merge an adapter into an existing ONNX model, or keep it as hot-swappable slots.
@@ -140,25 +144,35 @@ def export(
         layout=layout,
         weights=weights,
     )
-    emit(report.to_dict(), as_json, _export_text)
+    emit(timed(report.to_dict(), "export"), as_json, lambda r: _export_text(r, verbose))
 
 
-def _export_text(r: dict[str, Any]) -> str:
-    lines = binding_lines(r["bindings"])
-    for t in r["tensors"]:
-        lines.append(f"tensor {t['key']} -> {', '.join(t['initializers'])} ({t['how']})")
-    for s in r["slots"]:
-        lines.append(
-            f"slot {s['key']} ({s['op']}, in {s['in']}, out {s['out']}): {', '.join(s['slots'])}"
-        )
+def _export_text(r: dict[str, Any], verbose: bool) -> str:
+    """A summary; with ``verbose`` the binding table, tensor bindings and slots before it."""
+    lines: list[str] = []
+    if verbose:
+        lines += binding_lines(r["bindings"])
+        for t in r["tensors"]:
+            lines.append(f"tensor {t['key']} -> {', '.join(t['initializers'])} ({t['how']})")
+        for s in r["slots"]:
+            lines.append(
+                f"slot {s['key']} ({s['op']}, in {s['in']}, out {s['out']}): "
+                + ", ".join(s["slots"])
+            )
     lines += step_lines(r) + note_lines(r)
+    slots = f", {len(r['slots'])} slot groups" if r["slots"] else ""
+    bound = f"{r['mode']}: {len(r['bindings'])} sites bound{slots}"
     if r["outputs"]:
         lines.append(
-            f"{r['mode']}: {len(r['bindings'])} sites, {len(r['changed'])} initializers "
-            f"changed, wrote {', '.join(r['outputs'])} in {r['seconds']:.2f}s"
+            f"{bound}, {len(r['changed'])} initializers changed, wrote "
+            f"{', '.join(r['outputs'])} in {r['seconds']:.2f}s"
         )
     else:
-        lines.append(f"{r['mode']}: {len(r['bindings'])} sites bound (dry run, nothing written)")
+        lines.append(
+            f"{bound}, {len(r['changed'])} initializers checked (dry run, nothing written)"
+        )
+    if not verbose:
+        lines.append("(-v prints the binding table and the slots)")
     return "\n".join(lines)
 
 

@@ -55,7 +55,15 @@ from loracc.ir import Adapter, Site, SiteKind, TargetEdits
 from loracc.legality import Target, require
 from loracc.lower.stack import Chain, output_chains
 
-__all__ = ["MergeOptions", "MergeStats", "check_mergeable", "merge_into", "parse_size"]
+__all__ = [
+    "MergeOptions",
+    "MergeStats",
+    "ProgressCallback",
+    "check_merge",
+    "check_mergeable",
+    "merge_into",
+    "parse_size",
+]
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*$", re.IGNORECASE)
 _UNITS = {
@@ -85,6 +93,11 @@ def parse_size(text: str | int) -> int:
     return int(float(m.group(1)) * _UNITS[unit])
 
 
+# (tensors done, tensors in all, key just done, bytes done, bytes in all); a first call with 0
+# done says the step starts.
+ProgressCallback = Callable[[int, int, str, int, int], None]
+
+
 @dataclass(frozen=True, slots=True)
 class MergeOptions:
     """How to write the merged checkpoint."""
@@ -95,7 +108,7 @@ class MergeOptions:
     workers: int = 2
     lookahead: int = 8
     allow_nonfinite: bool = False
-    progress: Callable[[int, int, str], None] | None = None
+    progress: ProgressCallback | None = None
 
 
 @dataclass(slots=True)
@@ -378,6 +391,12 @@ def _fill(
         writer.write_at(item.key, _compute(item, opts.device, opts.allow_nonfinite))
 
 
+def _shard_names(count: int) -> list[str]:
+    if count == 1:
+        return [SINGLE_NAME]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
 def _write_shard(
     path: Path,
     items: list[_Out],
@@ -411,38 +430,22 @@ def merge_into(
 ) -> MergeStats:
     """Write the merged checkpoint into the (temporary) folder ``out``: ``adapters`` (compiled,
     a stack compiled by :func:`loracc.lower.stack.compile_stack`) merged in order."""
-    stack = [adapters] if isinstance(adapters, Adapter) else list(adapters)
-    for adapter in stack:
-        check_mergeable(adapter)
     start = time.perf_counter()
-    plan = _plan(stack, base, opts.dtype)
-    shards = _shards(plan, opts.max_shard_size)
-    stats = MergeStats(config_updates=_config(base, stack, plan, opts.dtype))
+    plan, shards, stats = _planned(adapters, base, opts)
     _copy_side_files(base, out)
     _write_config(base, stats.config_updates, out / "config.json")
-    names = (
-        [SINGLE_NAME]
-        if len(shards) == 1
-        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    )
+    names = stats.shards
     metadata = base.files[0].metadata or {"format": "pt"}
     weight_map: dict[str, str] = {}
-    done = 0
+    tally = _Tally(plan, stats, opts.progress)
     workers = max(1, opts.workers)
     scratches: queue.SimpleQueue[_Scratch] = queue.SimpleQueue()
     for _ in range(workers):
         scratches.put(_Scratch())
 
     def committed(item: _Out, name: str) -> None:
-        nonlocal done
-        if not _needs_compute(item):
-            stats.copied += 1
-        elif item.stages:
-            stats.changed.append(item.key)
         weight_map[item.key] = name
-        done += 1
-        if opts.progress is not None:
-            opts.progress(done, len(plan), item.key)
+        tally(item)
 
     # The workers are the parallelism; torch's own threads would only fight them for the cores.
     # Only where every computed tensor is streamed: a row block's matmul gives the same bits at
@@ -462,7 +465,65 @@ def merge_into(
     if len(shards) > 1:
         index = {"metadata": {"total_size": stats.bytes_written}, "weight_map": weight_map}
         (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-    stats.shards = names
-    stats.tensors = len(plan)
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def check_merge(
+    adapters: Adapter | Sequence[Adapter], base: Checkpoint, opts: MergeOptions
+) -> MergeStats:
+    """Everything :func:`merge_into` checks, without writing: the plan and its shards, the
+    config updates, and every edited tensor computed and checked as written (NaN/Inf after the
+    cast), then dropped. ``bytes_written`` is what the shards' tensors would take."""
+    start = time.perf_counter()
+    plan, _, stats = _planned(adapters, base, opts)
+    tally = _Tally(plan, stats, opts.progress)
+    for item in plan:
+        if _needs_compute(item):
+            _compute(item, opts.device, opts.allow_nonfinite)  # checked, then dropped
+        tally(item)
+    stats.bytes_written = tally.total_bytes
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+def _planned(
+    adapters: Adapter | Sequence[Adapter], base: Checkpoint, opts: MergeOptions
+) -> tuple[list[_Out], list[list[_Out]], MergeStats]:
+    """The plan of a stack (or one adapter), its shards, and the stats that follow from them
+    (names, tensors, config)."""
+    stack = [adapters] if isinstance(adapters, Adapter) else list(adapters)
+    for adapter in stack:
+        check_mergeable(adapter)
+    plan = _plan(stack, base, opts.dtype)
+    shards = _shards(plan, opts.max_shard_size)
+    stats = MergeStats(
+        shards=_shard_names(len(shards)),
+        tensors=len(plan),
+        config_updates=_config(base, stack, plan, opts.dtype),
+    )
+    return plan, shards, stats
+
+
+class _Tally:
+    """Counts each tensor as it is done (copied unchanged or changed) and reports progress:
+    a first call with 0 done, then one per tensor, with bytes."""
+
+    def __init__(
+        self, plan: list[_Out], stats: MergeStats, progress: ProgressCallback | None
+    ) -> None:
+        self.total, self.stats, self.progress = len(plan), stats, progress
+        self.done = self.done_bytes = 0
+        self.total_bytes = sum(item.nbytes for item in plan)
+        if progress is not None:
+            progress(0, self.total, "", 0, self.total_bytes)
+
+    def __call__(self, item: _Out) -> None:
+        if not _needs_compute(item):
+            self.stats.copied += 1
+        elif item.stages:
+            self.stats.changed.append(item.key)
+        self.done += 1
+        self.done_bytes += item.nbytes
+        if self.progress is not None:
+            self.progress(self.done, self.total, item.key, self.done_bytes, self.total_bytes)

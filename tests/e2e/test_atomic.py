@@ -247,7 +247,7 @@ def test_interrupt_mid_merge_removes_the_temporary(small_case: mc.Layout) -> Non
     lay = small_case
     seen: list[int] = []
 
-    def progress(done: int, total: int, key: str) -> None:
+    def progress(done: int, total: int, key: str, *_bytes: int) -> None:
         seen.append(done)
         if done == 3:
             assert mc.tmp_entries(lay.out), "no temporary while writing"

@@ -664,7 +664,7 @@ def test_cli_export_pack_and_errors(oc: OnnxCases, tmp_path: Path) -> None:
     assert json.loads(result.output)["output"] == str(packed)
     assert_close(run(out, small, packed), small.peft_logits, "CLI-packed adapter")
     dry = runner.invoke(main, ["export", "--onnx", "--base", str(base), "--adapter",
-                               str(case.adapter_dir), "--dry-run"])  # fmt: skip
+                               str(case.adapter_dir), "--dry-run", "-v"])  # fmt: skip
     assert dry.exit_code == 0 and "q_proj" in dry.output and "onnx::MatMul" in dry.output
     refused = runner.invoke(
         main, ["pack", "--model", str(out), "--adapter", str(oc.case("llama_embed").adapter_dir),

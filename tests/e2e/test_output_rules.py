@@ -249,7 +249,7 @@ def test_destination_made_meanwhile_is_not_replaced(tmp_path: Path) -> None:
 
     lay = mc.build_valid(tmp_path)
 
-    def progress(done: int, total: int, key: str) -> None:
+    def progress(done: int, total: int, key: str, *_bytes: int) -> None:
         if done == 1:
             lay.out.mkdir()
             (lay.out / "theirs.txt").write_text("made by another program\n")

@@ -543,6 +543,35 @@ def _hf_cache(root: Path) -> Layout:
     return Layout(root, snap, adapter, out, argv)
 
 
+def _hub_repo(*, ref: str | None, extra_snapshots: tuple[str, ...] = ()):
+    """--base names the hub-cache repository folder (models--tiny--llama) of :func:`_hf_cache`,
+    ``refs/main`` holding ``ref`` (none when None), with more snapshots linking the same blobs."""
+
+    def build(root: Path) -> Layout:
+        lay = _hf_cache(root)
+        repo = lay.base.parent.parent
+        for rev in extra_snapshots:
+            (repo / "snapshots" / rev).mkdir()
+            for f in lay.base.iterdir():
+                (repo / "snapshots" / rev / f.name).symlink_to(f.readlink())
+        if ref is not None:
+            (repo / "refs").mkdir()
+            (repo / "refs" / "main").write_text(ref)
+        lay.argv[lay.argv.index("--base") + 1] = str(repo)
+        return lay
+
+    return build
+
+
+def _set_arg(flag: str, value: Callable[[Layout], str]) -> Callable[[Layout], None]:
+    """Give ``flag`` the value ``value(layout)`` on the case's command line."""
+
+    def edit(lay: Layout) -> None:
+        lay.argv[lay.argv.index(flag) + 1] = value(lay)
+
+    return edit
+
+
 def _config_link_out(lay: Layout) -> None:
     outside = lay.root / "outside"
     outside.mkdir()
@@ -1299,6 +1328,30 @@ CASES: tuple[Case, ...] = (
          group="paths"),
     Case("hf-cache-links", "a hub-cache snapshot whose files link into ../../blobs (allowed)",
          _hf_cache, 0, "merged 4 sites", group="paths"),
+    Case("base-hub-repo-folder", "--base is a hub-cache repository folder (models--ORG--NAME): "
+         "its refs/main snapshot is read", _hub_repo(ref="0123abcd"), 0, "merged 4 sites",
+         group="paths"),
+    Case("base-hub-repo-no-ref", "--base is a hub-cache repository folder with two snapshots "
+         "and no refs/main", _hub_repo(ref=None, extra_snapshots=("89abcdef",)), 2,
+         "without refs/main", "models--tiny--llama", group="paths"),
+    Case("base-hub-ref-dangling", "--base is a hub-cache repository folder whose refs/main "
+         "names a revision with no snapshot", _hub_repo(ref="feedbeef"), 2,
+         "has no snapshots/ folder", "refs/main", group="paths"),
+    Case("base-hub-ref-dotdot", "refs/main of a hub-cache repository folder names '..' (would "
+         "be the repository folder itself)", _hub_repo(ref=".."), 2, "has no snapshots/ folder",
+         "refs/main", group="paths"),
+    Case("base-hub-id-not-cached", "--base is a hub id (org/name) that is not in the local "
+         "Hugging Face cache (loracc does not download)",
+         _with(_set_arg("--base", lambda lay: "no-such-org/no-such-model")), 2,
+         "not in the local Hugging Face cache", "models--no-such-org--no-such-model",
+         group="paths"),
+    Case("adapter-file-path", "--adapter names the adapter's adapter_model.safetensors "
+         "(its folder is read)",
+         _with(_set_arg("--adapter", lambda lay: str(lay.adapter / "adapter_model.safetensors"))),
+         0, "merged 4 sites", group="paths"),
+    Case("adapter-other-file", "--adapter names a file that is not one of an adapter's",
+         _with(_set_arg("--adapter", lambda lay: str(lay.base / "config.json"))), 2,
+         "give the adapter's folder", "config.json", group="paths"),
     Case("base-config-symlink-out", "the base config.json links to a JSON file outside the folder",
          _with(_config_link_out), 2, "resolves outside", "config.json", group="paths"),
     Case("base-side-file-fifo", "a named pipe among the base's side files (would block a copy)",
@@ -1386,6 +1439,15 @@ CASES: tuple[Case, ...] = (
     Case("onnx-missing", "the base .onnx file does not exist",
          _onnx_with(lambda lay: (lay.base / "model.onnx").unlink()), 2, "ONNX model not found",
          "model.onnx", needs="onnx_ir", group="onnx"),
+    Case("onnx-base-is-hf-folder", "export --onnx --base names a Hugging Face folder (merge "
+         "takes those; the message says how to get an ONNX model)",
+         _onnx_with(lambda lay: (write_base(lay.root / "hf"), _set_arg(
+             "--base", lambda lay: str(lay.root / "hf"))(lay))), 2, "`loracc merge` takes",
+         "hf", needs="onnx_ir", group="onnx"),
+    Case("run-model-is-hf-folder", "run --model names a Hugging Face folder (golden takes "
+         "those; run executes ONNX models)",
+         _argv(lambda lay: ["run", "--model", str(lay.base), "--inputs", str(lay.root / "in.npz")]),
+         2, "a Hugging Face folder with no .onnx file", "base", group="onnx"),
     # -- ONNX binding, pack and run -------------------------------------------------------------
     Case("onnx-site-unbound", "the adapter targets k_proj, which the graph does not have",
          _onnx_with(lambda lay: None, targets=("q_proj", "k_proj")),
@@ -1412,7 +1474,7 @@ CASES: tuple[Case, ...] = (
     Case("pack-adapter-is-file", "pack --adapter names a corrupt .onnx_adapter file, not a folder",
          _pack_with(lambda lay: lay.argv.__setitem__(4, _write(
              lay.root / "bad.onnx_adapter", b"TORT" + b"\xff" * 60))),
-         2, "adapter folder not found", "bad.onnx_adapter", needs="onnxruntime", group="onnx"),
+         2, "give the adapter's folder", "bad.onnx_adapter", needs="onnxruntime", group="onnx"),
     Case("run-adapter-garbage", "run with an .onnx_adapter of 64 garbage bytes",
          _run_with_adapter(lambda lay: b"\x10\x00\x00\x00TORT" + b"\xff" * 56),
          2, "not a readable .onnx_adapter file", "bad.onnx_adapter", needs="onnxruntime",
