@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from contextlib import redirect_stderr
 from pathlib import Path
 from typing import Any
@@ -329,6 +330,24 @@ def test_merge_dry_run_writes_nothing_and_gives_the_size(lay: mc.Layout) -> None
     assert len(planned["changed"]) == 4 and planned["config_updates"] == {"torch_dtype": "bfloat16"}
     text = invoke([*lay.argv, "--dry-run"])
     assert "dry run, nothing written" in text.stdout and not lay.out.exists()
+
+
+def test_merge_dry_run_and_paths_with_a_stack(lay: mc.Layout) -> None:
+    """A stack (repeated --adapter) gets the same dry run, and each --adapter the same path
+    resolution: the second adapter given by its file."""
+    second = lay.root / "adapter2"
+    shutil.copytree(lay.adapter, second)
+    argv = [*lay.argv, "--adapter", str(second / "adapter_model.safetensors")]
+    before = mc.snapshot(lay.root)
+    dry = json_out(invoke([*argv, "--dry-run", "--json"]))
+    assert dry["ok"] and dry["dry_run"] and len(dry["changed"]) == 4
+    assert mc.snapshot(lay.root) == before and not lay.out.exists()
+    real = json_out(invoke([*argv, "--json"]))
+    assert real["bytes_written"] == dry["bytes_written"] and real["changed"] == dry["changed"]
+    got = load_file(lay.out / "model.safetensors")
+    ref = mc.reference_merge(mc.base_tensors(), mc.adapter_tensors(), 2 * SCALE)  # A twice
+    for key, r in ref.items():
+        assert torch.allclose(got[key].double(), r.double(), rtol=2e-6, atol=1e-7), key
 
 
 def test_merge_dry_run_runs_the_checks(lay: mc.Layout, tmp_path: Path) -> None:
