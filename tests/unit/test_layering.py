@@ -241,6 +241,7 @@ TORCH_FREE = (
     "loracc.golden.onnx",
     "loracc.io",
     "loracc.io.checkpoint",
+    "loracc.io.hub",
     "loracc.io.inputs",
     "loracc.io.layout",
     "loracc.io.npz",
