@@ -265,14 +265,22 @@ class RunResult:
         }
 
 
-def _summary(a: np.ndarray) -> dict[str, float | None]:
+def _summary(a: np.ndarray) -> dict[str, float | int | None]:
+    """min/max/mean over the finite values, and how many are NaN or infinite: a mixed-batch
+    row with an unfilled slot or a bad id is NaN, and must not read like a normal output."""
     if a.size == 0 or a.dtype.kind not in "biuf":
-        return {"min": None, "max": None, "mean": None}
+        return {"min": None, "max": None, "mean": None, "nan": 0, "inf": 0}
     f = a.astype(np.float64)
     finite = f[np.isfinite(f)]
+    counts = {"nan": int(np.isnan(f).sum()), "inf": int(np.isinf(f).sum())}
     if finite.size == 0:
-        return {"min": None, "max": None, "mean": None}
-    return {"min": float(finite.min()), "max": float(finite.max()), "mean": float(finite.mean())}
+        return {"min": None, "max": None, "mean": None, **counts}
+    return {
+        "min": float(finite.min()),
+        "max": float(finite.max()),
+        "mean": float(finite.mean()),
+        **counts,
+    }
 
 
 def run(

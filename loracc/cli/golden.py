@@ -197,6 +197,9 @@ def _run_text(r: dict[str, Any]) -> str:
             if o["min"] is not None
             else "no finite values"
         )
+        bad = [f"{o[k]} {label}" for k, label in (("nan", "NaN"), ("inf", "infinite")) if o.get(k)]
+        if bad:
+            stats += f"  ({' and '.join(bad)}; min/max/mean over the finite values)"
         lines.append(f"  {o['name']} {o['dtype']}[{shape}]  {stats}")
     lines += note_lines(r)
     if r["written"]:

@@ -414,3 +414,21 @@ def test_hf_folder_digests(tmp_path):
     model = embed_model(tmp_path / "m.onnx", weights())
     r = invoke("golden", "check", "--model", model, "--golden", golden)
     assert r.exit_code == 2 and "recorded for a Hugging Face folder" in r.stderr
+
+
+def test_run_counts_nan_and_inf(tmp_path: Path) -> None:
+    """``run``'s summary takes min/max/mean over the finite values, so it must say how many are
+    not: a mixed-batch row with a bad id is NaN and would otherwise look like a normal output."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])
+    graph = helper.make_graph([helper.make_node("Log", ["x"], ["y"])], "log", [x], [y])
+    model = save_onnx(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx"
+    )
+    np.savez(tmp_path / "x.npz", x=np.array([-1.0, 0.0, 1.0, np.e, -2.0], np.float32))
+    r = invoke("run", "--model", model, "--inputs", tmp_path / "x.npz")
+    assert r.exit_code == 0, r.stderr
+    assert "2 NaN and 1 infinite" in r.stdout and "max 1 " in r.stdout
+    r = invoke("run", "--model", model, "--inputs", tmp_path / "x.npz", "--json")
+    out = json.loads(r.stdout)["outputs"][0]
+    assert (out["nan"], out["inf"], out["min"], out["max"]) == (2, 1, 0.0, 1.0)
