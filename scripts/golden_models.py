@@ -50,7 +50,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-__all__ = ["CASES", "GOLDEN_DIR", "CaseDef", "check_cases", "regen", "suite"]
+__all__ = [
+    "CASES",
+    "GOLDEN_DIR",
+    "CaseDef",
+    "case_differences",
+    "check_cases",
+    "regen",
+    "reproduce",
+    "suite",
+]
 
 
 @dataclass(frozen=True)
@@ -195,6 +204,7 @@ def build_case(name: str, case: CaseDef, out: Path) -> None:
             p.add_(torch.randn_like(p) * 0.02)
     model.to(dtype).save_pretrained(str(base_dir))
     (base_dir / "generation_config.json").unlink(missing_ok=True)
+    _edit_json(base_dir / "config.json", lambda c: c.pop("transformers_version", None))
 
     _seed(case.seed + 1000)
     model = load_causal_lm(base_dir, case.dtype)
@@ -205,7 +215,7 @@ def build_case(name: str, case: CaseDef, out: Path) -> None:
                 p.add_(torch.randn_like(p) * 0.05)
     peft_model.save_pretrained(str(adapter_dir))
     (adapter_dir / "README.md").unlink(missing_ok=True)
-    _sort_target_modules(adapter_dir / "adapter_config.json")
+    _edit_json(adapter_dir / "adapter_config.json", lambda c: _portable_adapter_config(c, name))
 
     gen = torch.Generator().manual_seed(1234 + case.seed)
     input_ids = torch.randint(3, VOCAB, (2, 12), generator=gen).numpy()
@@ -234,19 +244,33 @@ def build_case(name: str, case: CaseDef, out: Path) -> None:
         _export_base_onnx(base_dir, out / "base.onnx", input_ids)
 
 
-def _sort_target_modules(path: Path) -> None:
-    """PEFT writes target_modules from a set (order varies by process): sort it, stable diffs."""
+def _edit_json(path: Path, edit: Callable[[dict[str, Any]], object]) -> None:
+    """Apply ``edit`` to the JSON object in ``path`` and write it back sorted, 2-space indented."""
     config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _portable_adapter_config(config: dict[str, Any], name: str) -> None:
+    """The same bytes wherever and whenever the case is built.
+
+    PEFT writes target_modules from a set (its order varies by process) and the base's path as
+    given, here a scratch folder under the build location: name the base by its place in the
+    checkout instead. transformers writes its version into config.json; that is dropped by the
+    caller (case.json records the versions).
+    """
     if isinstance(config.get("target_modules"), list):
         config["target_modules"] = sorted(config["target_modules"])
-    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    config["base_model_name_or_path"] = f"golden/models/{name}/base"
 
 
 def regen(names: list[str] | None = None, root: Path = GOLDEN_DIR) -> list[str]:
     """Rebuild the named cases (all by default); returns problems (sizes over budget).
 
     Each case is built in a scratch folder beside it and swapped in whole, so a concurrent
-    check never sees half a case.
+    check never sees half a case. A case whose content is unchanged (:func:`case_differences`
+    finds nothing: logits within the oracle tolerance, only the library versions differ) keeps
+    its files, so regenerating elsewhere or with another transformers release changes nothing.
     """
     problems: list[str] = []
     for name in names or list(CASES):
@@ -255,6 +279,9 @@ def regen(names: list[str] | None = None, root: Path = GOLDEN_DIR) -> list[str]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             build_case(name, CASES[name], scratch)
+        if out.exists() and not case_differences(out, scratch):
+            shutil.rmtree(scratch)  # same content: keep the checked-in bytes
+            continue
         old = root / f".{name}.old"
         shutil.rmtree(old, ignore_errors=True)
         if out.exists():
@@ -264,6 +291,67 @@ def regen(names: list[str] | None = None, root: Path = GOLDEN_DIR) -> list[str]:
         size = _case_bytes(out)
         if size > MAX_CASE_BYTES:
             problems.append(f"golden/models/{name}: {size} bytes > {MAX_CASE_BYTES}")
+    return problems
+
+
+def case_differences(old: Path, new: Path) -> list[str]:
+    """What differs in content between two builds of one case (empty: the same case).
+
+    Files are compared byte for byte, except ``expected.npz`` (logits within
+    :data:`ORACLE_RTOL`: the CPU's kernels and the library versions move the last bits),
+    ``base.onnx`` (the same logits within that tolerance: another exporter release may write
+    another graph for the same function), and ``case.json`` (the same except
+    ``produced_by``, the versions that built it, and ``adapter_effect`` to 1e-6).
+    """
+
+    def files(folder: Path) -> set[str]:
+        return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+
+    meta = json.loads((new / "case.json").read_text())
+    tol = ORACLE_RTOL[meta["dtype"]]
+    diffs = [f"{f}: only in one build" for f in sorted(files(old) ^ files(new))]
+    for rel in sorted(files(old) & files(new)):
+        a, b = old / rel, new / rel
+        if a.read_bytes() == b.read_bytes():
+            continue
+        if rel == "expected.npz":
+            with np.load(a) as za, np.load(b) as zb:
+                same = set(za.files) == set(zb.files) and all(
+                    rel_err(zb[k], za[k]) <= tol for k in za.files
+                )
+        elif rel == "base.onnx":
+            with np.load(new / "inputs.npz") as z:
+                ids = z["input_ids"]
+            same = rel_err(_ort_logits(b, ids), _ort_logits(a, ids)) <= tol
+        elif rel == "case.json":
+            ma, mb = json.loads(a.read_text()), json.loads(b.read_text())
+            effect = abs(ma.pop("adapter_effect") - mb.pop("adapter_effect")) <= 1e-6
+            ma.pop("produced_by"), mb.pop("produced_by")
+            same = effect and ma == mb
+        else:
+            same = False
+        if not same:
+            diffs.append(f"{rel}: content differs")
+    return diffs
+
+
+def reproduce(names: list[str] | None = None, root: Path = GOLDEN_DIR) -> list[str]:
+    """Rebuild each case in a scratch folder elsewhere and compare it with ``root``'s: what
+    regenerating would change (empty: the checked-in cases are what this script writes)."""
+    problems: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="loracc-golden-rebuild-") as tmp:
+        for name in names or list(CASES):
+            scratch = Path(tmp) / name
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                build_case(name, CASES[name], scratch)
+            if not (root / name).exists():
+                problems.append(f"golden/models/{name}: missing (run scripts/regen_golden.py)")
+                continue
+            problems += [
+                f"golden/models/{name}/{d}: regenerating changes it (run scripts/regen_golden.py)"
+                for d in case_differences(root / name, scratch)
+            ]
     return problems
 
 
@@ -498,8 +586,9 @@ def _check_onnx(
 
 
 def suite(check: bool) -> list[str]:
-    """Check (``check`` True) or regenerate every model case; returns the problems found."""
-    return check_cases() if check else regen()
+    """Check (``check`` True: loracc against the cases, and the cases against a rebuild) or
+    regenerate every model case; returns the problems found."""
+    return check_cases() + reproduce() if check else regen()
 
 
 def main(argv: list[str]) -> int:

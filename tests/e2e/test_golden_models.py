@@ -7,6 +7,7 @@ check runs in CI through pytest, and a drifting merge is shown to be caught.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -88,3 +89,43 @@ def test_registered_in_regen_golden():
     """``scripts/regen_golden.py --check`` runs this suite (CI runs it through this file)."""
     suites = {s.name: s for s in regen_golden.SUITES}
     assert suites["models"].run is gm.suite and suites["models"].folder == "models"
+
+
+def test_checked_in_json_does_not_depend_on_where_or_with_what_it_was_built():
+    """No build path, no transformers version in the files a rebuild compares byte for byte."""
+    for name in gm.CASES:
+        case = gm.GOLDEN_DIR / name
+        adapter = json.loads((case / "adapter/adapter_config.json").read_text())
+        assert adapter["base_model_name_or_path"] == f"golden/models/{name}/base"
+        assert "transformers_version" not in json.loads((case / "base/config.json").read_text())
+
+
+def test_a_rebuild_elsewhere_reproduces_the_checked_in_cases():
+    """What ``regen_golden.py --check`` adds: regenerating in another folder changes nothing
+    (logits within the oracle tolerance, versions aside), so a fresh clone stays clean."""
+    assert gm.reproduce() == []
+
+
+def test_case_differences_sees_content_and_ignores_versions(tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(gm.GOLDEN_DIR / "llama_fp32", old)
+    new = tmp_path / "new"
+    shutil.copytree(old, new)
+    meta = json.loads((new / "case.json").read_text())
+    meta["produced_by"]["transformers"] = "9.99.0"
+    (new / "case.json").write_text(json.dumps(meta))
+    with np.load(old / "expected.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    np.savez_compressed(
+        new / "expected.npz", **{k: v * np.float32(1 + 1e-7) for k, v in arrays.items()}
+    )
+    assert gm.case_differences(old, new) == []
+    np.savez_compressed(
+        new / "expected.npz", **{k: v * np.float32(1.001) for k, v in arrays.items()}
+    )
+    config = new / "adapter" / "adapter_config.json"
+    config.write_text(config.read_text().replace("golden/models", "/somewhere/golden/models"))
+    assert gm.case_differences(old, new) == [
+        "adapter/adapter_config.json: content differs",
+        "expected.npz: content differs",
+    ]
