@@ -9,6 +9,10 @@ when the Markdown is rendered)::
     ```bash
     python scripts/regen_golden.py
     ```
+
+A block that needs an optional package names its module the same way,
+``<!-- needs: onnxruntime_genai -->``: it runs where that module is installed and is reported as
+skipped elsewhere.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ CODE = {"bash": "bash", "sh": "bash", "shell": "bash", "python": "python"}
 FENCE_LANGUAGES = {*CODE, "text", "yaml", "json", "toml"}
 
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})(?P<info>.*)$")
-_NOT_RUN = re.compile(r"^\s*<!--\s*not-run:(?P<reason>.*?)-->\s*$")
+_MARKER = re.compile(r"^\s*<!--\s*(?P<key>not-run|needs):(?P<value>.*?)-->\s*$")
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,7 @@ class Block:
     language: str  # the fence's first word ("" when it has none)
     code: str  # the lines between the fences, the fence's indentation removed
     not_run: str | None = None  # the marker's reason ("" when the marker has none)
+    needs: tuple[str, ...] = ()  # modules the block imports or runs that may not be installed
 
     @property
     def kind(self) -> str | None:
@@ -81,17 +86,33 @@ def extract(path: Path, root: Path) -> list[Block]:
             i += 1
         else:
             raise ValueError(f"{rel}:{start + 1}: fence never closed")
+        markers = _markers(lines, start)
         blocks.append(
-            Block(rel, start + 1, language, "\n".join(body) + "\n", _marker(lines, start))
+            Block(
+                rel,
+                start + 1,
+                language,
+                "\n".join(body) + "\n",
+                markers.get("not-run"),
+                tuple(markers.get("needs", "").split()),
+            )
         )
         i += 1
     return blocks
 
 
-def _marker(lines: list[str], fence: int) -> str | None:
-    """The reason of a ``<!-- not-run: reason -->`` on the nearest non-blank line above."""
+def _markers(lines: list[str], fence: int) -> dict[str, str]:
+    """``not-run`` / ``needs`` markers on the comment lines right above the fence (blank lines
+    between are allowed)."""
+    found: dict[str, str] = {}
     j = fence - 1
-    while j >= 0 and not lines[j].strip():
+    while j >= 0:
+        if not lines[j].strip():
+            j -= 1
+            continue
+        marker = _MARKER.match(lines[j])
+        if not marker:
+            break
+        found[marker["key"]] = marker["value"].strip()
         j -= 1
-    found = _NOT_RUN.match(lines[j]) if j >= 0 else None
-    return found["reason"].strip() if found else None
+    return found
