@@ -11,6 +11,7 @@ a skip with its reason in the test summary.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shlex
 import shutil
@@ -276,5 +277,8 @@ def test_workflow_step_keeps_the_exit_code(approved: Path, case: str) -> None:
     else:
         golden.unlink()
     name, done = _run_steps(approved, "onnx", without_torch=True)[0]
-    assert done.returncode == {"regression": 1, "bad input": 2}[case], _failure(name, "", done)
+    code = {"regression": 1, "bad input": 2}[case]
+    assert done.returncode == code, _failure(name, "", done)
     assert done.stdout == (approved / "golden-support.json").read_text()
+    report = json.loads(done.stdout)  # --json: one JSON object whatever the exit code
+    assert (report["ok"], report["exit_code"]) == (False, code)
