@@ -1,6 +1,6 @@
 """``inspect``: an adapter's resolved sites and what would be refused, as plain data.
 
-Without a base it imports no torch (issue 16: an instant CLI): the PEFT reader runs on the
+Without a base it imports no torch (an instant CLI): the PEFT reader runs on the
 adapter file's header (:func:`loracc.io.peft.read_peft_adapter` ``header_only``), the same code
 that decides the sites of a merge, so the two cannot disagree. With a base, the merge pipeline
 (or the ONNX binding) runs as ``merge`` (``export --onnx``) would, and that needs torch.

@@ -156,7 +156,7 @@ def prefetch(folders: Iterable[Path], limit: int = PREFETCH_BYTES) -> threading.
     page cache, in a daemon thread (``posix_fadvise(WILLNEED)``), and return the thread.
 
     ``loracc merge`` calls it before it imports torch, so with a cold page cache the disk reads
-    the base while the interpreter loads (issue 16: startup hidden behind I/O). Only a hint: a
+    the base while the interpreter loads (start-up hidden behind I/O). Only a hint: a
     file that cannot be opened is left for the reader to report."""
 
     def run() -> None:
