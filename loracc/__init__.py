@@ -23,12 +23,11 @@ if TYPE_CHECKING:  # imported on first use (loracc._lazy): ``import loracc`` nee
         merge,
     )
     from loracc.api.inspect import inspect_adapter as inspect
-    from loracc.api.onnx import (
-        OnnxReport,
+    from loracc.api.onnx import OnnxReport, export_onnx
+    from loracc.api.packing import (
         PackReport,
         adapter_session,
         check_adapter_files,
-        export_onnx,
         pack,
         pack_mixed,
     )
@@ -71,17 +70,10 @@ __getattr__, __dir__ = lazy_attributes(
             "loracc.api.hf",
         ),
         "inspect": "loracc.api.inspect:inspect_adapter",
+        **dict.fromkeys(["OnnxReport", "export_onnx"], "loracc.api.onnx"),
         **dict.fromkeys(
-            [
-                "OnnxReport",
-                "PackReport",
-                "adapter_session",
-                "check_adapter_files",
-                "export_onnx",
-                "pack",
-                "pack_mixed",
-            ],
-            "loracc.api.onnx",
+            ["PackReport", "adapter_session", "check_adapter_files", "pack", "pack_mixed"],
+            "loracc.api.packing",
         ),
         "LoraccError": "loracc.errors",
         **dict.fromkeys(["Adapter", "Replacement", "Site", "SiteKind", "TokenRows"], "loracc.ir"),

@@ -526,7 +526,8 @@ def _check_onnx(
         return []
     if not _has_onnx_export():
         return ["onnx: base.onnx is checked in but loracc.api.onnx is missing"]
-    from loracc.api.onnx import export_onnx, pack
+    from loracc.api.onnx import export_onnx
+    from loracc.api.packing import pack
 
     base_dir, adapter_dir = case_dir / "base", case_dir / "adapter"
     rtol = float(meta["onnx_rtol"])

@@ -1,6 +1,7 @@
-"""The Python API: :mod:`loracc.api.hf` (Hugging Face checkpoints and PEFT adapters) and
-:mod:`loracc.api.onnx` (ONNX models; imports the onnx extra only when called). Both load on
-first use (:mod:`loracc._lazy`): importing this package imports neither, nor torch."""
+"""The Python API: :mod:`loracc.api.hf` (Hugging Face checkpoints and PEFT adapters),
+:mod:`loracc.api.onnx` (ONNX export) and :mod:`loracc.api.packing` (adapter files for ONNX models
+with slots; both import the onnx extra only when called). They load on first use
+(:mod:`loracc._lazy`): importing this package imports none of them, nor torch."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ if TYPE_CHECKING:
         merge,
     )
     from loracc.api.inspect import inspect_adapter
-    from loracc.api.onnx import OnnxReport, PackReport, bind_onnx, export_onnx, pack
+    from loracc.api.onnx import OnnxReport, bind_onnx, export_onnx
+    from loracc.api.packing import PackReport, pack
 
 __all__ = [
     "DTYPES",
@@ -41,13 +43,14 @@ __all__ = [
 ]
 
 _HF = ["DTYPES", "ConvertReport", "MergeReport", "convert", "emit_ir"]
-_ONNX = ["OnnxReport", "PackReport", "bind_onnx", "export_onnx", "pack"]
+_ONNX = ["OnnxReport", "bind_onnx", "export_onnx"]
 __getattr__, __dir__ = lazy_attributes(
     __name__,
     {
         **dict.fromkeys(["CombineReport", "combine"], "loracc.api.combination"),
         **dict.fromkeys([*_HF, "load_adapter", "merge"], "loracc.api.hf"),
         **dict.fromkeys(_ONNX, "loracc.api.onnx"),
+        **dict.fromkeys(["PackReport", "pack"], "loracc.api.packing"),
         "inspect_adapter": "loracc.api.inspect",
     },
 )

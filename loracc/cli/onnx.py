@@ -1,5 +1,5 @@
-"""``loracc export --onnx`` and ``loracc pack``: the ONNX commands (:mod:`loracc.api.onnx` imports
-the onnx extra only when they run)."""
+"""``loracc export --onnx`` and ``loracc pack``: the ONNX commands (:mod:`loracc.api.onnx` and
+:mod:`loracc.api.packing` import the onnx extra only when they run)."""
 
 from __future__ import annotations
 
@@ -29,8 +29,10 @@ from loracc.errors import ConfigError
 
 if TYPE_CHECKING:
     from loracc.api import onnx as onnx_api
+    from loracc.api import packing as pack_api
 else:  # torch and the API load when a command runs, not for --help
     onnx_api = lazy_module("loracc.api.onnx")
+    pack_api = lazy_module("loracc.api.packing")
 
 __all__ = ["export", "pack"]
 
@@ -239,9 +241,9 @@ def pack(
         layout=layout,
     )
     if mixed_batch:
-        report = onnx_api.pack_mixed(model, list(adapters), output, **options)
+        report = pack_api.pack_mixed(model, list(adapters), output, **options)
     else:
-        report = onnx_api.pack(model, adapters[0], output, **options)
+        report = pack_api.pack(model, adapters[0], output, **options)
     emit(report.to_dict(), as_json, _pack_text)
 
 
