@@ -3,8 +3,10 @@ the object of the module that defines it, and importing the packages imports no 
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -20,6 +22,14 @@ def test_every_exported_name_resolves(package: object) -> None:
     for name in names:
         value = getattr(package, name)
         assert value is not None and getattr(package, name) is value
+
+
+@pytest.mark.parametrize("package", [loracc, loracc.api])
+def test_no_exported_name_is_a_submodule(package: Any) -> None:
+    """Importing a submodule binds its name on the package: a submodule named as an exported
+    function (``loracc.api.pack``) would replace the function once anything imports it."""
+    clashes = [n for n in package.__all__ if importlib.util.find_spec(f"{package.__name__}.{n}")]
+    assert clashes == []
 
 
 def test_loracc_inspect_is_the_api_function() -> None:
