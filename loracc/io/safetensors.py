@@ -12,17 +12,19 @@ kernel, without decoding.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import json
 import math
 import mmap
 import os
 import struct
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
@@ -342,6 +344,7 @@ class SafetensorsWriter:
         self._file: BinaryIO = open(path, "wb", buffering=0)  # noqa: SIM115  (see close())
         try:
             _write_all(self._file, struct.pack("<Q", len(raw)) + raw)
+            preallocate(self._file.fileno(), data_start + offset)
         except BaseException:  # disk full: no writer to abort, close the file here
             self._file.close()
             raise
@@ -418,6 +421,33 @@ class SafetensorsWriter:
             self._file.close()
             raise FormatError(f"writer: closed before tensor '{missing}' was written")
         self._file.close()
+
+
+def _load_fallocate() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None).fallocate
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+# fallocate(2) itself, not os.posix_fallocate: where the filesystem cannot preallocate, glibc's
+# posix_fallocate emulates it by writing into every block, which would double the writing.
+_fallocate = _load_fallocate()
+
+
+def preallocate(fd: int, size: int) -> None:
+    """Allocate the first ``size`` bytes of ``fd``'s file before they are written, where the
+    filesystem can; only a hint (a full disk is reported by the writes, as without it).
+
+    Measured on ext4 (docs/BENCHMARKS.md, 7B): buffered writes into preallocated blocks skip
+    delayed allocation's per-block reservation: about a tenth of a merge's system time."""
+    if _fallocate is not None and size > 0:
+        _fallocate(fd, 0, 0, size)
 
 
 _FALLBACK_CHUNK = 8 * 1024 * 1024

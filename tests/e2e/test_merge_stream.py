@@ -11,8 +11,10 @@ that reads, scales or writes block 0's rows fails them).
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -186,3 +188,32 @@ def _rows_cols(item) -> tuple[int, int]:
     if any(e.sites for e in item.stages):  # a stack's edits, adapter by adapter
         return item.shape[0], math.prod(item.shape[1:])
     return item.source.numel, 1
+
+
+def _can_fallocate(path: Path) -> bool:
+    """Whether fallocate(2) allocates blocks here (probed on a file of its own)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    with open(path, "wb") as f:
+        ok = ctypes.CDLL(None).fallocate(f.fileno(), 0, ctypes.c_int64(0), ctypes.c_int64(1 << 20))
+    return ok == 0 and path.stat().st_blocks * 512 >= 1 << 20
+
+
+def test_writer_preallocates_the_file(tmp_path):
+    """The writer allocates the whole file before any tensor is written (buffered writes into
+    allocated blocks cost the kernel less: docs/BENCHMARKS.md, 7B), and the bytes are unchanged."""
+    if not _can_fallocate(tmp_path / "probe"):
+        pytest.skip("no fallocate(2) on this filesystem")
+    tensors = {"a": torch.randn(512, 300), "b": torch.arange(7, dtype=torch.int32)}
+    path = tmp_path / "out.safetensors"
+    writer = SafetensorsWriter(path, [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()])
+    data_start, _ = writer.slot("a")
+    size = data_start + writer.data_bytes
+    assert path.stat().st_blocks * 512 >= size  # allocated before anything was written
+    for k, t in tensors.items():
+        writer.write(k, t)
+    writer.close()
+    assert path.stat().st_size == size
+    back = SafetensorsFile(path)
+    for k, t in tensors.items():
+        assert torch.equal(back.read(k), t)
