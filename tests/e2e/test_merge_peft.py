@@ -113,6 +113,16 @@ def assert_layout_like_base(
         )
 
 
+def assert_merge_matches_peft(case: po.Case, out_dir: Path) -> dict[str, torch.Tensor]:
+    """The usual three checks of a merged folder: logits as PEFT's unmerged forward, the base's
+    layout, every tensor as PEFT's merge_and_unload. Returns the folder's tensors."""
+    assert_logits_match_unmerged(case, out_dir)
+    tensors = po.load_folder_tensors(out_dir)
+    assert_layout_like_base(case, tensors)
+    assert_weights_match_peft_merge(case, tensors)
+    return tensors
+
+
 def lora_modules(case: po.Case, kind: str | None = None) -> list[str]:
     return sorted(m for m, s in case.sites.items() if kind is None or s["type"] == kind)
 
@@ -253,10 +263,7 @@ def test_rank_and_alpha_pattern(merged):
 def test_lora_bias(merged):
     case, out = merged.get("gpt2_lora_bias")
     assert any(k.endswith("lora_B.bias") for k in case.adapter_tensors)
-    assert_logits_match_unmerged(case, out)
-    tensors = po.load_folder_tensors(out)
-    assert_layout_like_base(case, tensors)
-    assert_weights_match_peft_merge(case, tensors)
+    tensors = assert_merge_matches_peft(case, out)
     base = case.base_tensors
     assert not torch.equal(
         tensors["transformer.h.0.attn.c_attn.bias"], base["transformer.h.0.attn.c_attn.bias"]
@@ -270,10 +277,7 @@ def test_bias_all_and_lora_only(merged, name):
     assert bias_keys, "PEFT saved no bias"
     if name == "gpt2_bias_all":
         assert any("ln_1.bias" in k for k in bias_keys)  # norms too
-    assert_logits_match_unmerged(case, out)
-    tensors = po.load_folder_tensors(out)
-    assert_layout_like_base(case, tensors)
-    assert_weights_match_peft_merge(case, tensors)
+    assert_merge_matches_peft(case, out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,10 +313,7 @@ def test_gpt2_conv1d_misleading_fan_in_fan_out(merged):
 def test_embedding_lora_untied_llama(merged):
     case, out = merged.get("llama_embed")
     assert case.sites["model.embed_tokens"]["type"] == "Embedding"
-    assert_logits_match_unmerged(case, out)
-    tensors = po.load_folder_tensors(out)
-    assert_layout_like_base(case, tensors)
-    assert_weights_match_peft_merge(case, tensors)
+    assert_merge_matches_peft(case, out)
 
 
 def test_embedding_lora_tied_gpt2(merged):
@@ -352,10 +353,7 @@ def test_conv2d_custom_model(merged):
 
 def test_modules_to_save_lm_head(merged):
     case, out = merged.get("llama_mts_lm_head")
-    assert_logits_match_unmerged(case, out)
-    tensors = po.load_folder_tensors(out)
-    assert_layout_like_base(case, tensors)
-    assert_weights_match_peft_merge(case, tensors)
+    tensors = assert_merge_matches_peft(case, out)
     assert torch.equal(
         tensors["lm_head.weight"], case.adapter_tensors["base_model.model.lm_head.weight"]
     )
@@ -365,19 +363,13 @@ def test_modules_to_save_score_seq_cls(merged):
     case, out = merged.get("llama_seqcls_score")
     assert "score" in case.adapter_config["modules_to_save"]
     assert "base_model.model.score.weight" in case.adapter_tensors
-    assert_logits_match_unmerged(case, out)
-    tensors = po.load_folder_tensors(out)
-    assert_layout_like_base(case, tensors)
-    assert_weights_match_peft_merge(case, tensors)
+    assert_merge_matches_peft(case, out)
 
 
 @pytest.mark.parametrize("name", ["llama_tt_list", "llama_tt_dict"])
 def test_trainable_token_indices(merged, name):
     case, out = merged.get(name)
-    assert_logits_match_unmerged(case, out)
-    tensors = po.load_folder_tensors(out)
-    assert_layout_like_base(case, tensors)
-    assert_weights_match_peft_merge(case, tensors)
+    assert_merge_matches_peft(case, out)
 
 
 def test_trainable_token_indices_tied_gpt2(merged):
@@ -424,10 +416,7 @@ def test_tied_lm_head_lora_is_untied(merged):
 def test_target_parameters_2d(merged):
     case, out = merged.get("llama_target_param_2d")
     assert case.sites["model.layers.0.mlp.down_proj"]["type"] == "ParamWrapper"
-    assert_logits_match_unmerged(case, out)
-    tensors = po.load_folder_tensors(out)
-    assert_layout_like_base(case, tensors)
-    assert_weights_match_peft_merge(case, tensors)
+    assert_merge_matches_peft(case, out)
 
 
 @pytest.mark.parametrize("name", ["qwen3moe_target_param_3d_single", "qwen3moe_target_param_3d"])

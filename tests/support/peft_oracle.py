@@ -318,6 +318,9 @@ FUSED_EXPERTS_LORA: dict[str, Any] = dict(
     target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
 )
 
+# Every Linear of a Llama decoder layer.
+LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
 CASE_SPECS: dict[str, CaseSpec] = {
     # Plain Linear on every Llama projection.
     "llama_linear": CaseSpec(
@@ -325,15 +328,7 @@ CASE_SPECS: dict[str, CaseSpec] = {
         dict(
             r=8,
             lora_alpha=16,
-            target_modules=[
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ],
+            target_modules=LLAMA_PROJECTIONS,
         ),
     ),
     "llama_bf16": CaseSpec(
@@ -354,15 +349,7 @@ CASE_SPECS: dict[str, CaseSpec] = {
         dict(
             r=8,
             lora_alpha=16,
-            target_modules=[
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ],
+            target_modules=LLAMA_PROJECTIONS,
             rank_pattern={"q_proj": 4, "model.layers.1.mlp.up_proj": 2},
             alpha_pattern={"down_proj": 24},
         ),
